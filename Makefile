@@ -1,0 +1,34 @@
+# Two entry points (see README): `make quickstart` and `make test`.
+# Each installs into a local virtual environment (.venv) first; the install is
+# redone only when pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: install quickstart test test-fast clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch and torchvision as a matched pair (torch-fidelity imports torchvision).
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(PY) -m workflows.quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest -q -rs tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -rs -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) runs out

@@ -1,0 +1,5 @@
+"""Errors that reach the user as one clear line (the CLI prints them, exit 2)."""
+
+
+class UserError(RuntimeError):
+    """Bad input from the user: a missing file, a wrong shard, an unknown class id."""
