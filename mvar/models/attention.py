@@ -1,0 +1,226 @@
+"""Attention over multi-scale token maps: the three patterns and their backends.
+
+Patterns (a config choice, same parameters for all three):
+- ``var``: block-causal; a token of scale s sees every token of scales <= s.
+- ``scale_markov``: a token sees only the tokens of its own scale (bidirectional).
+- ``mvar``: scale_markov, and on scales >= ``markov_from_scale`` only a
+  ``window_size`` x ``window_size`` neighbourhood of the same map, windows
+  clamped inside the map (NATTEN's na2d semantics, dilation 1).
+
+Under scale_markov / mvar a sequence never needs an L x L score matrix: each
+scale (or a pack of small dense scales) is attended separately. Windowed
+scales go through one of the backends of ``window_attention``; none of them
+gathers keys and values into (N, k*k) tensors, which would cost more memory
+than MVAR saves.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Pattern = Literal["var", "scale_markov", "mvar"]
+Backend = Literal["auto", "reference", "flex", "natten"]
+PATTERNS: tuple[str, ...] = ("var", "scale_markov", "mvar")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "flex", "natten")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What a model's attention looks like; fixed per model."""
+
+    pattern: str
+    patch_nums: tuple[int, ...]
+    window_size: int = 7
+    markov_from_scale: int = 8
+    backend: str = "auto"
+
+    def windowed(self, si: int) -> bool:
+        return self.pattern == "mvar" and si >= self.markov_from_scale
+
+
+# ---------------------------------------------------------------------------
+# masks (boolean, True = may attend); cached because they depend on shapes only
+
+def window_starts(n: int, window_size: int) -> torch.Tensor:
+    """Per-axis first index of each position's window: clamp(i - k//2, 0, n - k)."""
+    i = torch.arange(n)
+    return (i - window_size // 2).clamp(max=max(n - window_size, 0)).clamp(min=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _window_mask_cpu(n: int, window_size: int) -> torch.Tensor:
+    start = window_starts(n, window_size)
+    pos = torch.arange(n)
+    axis = (pos[None, :] >= start[:, None]) & (pos[None, :] < start[:, None] + window_size)  # (n, n)
+    # query (qi, qj) sees key (ki, kj) iff both axes fall in the window
+    return (axis[:, None, :, None] & axis[None, :, None, :]).reshape(n * n, n * n)
+
+
+def window_mask(n: int, window_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(n*n, n*n) boolean mask of clamped k x k windows on an n x n map, row-major."""
+    return _window_mask_cpu(n, window_size).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _scale_ids(patch_nums: tuple[int, ...], scales: tuple[int, ...]) -> torch.Tensor:
+    return torch.cat([torch.full((patch_nums[s] ** 2,), s) for s in scales])
+
+
+def sequence_mask(spec: AttentionSpec, scales: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Full (L, L) boolean mask of a sequence of the given scales: for tests and the reference path."""
+    ids = _scale_ids(spec.patch_nums, scales)
+    if spec.pattern == "var":
+        return (ids[:, None] >= ids[None, :]).to(device)
+    mask = ids[:, None] == ids[None, :]
+    offset = 0
+    for s in scales:
+        n = spec.patch_nums[s] ** 2
+        if spec.windowed(s):
+            mask[offset:offset + n, offset:offset + n] = _window_mask_cpu(spec.patch_nums[s], spec.window_size)
+        offset += n
+    return mask.to(device)
+
+
+# ---------------------------------------------------------------------------
+# groups: how a scale-Markov sequence is cut into independent attention calls
+
+@functools.lru_cache(maxsize=256)
+def scale_groups(spec: AttentionSpec, scales: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Consecutive dense scales are packed into one call; each windowed scale is its own."""
+    groups: list[list[int]] = []
+    for s in scales:
+        if spec.windowed(s) or not groups or spec.windowed(groups[-1][-1]):
+            groups.append([s])
+        else:
+            groups[-1].append(s)
+    return tuple(tuple(g) for g in groups)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
+           scales: tuple[int, ...], scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention of a sequence made of ``scales`` (q, k, v: (B, H, L, d)) -> (B, H, L, d)."""
+    if spec.pattern == "var":
+        if len(scales) == 1 and scales[0] == 0 or q.shape[2] != k.shape[2]:
+            mask = None  # first scale alone, or a query scale against a KV cache of everything before it
+        else:
+            mask = sequence_mask(spec, scales, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    outs, offset = [], 0
+    for group in scale_groups(spec, scales):
+        n = sum(spec.patch_nums[s] ** 2 for s in group)
+        qg, kg, vg = (t[:, :, offset:offset + n] for t in (q, k, v))
+        if spec.windowed(group[0]):
+            outs.append(window_attention(qg, kg, vg, spec.patch_nums[group[0]], spec.window_size,
+                                         scale, spec.backend, dropout_p))
+        else:
+            mask = None if len(group) == 1 else sequence_mask(spec, group, q.device)
+            outs.append(F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout_p, scale=scale))
+        offset += n
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+# ---------------------------------------------------------------------------
+# window attention backends
+
+def natten_available() -> bool:
+    try:
+        import natten  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto``: NATTEN on CUDA when installed, else FlexAttention on CUDA, else the reference."""
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        return "natten" if natten_available() else "flex"
+    return "reference"
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, side: int, window_size: int,
+                     scale: float, backend: str = "auto", dropout_p: float = 0.0) -> torch.Tensor:
+    """k x k clamped-window attention on one side x side map; q, k, v: (B, H, side*side, d)."""
+    backend = resolve_backend(backend, q.device)
+    if window_size >= side:  # every window is the whole map
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    if backend == "reference" or dropout_p > 0:
+        mask = window_mask(side, window_size, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    if backend == "flex":
+        return _flex_window(q, k, v, side, window_size, scale)
+    if backend == "natten":
+        return _natten_window(q, k, v, side, window_size, scale)
+    raise ValueError(f"unknown attention backend '{backend}'; known: {', '.join(BACKENDS)}")
+
+
+@functools.lru_cache(maxsize=32)
+def _flex_block_mask(side: int, window_size: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    starts = window_starts(side, window_size).to(device)
+
+    def in_window(b, h, q_idx, kv_idx):
+        qi, qj = q_idx // side, q_idx % side
+        ki, kj = kv_idx // side, kv_idx % side
+        si, sj = starts[qi], starts[qj]
+        return (ki >= si) & (ki < si + window_size) & (kj >= sj) & (kj < sj + window_size)
+
+    n = side * side
+    return create_block_mask(in_window, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_window(q, k, v, side, window_size, scale):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = _flex_block_mask(side, window_size, str(q.device))
+    # compiled on CUDA (fused, no score matrix); eager elsewhere, where it is a correctness path only
+    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    return fn(q, k, v, block_mask=block_mask, scale=scale)
+
+
+def _natten_window(q, k, v, side, window_size, scale):
+    import natten
+
+    B, H, N, d = q.shape
+    # na2d takes (B, h, w, heads, d) and scales by d**-0.5: fold our scale into q
+    to_map = lambda t: t.transpose(1, 2).reshape(B, side, side, H, d)  # noqa: E731
+    out = natten.functional.na2d(to_map(q * (scale * math.sqrt(d))), to_map(k), to_map(v),
+                                 kernel_size=(window_size, window_size))
+    return out.reshape(B, N, H, d).transpose(1, 2)
+
+
+def brute_force_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """Explicit masked softmax in float64: the yardstick every backend is tested against."""
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), v.double()).to(q.dtype)
+
+
+def attended_pairs(spec: AttentionSpec, scales: tuple[int, ...], cached_prefix: int = 0) -> int:
+    """Number of (query, key) pairs a sequence of ``scales`` attends: the basis of the FLOP count."""
+    if spec.pattern == "var":
+        ids = _scale_ids(spec.patch_nums, scales)
+        return int((ids[:, None] >= ids[None, :]).sum()) + cached_prefix * len(ids)
+    total = 0
+    for s in scales:
+        n = spec.patch_nums[s]
+        if spec.windowed(s):
+            total += int(_window_mask_cpu(n, spec.window_size).sum())
+        else:
+            total += n ** 4
+    return total
