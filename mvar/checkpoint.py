@@ -1,0 +1,210 @@
+"""This project's checkpoint format, and the import of VAR's released weights into it.
+
+A model checkpoint is a directory:
+    checkpoint.yaml   format version, model config, model name, tokenizer fingerprint, provenance
+    model.pt          generator state dict (VAR's key names)
+    tokenizer/        a tokenizer checkpoint: tokenizer.yaml (config) + tokenizer.pt (state dict)
+Directories are written under a temporary name and renamed when complete, so
+a half-written checkpoint is never found under the final name.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+import yaml
+
+from mvar.config import from_dict, to_dict
+from mvar.errors import UserError
+from mvar.models.config import ModelConfig
+from mvar.models.transformer import NextScaleTransformer
+from mvar.tokenizer import PATCH_NUMS_256, PATCH_NUMS_512, MultiScaleVQVAE, TokenizerConfig
+
+FORMAT = "mvar-checkpoint/1"
+TOKENIZER_FORMAT = "mvar-tokenizer/1"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a file, tensors only (never unpickles code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file '{path}' does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, not a torch file ...
+        raise UserError(f"cannot read weights file '{path}': {err}") from err
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]  # a training checkpoint that wraps the state dict
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"weights file '{path}' does not hold a state dict of tensors")
+    return obj
+
+
+def _write_dir_atomically(out: Path, write, overwrite: bool = False) -> Path:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"output directory '{out}' exists already; choose another --out or remove it")
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# -- tokenizer ----------------------------------------------------------------
+
+def _write_tokenizer(dest: Path, model: MultiScaleVQVAE, cfg: TokenizerConfig) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), dest / "tokenizer.pt")
+    meta = {"format": TOKENIZER_FORMAT, "config": to_dict(cfg), "sha256": file_sha256(dest / "tokenizer.pt")}
+    (dest / "tokenizer.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+
+
+def save_tokenizer(out: str | Path, model: MultiScaleVQVAE, cfg: TokenizerConfig, overwrite: bool = False) -> Path:
+    return _write_dir_atomically(Path(out), lambda tmp: _write_tokenizer(tmp, model, cfg), overwrite)
+
+
+def tokenizer_dir(path: str | Path) -> Path:
+    """The tokenizer directory of a tokenizer checkpoint or of a model checkpoint."""
+    path = Path(path)
+    for cand in (path, path / "tokenizer"):
+        if (cand / "tokenizer.yaml").is_file():
+            return cand
+    raise UserError(f"'{path}' is not a tokenizer checkpoint (no tokenizer.yaml in it or in {path / 'tokenizer'}); "
+                    "make one with `mvar import-var` or the tokenizer training workflow")
+
+
+def tokenizer_fingerprint(path: str | Path) -> str:
+    """sha256 of the tokenizer weights: token shards and models record it."""
+    return file_sha256(tokenizer_dir(path) / "tokenizer.pt")
+
+
+def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> tuple[MultiScaleVQVAE, TokenizerConfig]:
+    tdir = tokenizer_dir(path)
+    meta = yaml.safe_load((tdir / "tokenizer.yaml").read_text())
+    cfg = from_dict(TokenizerConfig, meta["config"])
+    model = MultiScaleVQVAE(cfg)
+    model.load_state_dict(load_state_dict(tdir / "tokenizer.pt"))
+    return model.to(device).eval(), cfg
+
+
+# -- model checkpoints ----------------------------------------------------------
+
+def save_checkpoint(out: str | Path, model: NextScaleTransformer, tokenizer: MultiScaleVQVAE,
+                    tokenizer_cfg: TokenizerConfig, extra: dict | None = None, overwrite: bool = False) -> Path:
+    def write(tmp: Path) -> None:
+        torch.save(model.state_dict(), tmp / "model.pt")
+        _write_tokenizer(tmp / "tokenizer", tokenizer, tokenizer_cfg)
+        meta = {"format": FORMAT, "model": to_dict(model.cfg),
+                "tokenizer_sha256": file_sha256(tmp / "tokenizer" / "tokenizer.pt"), **(extra or {})}
+        (tmp / "checkpoint.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+    return _write_dir_atomically(Path(out), write, overwrite)
+
+
+def read_checkpoint_meta(path: str | Path) -> dict:
+    path = Path(path)
+    meta_file = path / "checkpoint.yaml"
+    if not meta_file.is_file():
+        raise UserError(f"'{path}' is not a model checkpoint (no checkpoint.yaml); "
+                        "make one with `mvar import-var` or a training run")
+    meta = yaml.safe_load(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise UserError(f"'{meta_file}' has format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", overrides: dict | None = None):
+    """(generator, tokenizer, model config, tokenizer config); ``overrides`` changes model fields
+    that leave the parameters alone (``attention``, ``window_size``, ``attention_backend`` ...)."""
+    path = Path(path)
+    meta = read_checkpoint_meta(path)
+    tokenizer, tok_cfg = load_tokenizer(path, device)
+    if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != tokenizer_fingerprint(path):
+        raise UserError(f"checkpoint '{path}': its tokenizer weights do not match the recorded sha256")
+    cfg = from_dict(ModelConfig, {**meta["model"], **(overrides or {})})
+    model = NextScaleTransformer(cfg, tok_cfg.vocab_size, tok_cfg.z_channels, tuple(tok_cfg.patch_nums))
+    model.load_state_dict(load_state_dict(path / "model.pt"))
+    return model.to(device).eval(), tokenizer, cfg, tok_cfg
+
+
+# -- VAR's released weights -----------------------------------------------------
+
+def infer_tokenizer_config(sd: dict[str, torch.Tensor], num_tokens: int | None = None,
+                           patch_nums: tuple[int, ...] | None = None) -> TokenizerConfig:
+    """Tokenizer config from a `vae_ch160v4096z32.pth`-format state dict.
+
+    The scales are not stored in the weights: taken from ``patch_nums`` when given, else the
+    standard 256 or 512 px ones, or 1..K, whose token count matches the generator's ``num_tokens``.
+    """
+    try:
+        vocab, z = sd["quantize.embedding.weight"].shape
+        ch = sd["encoder.conv_in.weight"].shape[0]
+        levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")})
+        ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels)
+        num_phi = len({k for k in sd if k.startswith("quantize.quant_resi.qresi_ls.") and k.endswith(".weight")})
+        num_scales = sd["quantize.ema_vocab_hit_SV"].shape[0]
+    except KeyError as err:
+        raise UserError(f"not a VAR tokenizer state dict: key {err} is missing") from err
+    if patch_nums is None:
+        for cand in (PATCH_NUMS_256, PATCH_NUMS_512, tuple(range(1, num_scales + 1))):
+            if len(cand) == num_scales and (num_tokens is None or sum(p * p for p in cand) == num_tokens):
+                patch_nums = cand
+                break
+    if patch_nums is None or len(patch_nums) != num_scales:
+        raise UserError(f"cannot tell the tokenizer's scales ({num_scales} in its weights): pass --patch-nums")
+    down = 2 ** (len(ch_mult) - 1)
+    return from_dict(TokenizerConfig, dict(vocab_size=vocab, z_channels=z, ch=ch, ch_mult=list(ch_mult),
+                                           share_quant_resi=num_phi, patch_nums=list(patch_nums),
+                                           image_size=patch_nums[-1] * down))
+
+
+def infer_model_config(sd: dict[str, torch.Tensor], **fields) -> ModelConfig:
+    """Generator config from a `var_d16.pth`-format state dict; ``fields`` set the attention choice."""
+    try:
+        width = sd["word_embed.weight"].shape[0]
+        depth = len({int(k.split(".")[1]) for k in sd if k.startswith("blocks.")})
+        l2 = "blocks.0.attn.scale_mul_1H11" in sd
+        heads = sd["blocks.0.attn.scale_mul_1H11"].shape[1] if l2 else fields.pop("num_heads", depth)
+        mlp_ratio = sd["blocks.0.ffn.fc1.weight"].shape[0] / width
+        num_classes = sd["class_emb.weight"].shape[0] - 1
+    except KeyError as err:
+        raise UserError(f"not a VAR generator state dict: key {err} is missing") from err
+    return from_dict(ModelConfig, dict(depth=depth, embed_dim=width, num_heads=heads, mlp_ratio=mlp_ratio,
+                                       attn_l2_norm=l2, num_classes=num_classes, **fields))
+
+
+def import_var(vae_path: str | Path, var_path: str | Path, out: str | Path,
+               patch_nums: tuple[int, ...] | None = None, overwrite: bool = False, **model_fields) -> Path:
+    """VAR's released tokenizer + generator weights -> a checkpoint of this project."""
+    vae_sd, var_sd = load_state_dict(vae_path), load_state_dict(var_path)
+    num_tokens = var_sd["pos_1LC"].shape[1] if "pos_1LC" in var_sd else None
+    tok_cfg = infer_tokenizer_config(vae_sd, num_tokens, patch_nums)
+    cfg = infer_model_config(var_sd, **model_fields)
+    tokenizer = MultiScaleVQVAE(tok_cfg)
+    tokenizer.load_state_dict(vae_sd)
+    model = NextScaleTransformer(cfg, tok_cfg.vocab_size, tok_cfg.z_channels, tuple(tok_cfg.patch_nums))
+    try:
+        model.load_official_state_dict(var_sd)
+    except RuntimeError as err:
+        raise UserError(f"'{var_path}' does not fit the tokenizer of '{vae_path}': {err}") from err
+    extra = {"source": {"vae": str(Path(vae_path).resolve()), "var": str(Path(var_path).resolve()),
+                        "vae_sha256": file_sha256(vae_path), "var_sha256": file_sha256(var_path)}}
+    return save_checkpoint(out, model, tokenizer, tok_cfg, extra=extra, overwrite=overwrite)
