@@ -1,0 +1,113 @@
+"""Resumable writing of a shard set (used by synth, pack and tokenize).
+
+A job is a plan (its inputs and options, as a JSON-able dict) and a fixed
+number of shards whose contents depend only on the plan. Each finished shard
+leaves a small state record beside the plan in `OUT/.mvar-data/`, written
+before the shard is renamed into place; so a visible shard always has its
+record, and a rerun of the same plan skips it and writes only the rest. A
+rerun with another plan is refused rather than mixing two data sets.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from typing import Any, Iterable
+
+from mvar.data.manifest import MANIFEST_NAME, ShardInfo, fsync_dir
+from mvar.data.tario import Sample, ShardWriter, remove_stale_temps, shard_name
+from mvar.errors import UserError
+
+STATE_DIR = ".mvar-data"
+
+
+def _write_json_atomic(path: str, data: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class ShardSetWriter:
+    """Owns an output directory for one job (an exclusive lock) until `close()`."""
+
+    def __init__(self, out: str, plan: dict[str, Any]):
+        self.out, self.plan = out, plan
+        self.state_dir = os.path.join(out, STATE_DIR)
+        os.makedirs(self.state_dir, exist_ok=True)
+        self._lock_fd = os.open(os.path.join(self.state_dir, "lock"), os.O_CREAT | os.O_RDWR)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise UserError(f"another `mvar data` command is writing to '{out}'") from None
+        self.stale_temps = remove_stale_temps(out) + remove_stale_temps(self.state_dir)
+        self._check_plan()
+
+    def _check_plan(self) -> None:
+        path = os.path.join(self.state_dir, "plan.json")
+        if os.path.exists(path):
+            with open(path) as fh:
+                old = json.load(fh)
+            if old != json.loads(json.dumps(self.plan)):
+                changed = sorted(k for k in set(old) | set(self.plan) if old.get(k) != self.plan.get(k))
+                self.close()
+                raise UserError(f"'{self.out}' holds shards of another job (different {', '.join(changed)}); "
+                                f"write to a new --out, or delete '{self.out}' to start over")
+            return
+        if os.path.exists(os.path.join(self.out, MANIFEST_NAME)):
+            self.close()
+            raise UserError(f"'{self.out}' holds a shard set not made by this job; use a new --out")
+        _write_json_atomic(path, self.plan)
+
+    def _record_path(self, index: int) -> str:
+        return os.path.join(self.state_dir, shard_name(index) + ".json")
+
+    def is_done(self, index: int) -> bool:
+        return os.path.exists(os.path.join(self.out, shard_name(index)))
+
+    def open_shard(self, index: int) -> ShardWriter:
+        return ShardWriter(self.out, shard_name(index))
+
+    def finish_shard(self, writer: ShardWriter, stats: dict[str, Any] | None = None) -> ShardInfo:
+        """Record, then publish: a published shard always has its record."""
+        info = writer.finish()
+        index = int(writer.name.split("-")[1].split(".")[0])
+        _write_json_atomic(self._record_path(index), {"shard": info.__dict__, "stats": stats or {}})
+        writer.publish()
+        return info
+
+    def write(self, index: int, samples: Iterable[tuple[str, Sample]],
+              stats: dict[str, Any] | None = None) -> ShardInfo:
+        """Write shard `index` from (key, sample) pairs; `stats` may be filled while they are produced."""
+        writer = self.open_shard(index)
+        try:
+            for key, sample in samples:
+                writer.add(key, sample)
+        except BaseException:
+            writer.abort()
+            raise
+        return self.finish_shard(writer, stats)
+
+    def records(self, num_shards: int) -> list[tuple[ShardInfo, dict[str, Any]]]:
+        """(shard info, stats) of every shard, all of which must be done."""
+        out = []
+        for index in range(num_shards):
+            with open(self._record_path(index)) as fh:
+                record = json.load(fh)
+            out.append((ShardInfo(**record["shard"]), record["stats"]))
+        return out
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+        fsync_dir(self.out)
+
+    def __enter__(self) -> "ShardSetWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
