@@ -100,7 +100,7 @@ class _Reader:
                         position += 1
             except _SHARD_READ_ERRORS as err:
                 lost = max(info.num_samples - position, 1)
-                self.counter.add(info.name, f"tar@{position}",
+                self.counter.add(self.urls[i], f"tar@{position}",
                                  f"unreadable after {position} samples ({err}); {lost} lost", lost)
 
     def decode(self, items, rng: random.Random | None) -> Iterator[tuple[torch.Tensor, int, int]]:
@@ -110,7 +110,7 @@ class _Reader:
             try:
                 x, label = self.decoder(sample, rng)
             except Exception as err:  # any failure to decode makes only this sample unusable
-                self.counter.add(self.manifest.shards[i].name, key, f"{type(err).__name__}: {err}")
+                self.counter.add(self.urls[i], key, f"{type(err).__name__}: {err}")
                 continue
             self.num_decoded += 1
             yield x, label, offsets[i] + position
