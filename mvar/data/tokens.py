@@ -58,8 +58,11 @@ class _ShardTokenizer:
         if not batch:
             return
         x_B3HW = torch.stack([x for _, _, x in batch]).to(self.device)
-        idx_BL = encode_batch(self.model, x_B3HW, self.dtype)
-        flip_BL = encode_batch(self.model, x_B3HW.flip(-1), self.dtype) if self.flip else None
+        if self.flip:  # one forward pass for both: per-call overhead dominates small batches
+            both_2BL = encode_batch(self.model, torch.cat([x_B3HW, x_B3HW.flip(-1)]), self.dtype)
+            idx_BL, flip_BL = both_2BL[:len(batch)], both_2BL[len(batch):]
+        else:
+            idx_BL, flip_BL = encode_batch(self.model, x_B3HW, self.dtype), None
         for b, (key, label, _) in enumerate(batch):
             sample = {TOKEN_EXT: encode_tokens(idx_BL[b]), "cls": str(label).encode()}
             if flip_BL is not None:
