@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mvar.models.transformer import NextScaleTransformer
+from mvar.tokenizer.quantizer import MultiScaleQuantizer
 from mvar.tokenizer.vqvae import MultiScaleVQVAE
 
 
@@ -63,17 +64,20 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
 
 
 @torch.no_grad()
-def generate(model: NextScaleTransformer, tokenizer: MultiScaleVQVAE, labels_B: torch.Tensor | None = None,
+def generate(model: NextScaleTransformer, quant: MultiScaleQuantizer, labels_B: torch.Tensor | None = None,
              batch_size: int | None = None, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
              generator: torch.Generator | None = None) -> Generation:
-    """Sample token maps of every scale; ``labels_B=None`` draws classes uniformly (needs batch_size)."""
+    """Sample token maps of every scale; ``labels_B=None`` draws classes uniformly (needs batch_size).
+
+    Only the tokenizer's quantizer takes part (code vectors, phi); decoding to pixels is separate.
+    """
     device = model.pos_1LC.device
     if labels_B is None:
         labels_B = torch.randint(model.num_classes, (batch_size,), generator=generator, device=device)
     labels_B = labels_B.to(device)
     if labels_B.numel() and (labels_B.min() < 0 or labels_B.max() >= model.num_classes):
         raise ValueError(f"class ids must lie in [0, {model.num_classes - 1}], got {labels_B.tolist()}")
-    B, K, quant = labels_B.shape[0], len(model.patch_nums), tokenizer.quantize
+    B, K = labels_B.shape[0], len(model.patch_nums)
     guided = cfg != 0
     cond_labels = torch.cat((labels_B, torch.full_like(labels_B, model.num_classes))) if guided else labels_B
     cond_BC = model.class_emb(cond_labels)
@@ -104,5 +108,5 @@ def sample_images(model: NextScaleTransformer, tokenizer: MultiScaleVQVAE, label
                   batch_size: int | None = None, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Images in [0, 1], (B, 3, H, W)."""
-    gen = generate(model, tokenizer, labels_B, batch_size, cfg, top_k, top_p, generator)
+    gen = generate(model, tokenizer.quantize, labels_B, batch_size, cfg, top_k, top_p, generator)
     return tokenizer.fhat_to_img(gen.f_hat).add(1).mul(0.5)

@@ -1,0 +1,251 @@
+"""Memory and speed of VAR, scale-Markov and MVAR: one variant per process.
+
+Run one variant:  python -m mvar.bench '{"variant": "mvar", "size": "d8", ...}'  (prints one JSON line)
+Run a comparison: mvar bench --variants var,scale_markov,mvar --size d8 ...  (spawns the above)
+
+Peak memory, stated in every result:
+- CPU: the process's resident-set high-water mark (VmHWM) is reset through
+  /proc/self/clear_refs before each measured phase; the phase's peak is
+  VmHWM minus the resident size at its start. glibc is told to serve every
+  allocation over 64 KiB with mmap (MALLOC_MMAP_THRESHOLD_) so that freed
+  tensors leave the resident set and one phase cannot hide in another's pages.
+- CUDA: torch.cuda.reset_peak_memory_stats, then max_memory_allocated minus
+  the allocated bytes at the phase's start.
+Inference is the token generation of all scales with CFG (decoding to pixels
+excluded: it is the same for every variant). Training is forward, backward and
+an AdamW step; weights and optimizer state are resident before the phase.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from mvar.models.attention import attended_pairs, resolve_backend
+from mvar.models.config import named_model, tokenizer_for
+from mvar.models.schedule import markov_cycle
+from mvar.models.transformer import NextScaleTransformer
+from mvar.sampling import generate, make_generator
+from mvar.tokenizer import TokenizerConfig
+from mvar.tokenizer.quantizer import MultiScaleQuantizer
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+MB = 1024 * 1024
+
+
+@dataclass
+class BenchSpec:
+    variant: str = "mvar"
+    size: str = "d8"
+    batch: int = 8
+    resolution: int = 256
+    device: str = "cpu"
+    cfg: float = 1.5
+    repeats: int = 3
+    window_size: int | None = None
+    backend: str = "auto"
+    train: bool = True
+    threads: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class BenchResult:
+    variant: str
+    size: str
+    batch: int
+    resolution: int
+    device: str
+    params_m: float
+    attn_gflops: float            # attention-core FLOPs of one image's sequence (QK^T and PV, counted pairs)
+    infer_latency_s: float
+    infer_peak_mb: float
+    kv_cache_mb: float
+    train_step_s: float | None = None
+    train_peak_mb: float | None = None
+    train_steps: dict = field(default_factory=dict)  # per kind of step: seconds and peak MB
+    memory_method: str = ""
+    backend: str = ""
+    torch: str = torch.__version__
+
+
+# -- memory probes -------------------------------------------------------------
+
+def _status_mb(name: str) -> float:
+    with open("/proc/self/status") as fh:
+        return int(re.search(rf"{name}:\s+(\d+)", fh.read()).group(1)) / 1024
+
+
+class PeakMemory:
+    """Peak memory of a phase above its start, in MiB (see the module doc for the method)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @property
+    def method(self) -> str:
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated above the allocation at phase start"
+        return "VmHWM (reset via /proc/self/clear_refs) above VmRSS at phase start; glibc mmap threshold 64 KiB"
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device) / MB
+        else:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            self.start = _status_mb("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) / MB - self.start
+        else:
+            self.peak = _status_mb("VmHWM") - self.start
+        return False
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- one variant -----------------------------------------------------------------
+
+def build(spec: BenchSpec, device: torch.device) -> tuple[NextScaleTransformer, MultiScaleQuantizer]:
+    name = f"{spec.variant}-{spec.size}"
+    tok = TokenizerConfig.named(tokenizer_for(name))
+    if spec.resolution != tok.image_size:
+        if tok.image_size == 256 and spec.resolution == 512:
+            tok = TokenizerConfig.named("vae-ch160-512")
+        else:
+            raise ValueError(f"size {spec.size} goes with {tok.image_size} px images, not {spec.resolution}")
+    overrides = {"attention_backend": spec.backend, "cond_drop_rate": 0.0}
+    if spec.window_size is not None:
+        overrides["window_size"] = spec.window_size
+    cfg = named_model(name, **overrides)
+    model = NextScaleTransformer(cfg, tok.vocab_size, tok.z_channels, tuple(tok.patch_nums)).to(device)
+    quant = MultiScaleQuantizer(tok.vocab_size, tok.z_channels, tuple(tok.patch_nums), tok.share_quant_resi).to(device)
+    return model, quant
+
+
+def attention_gflops(model: NextScaleTransformer) -> float:
+    pairs = attended_pairs(model.spec, tuple(range(len(model.patch_nums))))
+    return 4 * pairs * model.C * len(model.blocks) / 1e9  # 2 matmuls x 2 FLOPs x head_dim x heads
+
+
+def measure_inference(model, quant, spec: BenchSpec, device: torch.device) -> tuple[float, float, float]:
+    """(median latency s, peak MiB, KV cache MiB) of generating a batch with CFG."""
+    model.eval()
+    labels = torch.arange(spec.batch, device=device) % model.num_classes
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    run = lambda: generate(model, quant, labels, cfg=spec.cfg, top_k=900, top_p=0.96,  # noqa: E731
+                           generator=make_generator(spec.seed, device))
+    with amp:
+        gen = run()  # warm-up: kernels, caches, masks
+        times, peaks = [], []
+        for _ in range(spec.repeats):
+            with PeakMemory(device) as mem:
+                t0 = time.perf_counter()
+                gen = run()
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+            peaks.append(mem.peak)
+            del gen
+    return statistics.median(times), max(peaks), _kv_mb(model, quant, labels, spec, device)
+
+
+def _kv_mb(model, quant, labels, spec, device) -> float:
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return generate(model, quant, labels, cfg=spec.cfg, top_k=900, top_p=0.96).kv_cache_bytes / MB
+
+
+def train_kinds(model: NextScaleTransformer) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Kinds of training step and how many of each make one cycle: {name: (scales, count)}."""
+    K = len(model.patch_nums)
+    if model.spec.pattern == "var":
+        return {"full": (tuple(range(K)), 1)}
+    cycle = markov_cycle(K)
+    return {"cycle_small": (cycle[0], 8), "cycle_second_last": (cycle[8], 1), "cycle_last": (cycle[9], 1),
+            "packed": (tuple(range(K)), 0)}
+
+
+def measure_training(model, spec: BenchSpec, device: torch.device) -> dict[str, dict]:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    B, L = spec.batch, model.L
+    gen = torch.Generator(device="cpu").manual_seed(spec.seed)
+    teacher = torch.randn(B, L - model.first_l, model.Cvae, generator=gen).to(device)
+    idx = torch.randint(model.V, (B, L), generator=gen).to(device)
+    labels = torch.randint(model.num_classes, (B,), generator=gen).to(device)
+
+    def step(scales):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(labels, teacher, scales)
+        targets = idx[:, model.target_positions(scales, device)]
+        loss = F.cross_entropy(logits.float().reshape(-1, model.V), targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    out = {}
+    for name, (scales, count) in train_kinds(model).items():
+        step(scales)  # warm-up; the first one also allocates the optimizer state
+        times, peaks = [], []
+        for _ in range(spec.repeats):
+            with PeakMemory(device) as mem:
+                t0 = time.perf_counter()
+                step(scales)
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+            peaks.append(mem.peak)
+        out[name] = {"scales": list(scales), "per_cycle": count, "step_s": statistics.median(times),
+                     "peak_mb": max(peaks)}
+    return out
+
+
+def summarize_training(kinds: dict[str, dict]) -> tuple[float, float]:
+    """(step seconds averaged over the cycle, peak MiB over its steps); VAR: its one kind of step."""
+    in_cycle = {k: v for k, v in kinds.items() if v["per_cycle"] > 0}
+    n = sum(v["per_cycle"] for v in in_cycle.values())
+    step_s = sum(v["step_s"] * v["per_cycle"] for v in in_cycle.values()) / n
+    return step_s, max(v["peak_mb"] for v in in_cycle.values())
+
+
+def run_one(spec: BenchSpec) -> BenchResult:
+    device = torch.device(spec.device)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    torch.manual_seed(spec.seed)
+    model, quant = build(spec, device)
+    latency, infer_peak, kv_mb = measure_inference(model, quant, spec, device)
+    result = BenchResult(variant=spec.variant, size=spec.size, batch=spec.batch, resolution=spec.resolution,
+                         device=str(device), params_m=model.num_params() / 1e6, attn_gflops=attention_gflops(model),
+                         infer_latency_s=latency, infer_peak_mb=infer_peak, kv_cache_mb=kv_mb,
+                         memory_method=PeakMemory(device).method,
+                         backend=resolve_backend(spec.backend, device))
+    if spec.train:
+        result.train_steps = measure_training(model, spec, device)
+        result.train_step_s, result.train_peak_mb = summarize_training(result.train_steps)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    spec = BenchSpec(**json.loads(argv[0]))
+    print(json.dumps(asdict(run_one(spec))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
