@@ -1,0 +1,82 @@
+"""The `mvar` commands of the model core, end to end on the authors' tiny weights."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from mvar.checkpoint import load_checkpoint, read_checkpoint_meta, tokenizer_fingerprint
+from mvar.cli import main
+from mvar.sampling import make_generator, sample_images
+
+
+@pytest.fixture(scope="module")
+def imported(ref_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ck") / "tiny"
+    rc = main(["import-var", "--vae", str(ref_dir / "vqvae_state_dict.pt"), "--var", str(ref_dir / "var_state_dict.pt"),
+               "--out", str(out), "--attention", "mvar", "--window-size", "3", "--markov-from-scale", "2"])
+    assert rc == 0
+    return out
+
+
+def test_import_var_then_load_reproduces_the_reference_samples(imported, ref_expected):
+    meta = read_checkpoint_meta(imported)
+    assert meta["model"]["depth"] == 2 and meta["model"]["attention"] == "mvar"
+    assert meta["tokenizer_sha256"] == tokenizer_fingerprint(imported)
+    for attention in ("var", "mvar"):
+        model, tok, cfg, tok_cfg = load_checkpoint(imported, overrides={"attention": attention})
+        assert tok_cfg.patch_nums == (1, 2, 3, 4) and tok_cfg.image_size == 64
+        imgs = sample_images(model, tok, ref_expected["inputs.labels"], cfg=1.5, top_k=1, top_p=0.0,
+                             generator=make_generator(0, torch.device("cpu")))
+        assert (imgs - ref_expected[f"{attention}.greedy_samples"]).abs().max() < 1e-3
+
+
+def test_sample_writes_a_reproducible_grid(imported, tmp_path):
+    args = ["sample", "--checkpoint", str(imported), "--classes", "1,2,3", "--cfg", "1.5", "--top-k", "900",
+            "--top-p", "0.96", "--seed", "0"]
+    assert main(args + ["--out", str(tmp_path / "a.png")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b.png")]) == 0
+    assert main(args[:-1] + ["1", "--out", str(tmp_path / "c.png")]) == 0
+    a, b, c = (Image.open(tmp_path / f"{n}.png") for n in "abc")
+    assert a.size == (3 * 64 + 4 * 2, 64 + 2 * 2)
+    assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+
+
+def test_bad_input_is_one_clear_line(imported, ref_dir, tmp_path, capsys):
+    assert main(["sample", "--checkpoint", str(imported), "--classes", "1,99", "--out", str(tmp_path / "x.png")]) == 2
+    assert "ids [99] are outside [0, 9]" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    assert "not a model checkpoint" in capsys.readouterr().err
+    vae = str(ref_dir / "vqvae_state_dict.pt")
+    assert main(["import-var", "--vae", vae, "--var", str(tmp_path / "none.pth"), "--out", str(tmp_path / "o")]) == 2
+    assert "none.pth' does not exist" in capsys.readouterr().err
+    truncated = tmp_path / "cut.pth"
+    truncated.write_bytes((ref_dir / "var_state_dict.pt").read_bytes()[:1000])
+    assert main(["import-var", "--vae", vae, "--var", str(truncated), "--out", str(tmp_path / "o")]) == 2
+    assert "cannot read weights file" in capsys.readouterr().err
+    assert main(["import-var", "--vae", vae, "--var", str(ref_dir / "var_state_dict.pt"), "--out", str(imported)]) == 2
+    assert "exists already" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".o.partial-*"))  # nothing half-written left behind
+
+
+def test_bench_tiny_all_variants(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "mvar.cli", "bench", "--size", "tiny", "--resolution", "64",
+                           "--batch", "2", "--repeats", "1", "--json", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "| variant" in proc.stdout and "VmHWM" in proc.stdout
+    results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"var", "scale_markov", "mvar"}
+    assert results["var"]["kv_cache_mb"] > 0 and results["mvar"]["kv_cache_mb"] == 0
+    assert results["var"]["attn_gflops"] > results["scale_markov"]["attn_gflops"] > results["mvar"]["attn_gflops"]
+    assert set(results["var"]["train_steps"]) == {"full"}
+    assert set(results["mvar"]["train_steps"]) == {"cycle_small", "cycle_second_last", "cycle_last", "packed"}
+    for r in results.values():
+        assert r["infer_latency_s"] > 0 and r["train_step_s"] > 0 and r["infer_peak_mb"] >= 0
+
+
+def test_unknown_variant_fails_before_measuring(capsys):
+    assert main(["bench", "--variants", "var,foo"]) == 2
+    assert "unknown ['foo']" in capsys.readouterr().err
