@@ -101,9 +101,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device) / MB
         else:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
             self.start = _status_mb("VmRSS")
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # VmHWM := current VmRSS
         return self
 
     def __exit__(self, *exc):
@@ -111,7 +111,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) / MB - self.start
         else:
-            self.peak = _status_mb("VmHWM") - self.start
+            self.peak = max(_status_mb("VmHWM") - self.start, 0.0)  # RSS may shrink within a phase
         return False
 
 

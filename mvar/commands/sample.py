@@ -52,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
     gen = make_generator(args.seed, device)
     imgs = sample_images(model, tokenizer, labels, batch_size=args.num, cfg=args.cfg, top_k=args.top_k,
                          top_p=args.top_p, generator=gen)
-    nrow = args.per_class if args.classes is not None and args.per_class > 1 else math.ceil(math.sqrt(len(imgs)))
+    if args.classes is None:
+        nrow = math.ceil(math.sqrt(len(imgs)))
+    else:  # one row per class, or the classes side by side (8 a row) with one image each
+        nrow = args.per_class if args.per_class > 1 else min(len(imgs), 8)
     save_image(imgs.float().cpu(), args.out, nrow=nrow, padding=2)
     print(f"wrote {args.out}: {len(imgs)} images, attention {cfg.attention}, cfg {args.cfg}, seed {args.seed}")
     return 0
