@@ -15,7 +15,7 @@ COLUMNS = [  # (header, key, format)
     ("infer s/batch", "infer_latency_s", "{:.3f}"),
     ("infer peak +MB", "infer_peak_mb", "{:.1f}"),
     ("KV cache MB", "kv_cache_mb", "{:.1f}"),
-    ("attn GFLOPs/img", "attn_gflops", "{:.3f}"),
+    ("attn GFLOPs/img", "attn_gflops", "{:.4g}"),
     ("train s/step", "train_step_s", "{:.3f}"),
     ("train peak +MB", "train_peak_mb", "{:.1f}"),
     ("packed s/step", "packed_s", "{:.3f}"),
