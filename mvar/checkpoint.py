@@ -21,7 +21,7 @@ import yaml
 from mvar.config import from_dict, to_dict
 from mvar.errors import UserError
 from mvar.models.config import ModelConfig
-from mvar.models.transformer import NextScaleTransformer
+from mvar.models.transformer import NextScaleTransformer, check_state_dict
 from mvar.tokenizer import PATCH_NUMS_256, PATCH_NUMS_512, MultiScaleVQVAE, TokenizerConfig
 
 FORMAT = "mvar-checkpoint/1"
@@ -50,6 +50,15 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"weights file '{path}' does not hold a state dict of tensors")
     return obj
+
+
+def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    """load_state_dict with a message that names the file, the first mismatching key and the shapes."""
+    try:
+        check_state_dict(module, state_dict)
+    except ValueError as err:
+        raise UserError(f"'{path}' does not fit this {type(module).__name__}: {err}") from err
+    module.load_state_dict(state_dict)
 
 
 def _write_dir_atomically(out: Path, write, overwrite: bool = False) -> Path:
@@ -102,7 +111,7 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> tupl
     meta = yaml.safe_load((tdir / "tokenizer.yaml").read_text())
     cfg = from_dict(TokenizerConfig, meta["config"])
     model = MultiScaleVQVAE(cfg)
-    model.load_state_dict(load_state_dict(tdir / "tokenizer.pt"))
+    load_into(model, load_state_dict(tdir / "tokenizer.pt"), tdir / "tokenizer.pt")
     return model.to(device).eval(), cfg
 
 
@@ -141,7 +150,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", overri
         raise UserError(f"checkpoint '{path}': its tokenizer weights do not match the recorded sha256")
     cfg = from_dict(ModelConfig, {**meta["model"], **(overrides or {})})
     model = NextScaleTransformer(cfg, tok_cfg.vocab_size, tok_cfg.z_channels, tuple(tok_cfg.patch_nums))
-    model.load_state_dict(load_state_dict(path / "model.pt"))
+    load_into(model, load_state_dict(path / "model.pt"), path / "model.pt")
     return model.to(device).eval(), tokenizer, cfg, tok_cfg
 
 
@@ -199,11 +208,11 @@ def import_var(vae_path: str | Path, var_path: str | Path, out: str | Path,
     tok_cfg = infer_tokenizer_config(vae_sd, num_tokens, patch_nums)
     cfg = infer_model_config(var_sd, **model_fields)
     tokenizer = MultiScaleVQVAE(tok_cfg)
-    tokenizer.load_state_dict(vae_sd)
+    load_into(tokenizer, vae_sd, vae_path)
     model = NextScaleTransformer(cfg, tok_cfg.vocab_size, tok_cfg.z_channels, tuple(tok_cfg.patch_nums))
     try:
         model.load_official_state_dict(var_sd)
-    except RuntimeError as err:
+    except ValueError as err:
         raise UserError(f"'{var_path}' does not fit the tokenizer of '{vae_path}': {err}") from err
     extra = {"source": {"vae": str(Path(vae_path).resolve()), "var": str(Path(var_path).resolve()),
                         "vae_sha256": file_sha256(vae_path), "var_sha256": file_sha256(var_path)}}

@@ -80,3 +80,18 @@ def test_bench_tiny_all_variants(tmp_path):
 def test_unknown_variant_fails_before_measuring(capsys):
     assert main(["bench", "--variants", "var,foo"]) == 2
     assert "unknown ['foo']" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_architecture_is_refused(imported, tmp_path, capsys):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(imported, other)
+    sd = torch.load(other / "model.pt", weights_only=True)
+    sd["head.weight"] = torch.zeros(33, 64)
+    torch.save(sd, other / "model.pt")
+    assert main(["sample", "--checkpoint", str(other), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "model.pt' does not fit this NextScaleTransformer" in err and "'head.weight' has shape (33, 64)" in err
+    assert main(["bench", "--size", "d17"]) == 2
+    assert "--size: unknown 'd17'" in capsys.readouterr().err

@@ -74,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     bad = [v for v in variants if v not in ("var", "scale_markov", "mvar")]
     if bad:
         raise UserError(f"--variants: unknown {bad}; known: var, scale_markov, mvar")
+    from mvar.models.config import SIZES
+    if args.size not in SIZES:
+        raise UserError(f"--size: unknown '{args.size}'; known: {', '.join(SIZES)}")
     results = []
     for variant in variants:
         spec = BenchSpec(variant=variant, size=args.size, batch=args.batch, resolution=args.resolution,

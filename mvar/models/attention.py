@@ -148,7 +148,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, side: in
                      scale: float, backend: str = "auto", dropout_p: float = 0.0) -> torch.Tensor:
     """k x k clamped-window attention on one side x side map; q, k, v: (B, H, side*side, d)."""
     backend = resolve_backend(backend, q.device)
-    if window_size >= side:  # every window is the whole map
+    if window_size > side:
+        raise ValueError(f"window {window_size}x{window_size} is larger than the {side}x{side} map")
+    if window_size == side:  # every window is the whole map: the same result, without a mask
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     if backend == "reference" or dropout_p > 0:
         mask = window_mask(side, window_size, q.device)

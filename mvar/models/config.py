@@ -58,8 +58,14 @@ class ModelConfig:
 
     def check_scales(self, patch_nums: tuple[int, ...], prefix: str = "model.") -> None:
         """Checks that need the tokenizer's scales."""
-        check(self.attention != "mvar" or self.markov_from_scale < len(patch_nums), prefix + "markov_from_scale",
+        if self.attention != "mvar":
+            return
+        check(self.markov_from_scale < len(patch_nums), prefix + "markov_from_scale",
               f"must be below the number of scales ({len(patch_nums)}) for attention 'mvar'")
+        side = patch_nums[self.markov_from_scale]
+        check(self.window_size <= side, prefix + "window_size",
+              f"{self.window_size} is larger than the first windowed scale ({side}x{side}, index "
+              f"{self.markov_from_scale}); use a window <= {side} or a later markov_from_scale")
 
 
 # Named sizes: depth and width of VAR's released models, plus small ones for tests and CPU runs.

@@ -21,6 +21,20 @@ from mvar.models.config import ModelConfig
 OFFICIAL_DERIVED_BUFFERS = ("lvl_1L", "attn_bias_for_masking")
 
 
+def check_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError naming the first key that is missing, unexpected or of another shape."""
+    own = module.state_dict()
+    for key, tensor in own.items():
+        if key not in state_dict:
+            raise ValueError(f"key '{key}' {tuple(tensor.shape)} of the model is missing from the weights")
+        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+            raise ValueError(f"key '{key}' has shape {tuple(state_dict[key].shape)} in the weights, "
+                             f"{tuple(tensor.shape)} in the model")
+    extra = [k for k in state_dict if k not in own]
+    if extra:
+        raise ValueError(f"key '{extra[0]}' of the weights has no place in the model ({len(extra)} such keys)")
+
+
 class DropPath(nn.Module):
     def __init__(self, p: float):
         super().__init__()
@@ -170,10 +184,11 @@ class NextScaleTransformer(nn.Module):
             ada.weight[:2 * self.C].mul_(init_adaln_gamma)  # residual gates start near zero
             ada.bias.zero_()
 
-    def load_official_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
+    def load_official_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """A VAR checkpoint (`var_d16.pth` format): derived buffers are dropped, everything else must match."""
         sd = {k: v for k, v in state_dict.items() if k not in OFFICIAL_DERIVED_BUFFERS}
-        return self.load_state_dict(sd, strict=strict)
+        check_state_dict(self, sd)
+        self.load_state_dict(sd)
 
     # -- inputs -------------------------------------------------------------
     def scale_ids(self, scales: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -218,6 +233,7 @@ class NextScaleTransformer(nn.Module):
         Under ``scale_markov``/``mvar`` any subset works: the 8:1:1 cycle uses (0..7), (8,), (9,).
         """
         scales = tuple(range(len(self.patch_nums))) if scales is None else tuple(scales)
+        self.check_inputs(labels_B, teacher_BLCv, scales)
         if self.spec.pattern == "var" and scales != tuple(range(len(scales))):
             raise ValueError(f"attention 'var' trains on a prefix of scales, got {scales}")
         if self.training and self.cfg.cond_drop_rate > 0:
@@ -226,6 +242,19 @@ class NextScaleTransformer(nn.Module):
         cond_BC = self.class_emb(labels_B)
         x_BLC = self.embed(cond_BC, self.select_inputs(teacher_BLCv, scales), scales)
         return self.run_blocks(x_BLC, cond_BC, scales)
+
+    def check_inputs(self, labels_B: torch.Tensor, teacher_BLCv: torch.Tensor, scales: tuple[int, ...]) -> None:
+        """Shapes and ranges, so that a wrong batch fails with a message instead of deep in a matmul."""
+        expected = (self.L - self.first_l, self.Cvae)
+        if teacher_BLCv.ndim != 3 or tuple(teacher_BLCv.shape[1:]) != expected:
+            raise ValueError(f"teacher input must be (B, {expected[0]}, {expected[1]}), got {tuple(teacher_BLCv.shape)}")
+        if labels_B.ndim != 1 or labels_B.shape[0] != teacher_BLCv.shape[0]:
+            raise ValueError(f"labels must be (B,) = ({teacher_BLCv.shape[0]},), got {tuple(labels_B.shape)}")
+        if labels_B.numel() and (int(labels_B.min()) < 0 or int(labels_B.max()) > self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), "
+                             f"got {labels_B.min().item()}..{labels_B.max().item()}")
+        if not scales or list(scales) != sorted(set(scales)) or scales[-1] >= len(self.patch_nums):
+            raise ValueError(f"scales must be increasing indices below {len(self.patch_nums)}, got {scales}")
 
     def target_positions(self, scales: tuple[int, ...] | None, device: torch.device) -> torch.Tensor:
         """Indices into the flat (B, L) code indices that ``forward(scales=...)`` predicts."""

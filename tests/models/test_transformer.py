@@ -134,3 +134,33 @@ def test_a_few_steps_fit_one_batch(variant, schedule, tokenizer):
         final, _, _ = next_scale_loss(model.eval(), labels, idx, teacher)
     first, _, _ = next_scale_loss(build(variant), labels, idx, teacher)
     assert final < 0.7 * first, (first.item(), final.item())
+
+
+def test_bad_inputs_fail_with_clear_messages(tokenizer):
+    from mvar.config import ConfigError
+
+    model = build("mvar")
+    labels, idx, teacher = teacher_batch(tokenizer, B=2)
+    with pytest.raises(ValueError, match=r"teacher input must be \(B, 29, 8\), got \(2, 28, 8\)"):
+        model(labels, teacher[:, 1:])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\]"):
+        model(torch.tensor([3, 11]), teacher)
+    with pytest.raises(ValueError, match=r"labels must be \(B,\)"):
+        model(torch.tensor([3]), teacher)
+    with pytest.raises(ValueError, match="scales must be increasing"):
+        model(labels, teacher, (3, 2))
+    with pytest.raises(ConfigError, match="'model.window_size': 5 is larger than the first windowed scale"):
+        build("mvar", window_size=5)
+    with pytest.raises(ConfigError, match="'model.markov_from_scale'"):
+        build("mvar", markov_from_scale=4)
+
+
+def test_weights_of_another_architecture_name_the_first_mismatch():
+    model = build("var")
+    sd = dict(model.state_dict())
+    sd["blocks.1.ffn.fc1.weight"] = torch.zeros(128, 64)
+    with pytest.raises(ValueError, match=r"key 'blocks.1.ffn.fc1.weight' has shape \(128, 64\) in the weights, \(256, 64\)"):
+        model.load_official_state_dict(sd)
+    del sd["blocks.1.ffn.fc1.weight"]
+    with pytest.raises(ValueError, match="'blocks.1.ffn.fc1.weight' .* is missing"):
+        model.load_official_state_dict(sd)
