@@ -18,7 +18,6 @@ an AdamW step; weights and optimizer state are resident before the phase.
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 import sys

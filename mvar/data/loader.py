@@ -233,7 +233,23 @@ def _open_for_rank(cfg: DataConfig, location: str, rank: int, world_size: int,
     return manifest
 
 
-class TrainLoader:
+class _ShardLoader:
+    """What both loaders expose: the shard kind and the skipped-sample counter."""
+
+    manifest: Manifest
+    _reader: _Reader
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+    @property
+    def bad_samples(self) -> BadSampleCounter:
+        """`.value`: samples skipped so far on this rank; log it as `data/bad_samples`."""
+        return self._reader.counter
+
+
+class TrainLoader(_ShardLoader):
     """One rank's training batches: exactly `len(loader)` per epoch on every rank.
 
     Yields (x, labels): x float32 (B, 3, H, W) in [-1, 1] for image shards or
@@ -250,15 +266,6 @@ class TrainLoader:
         self._epoch_given = True
         self._loader = _dataloader(_TrainStream(self._reader, cfg, self.steps_per_epoch, self._epoch), cfg, True)
 
-    @property
-    def kind(self) -> str:
-        return self.manifest.kind
-
-    @property
-    def bad_samples(self) -> BadSampleCounter:
-        """`.value`: samples skipped so far on this rank; log it as `data/bad_samples`."""
-        return self._reader.counter
-
     def set_epoch(self, epoch: int) -> None:
         self._epoch.value = epoch
         self._epoch_given = True
@@ -273,7 +280,7 @@ class TrainLoader:
         return iter(self._loader)
 
 
-class EvalLoader:
+class EvalLoader(_ShardLoader):
     """One rank's share of an evaluation set, every sample exactly once across ranks.
 
     Yields (x, labels, index): as TrainLoader plus int64 (B,) global sample
@@ -291,14 +298,6 @@ class EvalLoader:
         self.num_samples = sum(hi - lo for lo, hi in ranges)
         self._num_batches = sum(-(-(hi - lo) // cfg.batch_size) for lo, hi in ranges)
         self._loader = _dataloader(_EvalStream(self._reader), cfg, False)
-
-    @property
-    def kind(self) -> str:
-        return self.manifest.kind
-
-    @property
-    def bad_samples(self) -> BadSampleCounter:
-        return self._reader.counter
 
     def __len__(self) -> int:
         return self._num_batches

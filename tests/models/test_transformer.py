@@ -3,7 +3,7 @@ import torch
 
 from mvar.models import NextScaleTransformer, named_model
 from mvar.models.schedule import markov_cycle, next_scale_loss, scales_for_step
-from mvar.sampling import generate, make_generator
+from mvar.sampling import generate
 from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
 
 TOK = TokenizerConfig.tiny()
