@@ -63,7 +63,13 @@ def _window_mask_cpu(n: int, window_size: int) -> torch.Tensor:
 
 def window_mask(n: int, window_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(n*n, n*n) boolean mask of clamped k x k windows on an n x n map, row-major."""
-    return _window_mask_cpu(n, window_size).to(device)
+    return _on_device(_window_mask_cpu, str(device), n, window_size)
+
+
+@functools.lru_cache(maxsize=128)
+def _on_device(make, device: str, *args) -> torch.Tensor:
+    """A cached mask moved to ``device`` once, not at every layer of every step."""
+    return make(*args).to(device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -72,10 +78,14 @@ def _scale_ids(patch_nums: tuple[int, ...], scales: tuple[int, ...]) -> torch.Te
 
 
 def sequence_mask(spec: AttentionSpec, scales: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Full (L, L) boolean mask of a sequence of the given scales: for tests and the reference path."""
+    """Full (L, L) boolean mask of a sequence of the given scales (True = may attend)."""
+    return _on_device(_sequence_mask_cpu, str(device), spec, tuple(scales))
+
+
+def _sequence_mask_cpu(spec: AttentionSpec, scales: tuple[int, ...]) -> torch.Tensor:
     ids = _scale_ids(spec.patch_nums, scales)
     if spec.pattern == "var":
-        return (ids[:, None] >= ids[None, :]).to(device)
+        return ids[:, None] >= ids[None, :]
     mask = ids[:, None] == ids[None, :]
     offset = 0
     for s in scales:
@@ -83,7 +93,7 @@ def sequence_mask(spec: AttentionSpec, scales: tuple[int, ...], device: torch.de
         if spec.windowed(s):
             mask[offset:offset + n, offset:offset + n] = _window_mask_cpu(spec.patch_nums[s], spec.window_size)
         offset += n
-    return mask.to(device)
+    return mask
 
 
 # ---------------------------------------------------------------------------
