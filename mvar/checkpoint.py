@@ -9,7 +9,6 @@ a half-written checkpoint is never found under the final name.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import uuid
@@ -19,6 +18,7 @@ import torch
 import yaml
 
 from mvar.config import from_dict, to_dict
+from mvar.data.storage import sha256_stream
 from mvar.errors import UserError
 from mvar.models.config import ModelConfig
 from mvar.models.transformer import NextScaleTransformer, check_state_dict
@@ -29,11 +29,8 @@ TOKENIZER_FORMAT = "mvar-tokenizer/1"
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return sha256_stream(fh)
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
