@@ -77,7 +77,7 @@ class BenchResult:
 
 # -- memory probes -------------------------------------------------------------
 
-def _status_mb(name: str) -> float:
+def status_mb(name: str) -> float:
     with open("/proc/self/status") as fh:
         return int(re.search(rf"{name}:\s+(\d+)", fh.read()).group(1)) / 1024
 
@@ -100,7 +100,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device) / MB
         else:
-            self.start = _status_mb("VmRSS")
+            self.start = status_mb("VmRSS")
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")  # VmHWM := current VmRSS
         return self
@@ -110,7 +110,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) / MB - self.start
         else:
-            self.peak = max(_status_mb("VmHWM") - self.start, 0.0)  # RSS may shrink within a phase
+            self.peak = max(status_mb("VmHWM") - self.start, 0.0)  # RSS may shrink within a phase
         return False
 
 
@@ -148,7 +148,7 @@ def measure_inference(model, quant, spec: BenchSpec, device: torch.device) -> tu
     model.eval()
     labels = torch.arange(spec.batch, device=device) % model.num_classes
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    run = lambda: generate(model, quant, labels, cfg=spec.cfg, top_k=900, top_p=0.96,  # noqa: E731
+    run = lambda: generate(model, quant, labels, cfg=spec.cfg, top_k=900, top_p=0.96,
                            generator=make_generator(spec.seed, device))
     with amp:
         gen = run()  # warm-up: kernels, caches, masks

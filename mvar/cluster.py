@@ -13,6 +13,7 @@ import os
 log = logging.getLogger(__name__)
 
 LOCAL_OBJECT_STORE_BYTES = 500 * 1024 * 1024  # shards stream from disk; Ray objects stay small
+_started_here = False  # True when connect() started the local Ray this process uses
 
 
 def in_ray_job() -> bool:
@@ -25,8 +26,9 @@ def connect(num_cpus: int | None = None, num_gpus: int | None = None, env_vars: 
     import ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     runtime_env = {"env_vars": env_vars} if env_vars else None
+    global _started_here
     if ray.is_initialized():
-        return "cluster"
+        return "local" if _started_here else "cluster"
     address = os.environ.get("RAY_ADDRESS", "")
     if address or in_ray_job():
         # a dashboard URL (http://...:8265) is what `ray job submit` wants; the driver joins via GCS
@@ -37,6 +39,7 @@ def connect(num_cpus: int | None = None, num_gpus: int | None = None, env_vars: 
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
              object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
              runtime_env=runtime_env, logging_level=logging.WARNING)
+    _started_here = True
     return "local"
 
 
@@ -64,6 +67,8 @@ def cluster_resources() -> dict[str, float]:
 
 
 def shutdown() -> None:
+    global _started_here
     import ray
     if ray.is_initialized():
         ray.shutdown()
+    _started_here = False

@@ -1,0 +1,203 @@
+"""The driver side of a training run: check everything, attach the MLflow run, run Ray Train, record the result.
+
+Order matters for users: every check that can fail on bad input (config,
+tokenizer, shards, resources, tracking store) runs before any Ray worker
+starts. The MLflow run is created (or found again, for a rerun of the same
+command) by the driver; workers log into it by id, and checkpoints carry
+the id, so a resumed run continues the same MLflow run.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from mvar import cluster, tracking
+from mvar.config import dump_yaml, flatten, from_dict, to_dict
+from mvar.data.loader import open_shard_set
+from mvar.data.storage import is_local
+from mvar.errors import UserError
+from mvar.models.config import ModelConfig, split_name
+from mvar.tokenizer import TokenizerConfig
+from mvar.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainingFailed(UserError):
+    """The run stopped: a non-finite loss, or failures past the configured retries."""
+
+
+@dataclass
+class Prepared:
+    tok_cfg: TokenizerConfig
+    tokenizer_sha256: str
+    storage_path: str
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    checkpoint: str           # location of the final (or last good) checkpoint
+    step: int
+    status: str               # completed | nonfinite
+
+
+def storage_location(path: str) -> str:
+    """Ray Train needs an absolute path (or a URI) that every node and a later rerun share."""
+    return str(Path(path).resolve()) if is_local(path) else path
+
+
+def _check_tokenizer(cfg: TrainConfig) -> tuple[TokenizerConfig, str]:
+    from mvar.checkpoint import tokenizer_dir, tokenizer_fingerprint
+    tdir = tokenizer_dir(cfg.tokenizer)
+    meta = yaml.safe_load((tdir / "tokenizer.yaml").read_text())
+    tok_cfg = from_dict(TokenizerConfig, meta["config"])
+    cfg.model.check_scales(tuple(tok_cfg.patch_nums))
+    return tok_cfg, tokenizer_fingerprint(tdir)
+
+
+def _check_shards(cfg: TrainConfig, tok_cfg: TokenizerConfig, sha: str) -> None:
+    for key, location in (("data.shards", cfg.data.shards), ("data.eval_shards", cfg.data.eval_shards)):
+        if not location:
+            continue
+        try:
+            manifest = open_shard_set(location, cfg.data.kind, cfg.data.image_size, sha)
+        except UserError as err:
+            raise UserError(f"{key}: {err}") from None
+        if manifest.kind == "images" and manifest.image_size != tok_cfg.image_size:
+            raise UserError(f"{key}: '{location}' holds {manifest.image_size} px images but the tokenizer "
+                            f"'{cfg.tokenizer}' takes {tok_cfg.image_size} px")
+        if manifest.num_classes > cfg.model.num_classes:
+            raise UserError(f"{key}: '{location}' has {manifest.num_classes} classes but model.num_classes "
+                            f"is {cfg.model.num_classes}")
+
+
+def _check_init_from(cfg: TrainConfig) -> None:
+    if not cfg.init_from:
+        return
+    from mvar.checkpoint import read_checkpoint_meta
+    meta = read_checkpoint_meta(cfg.init_from)
+    theirs = from_dict(ModelConfig, meta["model"])
+    for attr in ("depth", "width", "heads", "num_classes"):
+        if getattr(theirs, attr) != getattr(cfg.model, attr):
+            raise UserError(f"init_from: '{cfg.init_from}' has {attr} {getattr(theirs, attr)}, "
+                            f"this run's model has {getattr(cfg.model, attr)}")
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Every check on the run's inputs; raises UserError naming the key before anything starts."""
+    tok_cfg, sha = _check_tokenizer(cfg)
+    _check_shards(cfg, tok_cfg, sha)
+    _check_init_from(cfg)
+    return Prepared(tok_cfg=tok_cfg, tokenizer_sha256=sha, storage_path=storage_location(cfg.run.storage_path))
+
+
+def check_resources(cfg: TrainConfig, where: str) -> None:
+    """On a local Ray a worker that asks for more than the machine has waits forever: refuse instead."""
+    have = cluster.cluster_resources()
+    s = cfg.scaling
+    wants = {"CPU": s.num_workers * s.cpus_per_worker}
+    if s.use_gpu:
+        wants["GPU"] = s.num_workers * s.gpus_per_worker
+    for res, n in wants.items():
+        if have.get(res, 0) + 1e-9 < n:
+            msg = (f"scaling: {s.num_workers} workers need {n:g} {res} in all but the {where} Ray cluster has "
+                   f"{have.get(res, 0):g}; lower scaling.num_workers or scaling.{res.lower()}s_per_worker")
+            if where == "local":
+                raise UserError(msg)
+            log.warning("%s (waiting for the cluster to grow)", msg)
+
+
+def run_key(cfg: TrainConfig, storage: str) -> str:
+    return f"{storage.rstrip('/')}/{cfg.run.name}"
+
+
+def attach_run(cfg: TrainConfig, storage: str) -> tuple[str, bool]:
+    """(MLflow run id, resumed?): the run of an earlier attempt of this run name and storage, else a new one."""
+    key = run_key(cfg, storage)
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    exp = tracking.experiment_id(cfg.tracking.experiment, uri)
+    found = tracking.client(uri).search_runs([exp], filter_string=f"tags.`mvar.run_key` = '{key}'",
+                                             order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        return found[0].info.run_id, True
+    size = split_name(cfg.model_name)[1] if cfg.model_name else f"d{cfg.model.depth}"
+    tags = {"mvar.run_key": key, "mvar.variant": cfg.variant, "mvar.model": f"{cfg.variant}-{size}",
+            "mvar.size": size, "mvar.ray_job_id": cluster.job_id() or "none",
+            "mvar.storage": storage}
+    return tracking.start_run(cfg.tracking, cfg.run.name, tags=tags), False
+
+
+def log_config(cfg: TrainConfig, run_id: str, resumed: bool) -> None:
+    c = tracking.client(cfg.tracking.uri)
+    if resumed:
+        logged = c.get_run(run_id).data.params
+        changed = {k: (logged[k], str(v)) for k, v in flatten(cfg).items() if k in logged and logged[k] != str(v)}
+        if changed:
+            log.warning("resuming with changed config (MLflow keeps the first values): %s", changed)
+        c.set_tag(run_id, "mvar.resumes", str(int(c.get_run(run_id).data.tags.get("mvar.resumes", "0")) + 1))
+        return
+    t = tracking.MlflowTracker(run_id, cfg.tracking)
+    t.log_params(to_dict(cfg))
+    t.log_text(dump_yaml(cfg), "config.yaml")
+    t.close(status="")
+
+
+def fit(cfg: TrainConfig, prep: Prepared, run_id: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from mvar.training.loop import train_worker
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"train": to_dict(cfg), "run_id": run_id, "tokenizer_sha256": prep.tokenizer_sha256},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.run.name, storage_path=prep.storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)))
+    return trainer.fit()
+
+
+def finish(cfg: TrainConfig, run_id: str, result) -> TrainOutcome:
+    c = tracking.client(cfg.tracking.uri)
+    ret = getattr(result, "return_value", None) or {}
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else ""
+    if checkpoint:
+        c.set_tag(run_id, "mvar.checkpoint", checkpoint)
+    status = ret.get("status", "completed")
+    step = int(ret.get("step", 0))
+    if status == "nonfinite":
+        c.set_tag(run_id, "mvar.stopped", f"non-finite loss at step {step}")
+        c.set_terminated(run_id, "FAILED")
+        raise TrainingFailed(f"training stopped at step {step}: the loss or a gradient is NaN/inf (try a lower "
+                             f"optim.lr or optim.grad_clip); last good checkpoint: {checkpoint or 'none'}")
+    c.set_terminated(run_id, "FINISHED")
+    return TrainOutcome(run_id=run_id, checkpoint=checkpoint, step=step, status=status)
+
+
+def train(cfg: TrainConfig) -> TrainOutcome:
+    """Check, attach the MLflow run, fit with Ray Train, record the final checkpoint."""
+    prep = prepare(cfg)
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    cfg.tracking.uri = uri  # workers on other nodes must log to the same absolute store
+    run_id, resumed = attach_run(cfg, prep.storage_path)
+    log_config(cfg, run_id, resumed)
+    print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}; "
+          f"checkpoints under {run_key(cfg, prep.storage_path)}", flush=True)
+    where = cluster.connect(env_vars={"MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0",
+                                      "MLFLOW_DISABLE_TELEMETRY": "true"})
+    check_resources(cfg, where)
+    try:
+        result = fit(cfg, prep, run_id)
+    except Exception as err:
+        from ray.train import TrainingFailedError
+        if isinstance(err, TrainingFailedError):
+            tracking.client(uri).set_terminated(run_id, "FAILED")
+            raise TrainingFailed(f"training failed after {cfg.run.max_failures} retries: {err}") from err
+        raise
+    return finish(cfg, run_id, result)

@@ -1,0 +1,32 @@
+"""Peak memory per logging interval (`perf/peak_mem_mb`), by the same probes as `mvar bench`."""
+from __future__ import annotations
+
+import torch
+
+from mvar.bench import MB, status_mb
+
+
+class PeakTracker:
+    """CUDA: max_memory_allocated; CPU: the process's VmHWM (resident high-water mark). Reset at each read."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # VmHWM := current VmRSS
+        except OSError:
+            pass  # not Linux, or not allowed: the peak then covers the whole process life
+
+    def read_and_reset(self) -> float:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / MB
+        else:
+            peak = status_mb("VmHWM")
+        self._reset()
+        return peak

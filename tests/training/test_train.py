@@ -1,0 +1,64 @@
+"""Real Ray Train runs (2 CPU workers on a local Ray) of tiny VAR and MVAR, tracked in a real MLflow store."""
+from __future__ import annotations
+
+import pytest
+
+from mvar import tracking
+from mvar.checkpoint import load_checkpoint, read_checkpoint_meta
+from mvar.training import TrainingFailed, load_train_config, train
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
+
+
+def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in tracking.client(uri).get_metric_history(run_id, key))
+
+
+@pytest.mark.parametrize("variant", ["var", "mvar"])
+def test_tiny_model_trains_and_the_run_holds_everything(tiny_inputs, variant):
+    cfg = load_train_config(f"workflows/configs/{variant}_tiny_local.yaml", tiny_inputs.overrides(
+        f"{variant}-fit", **{"run.steps": 40, "run.checkpoint_every": 20, "run.log_every": 2,
+                             "data.eval_shards": tiny_inputs.eval_tokens}))
+    outcome = train(cfg)
+    uri, run_id = cfg.tracking.uri, outcome.run_id
+    run = tracking.client(uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.attention"] == variant and run.data.params["run.steps"] == "40"
+    assert run.data.tags["mvar.variant"] == variant and run.data.tags["mvar.git_commit"]
+    assert run.data.tags["mvar.checkpoint"] == outcome.checkpoint
+    losses = history(uri, run_id, "train/loss")
+    assert [s for s, _ in losses] == list(range(2, 41, 2))  # every log step once
+    first, last = sum(v for _, v in losses[:4]) / 4, sum(v for _, v in losses[-4:]) / 4
+    assert last < first - 0.05, f"loss did not decrease: {first:.3f} -> {last:.3f}"
+    for key in ("train/acc", "train/acc_s0", "train/lr", "train/grad_norm", "perf/step_s", "perf/images_per_s",
+                "perf/peak_mem_mb", "val/loss"):
+        assert key in run.data.metrics, key
+    assert [s for s, _ in history(uri, run_id, "val/loss")] == [20, 40]
+    assert "config.yaml" in {a.path for a in tracking.client(uri).list_artifacts(run_id)}
+    # the final checkpoint is a model checkpoint that sampling and evaluation load as they are
+    meta = read_checkpoint_meta(outcome.checkpoint)
+    assert meta["train"]["step"] == 40 and meta["train"]["mlflow_run_id"] == run_id
+    _, _, mcfg, _ = load_checkpoint(outcome.checkpoint)
+    assert mcfg.attention == variant
+
+
+def test_rerun_of_a_finished_run_continues_the_same_mlflow_run(tiny_inputs):
+    overrides = tiny_inputs.overrides("extend", **{"run.steps": 6, "run.checkpoint_every": 3, "run.log_every": 1})
+    first = train(load_train_config("workflows/configs/mvar_tiny_local.yaml", overrides))
+    longer = train(load_train_config("workflows/configs/mvar_tiny_local.yaml", overrides + ["run.steps=10"]))
+    assert longer.run_id == first.run_id and longer.step == 10
+    uri = tiny_inputs.tracking_uri
+    assert [s for s, _ in history(uri, first.run_id, "train/loss")] == list(range(1, 11))
+    assert tracking.client(uri).get_run(first.run_id).data.tags["mvar.resumes"] == "1"
+
+
+def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny_inputs):
+    cfg = load_train_config("workflows/configs/mvar_tiny_local.yaml", tiny_inputs.overrides(
+        "nan", **{"run.steps": 20, "run.checkpoint_every": 4, "run.log_every": 1, "run.fault_nan_at_step": 7}))
+    with pytest.raises(TrainingFailed, match=r"stopped at step 7: the loss or a gradient is NaN.*step_00000004"):
+        train(cfg)
+    c = tracking.client(cfg.tracking.uri)
+    run = c.search_runs([c.get_experiment_by_name("tests").experiment_id],
+                        filter_string="tags.`mvar.run_key` LIKE '%/nan'")[0]
+    assert run.info.status == "FAILED"
+    assert max(s for s, _ in history(cfg.tracking.uri, run.info.run_id, "train/loss")) == 6

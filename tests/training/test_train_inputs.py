@@ -1,0 +1,73 @@
+"""Bad input to workflows.train fails with a message naming the key, before Ray or any worker starts."""
+from __future__ import annotations
+
+import pytest
+
+from mvar.errors import UserError
+from mvar.training import load_train_config
+from mvar.training.launch import prepare
+from workflows.train import main
+
+LOCAL = "workflows/configs/mvar_tiny_local.yaml"
+
+
+@pytest.fixture(autouse=True)
+def no_ray_started():
+    import ray
+    assert not ray.is_initialized()
+    yield
+    assert not ray.is_initialized(), "a bad-input run must fail before Ray starts"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.depthh=3", "unknown config key 'model.depthh'"),
+    ("run.steps=0", "config key 'run.steps': must be >= 1"),
+    ("model_name=mvar-d99", "config key 'model_name': unknown model 'mvar-d99'"),
+    ("train.scale_schedule=cycle model.attention=var", "train.scale_schedule"),
+    ("model.window_size=5", "model.window_size"),  # larger than the tiny model's first windowed scale (3x3)
+])
+def test_config_errors_name_the_key(tiny_inputs, capsys, override, message):
+    rc = main(["--config", LOCAL, *tiny_inputs.overrides("bad"), *override.split()])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_shards_fail_before_training(tiny_inputs, capsys):
+    missing = tiny_inputs.root / "nowhere"
+    rc = main(["--config", LOCAL, *tiny_inputs.overrides("bad"), f"data.shards={missing}"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "data.shards" in err and str(missing) in err
+
+
+def test_token_shards_of_another_tokenizer_are_refused(tiny_inputs, tmp_path):
+    import torch
+
+    from mvar.checkpoint import save_tokenizer
+    from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
+    torch.manual_seed(1)
+    cfg = TokenizerConfig.tiny()
+    save_tokenizer(tmp_path / "other", MultiScaleVQVAE(cfg), cfg)
+    cfg = load_train_config(LOCAL, tiny_inputs.overrides("bad", tokenizer=tmp_path / "other"))
+    with pytest.raises(UserError, match="data.shards: .*made with tokenizer sha256"):
+        prepare(cfg)
+
+
+def test_missing_tokenizer_and_wrong_init_weights(tiny_inputs, tmp_path):
+    cfg = load_train_config(LOCAL, tiny_inputs.overrides("bad", tokenizer=tmp_path / "none"))
+    with pytest.raises(UserError, match="is not a tokenizer checkpoint"):
+        prepare(cfg)
+    from mvar.checkpoint import load_tokenizer, save_checkpoint
+    from mvar.models import NextScaleTransformer, named_model
+    tok, tok_cfg = load_tokenizer(tiny_inputs.tokenizer)
+    other = NextScaleTransformer(named_model("var-tiny", depth=3), 32, 8, (1, 2, 3, 4))
+    save_checkpoint(tmp_path / "d3", other, tok, tok_cfg)
+    cfg = load_train_config(LOCAL, tiny_inputs.overrides("bad", init_from=tmp_path / "d3"))
+    with pytest.raises(UserError, match="init_from: .* has depth 3, this run's model has 2"):
+        prepare(cfg)
+
+
+def test_model_name_fills_the_model_section_and_yaml_wins(tmp_path):
+    cfg = load_train_config(LOCAL, ["tokenizer=t", "data.shards=s", "model.window_size=1"])
+    assert cfg.model.depth == 2 and cfg.model.attention == "mvar" and cfg.model.window_size == 1
+    assert cfg.run.name == "mvar_tiny_local"  # rerunning the same config resumes the same run
