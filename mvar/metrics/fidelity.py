@@ -1,0 +1,156 @@
+"""FID, Inception Score, precision and recall from Inception features, with torch-fidelity's own formulas.
+
+The reference side is a ``Reference``: FID statistics (mu, sigma) plus the pool features that
+precision/recall needs (its k-nearest-neighbour balls are built on the reference features).
+`mvar eval make-ref` computes one once from a shard set (or an ADM `.npz` batch) and saves it
+as an `.npz` that also records the image size and the sha256 of the Inception weights, so that
+a reference of another resolution or made with other weights is refused instead of giving a
+meaningless number.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mvar.errors import UserError
+from mvar.metrics.images import batched_tensors, iter_images, open_image_set
+from mvar.metrics.inception import (
+    FEATURE_EXTRACTOR,
+    FID_LAYER,
+    ISC_LAYER,
+    FeatureWeights,
+    extract_features,
+    feature_extractor,
+)
+
+REFERENCE_FORMAT = "mvar-fid-ref/1"
+
+
+@dataclass
+class Reference:
+    mu: np.ndarray            # (2048,) float32
+    sigma: np.ndarray         # (2048, 2048) float64
+    features: torch.Tensor    # (M, 2048) float32: the balls of precision/recall
+    image_size: int
+    weights_sha256: str
+    source: str
+
+    @property
+    def num_images(self) -> int:
+        return int(self.features.shape[0])
+
+
+def fid_statistics(features_N2048: torch.Tensor) -> dict[str, np.ndarray]:
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+    return fid_features_to_statistics(features_N2048)
+
+
+def reference_from_features(features: dict[str, torch.Tensor], image_size: int, weights_sha256: str,
+                            source: str) -> Reference:
+    stats = fid_statistics(features[FID_LAYER])
+    return Reference(stats["mu"], stats["sigma"], features[FID_LAYER], image_size, weights_sha256, source)
+
+
+def image_features(location: str, weights: FeatureWeights, device: torch.device,
+                   batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """Inception features of every image of a shard set or `.npz`."""
+    extractor = feature_extractor(weights, device)
+    return extract_features(batched_tensors(iter_images(location), batch_size), extractor, device)
+
+
+def compute_reference(location: str, weights: FeatureWeights, device: torch.device,
+                      batch_size: int = 32) -> Reference:
+    image_set = open_image_set(location)
+    features = image_features(location, weights, device, batch_size)
+    source = location if "://" in location else str(Path(location).resolve())
+    return reference_from_features(features, image_set.image_size, weights.sha256, source)
+
+
+def save_reference(path: str | Path, ref: Reference) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, format=np.array(REFERENCE_FORMAT), mu=ref.mu, sigma=ref.sigma, features=ref.features.numpy(),
+             image_size=np.array(ref.image_size), feature_extractor=np.array(FEATURE_EXTRACTOR),
+             weights_sha256=np.array(ref.weights_sha256), source=np.array(ref.source))
+    os.replace(tmp, path)
+    return path
+
+
+def is_reference_file(path: str) -> bool:
+    """True for a file made by `mvar eval make-ref` (an ADM image batch is not one)."""
+    try:
+        with np.load(path) as data:
+            return "format" in data.files
+    except (OSError, ValueError):
+        return False
+
+
+def load_reference(path: str | Path) -> Reference:
+    path = str(path)
+    if not os.path.isfile(path):
+        raise UserError(f"reference statistics file '{path}' does not exist; make it with "
+                        f"`mvar eval make-ref --shards DIR --out {path}`")
+    try:
+        with np.load(path) as data:
+            if str(data["format"]) != REFERENCE_FORMAT:
+                raise UserError(f"'{path}' has format {str(data['format'])!r}, expected {REFERENCE_FORMAT!r}")
+            return Reference(mu=data["mu"], sigma=data["sigma"], features=torch.from_numpy(data["features"]),
+                             image_size=int(data["image_size"]), weights_sha256=str(data["weights_sha256"]),
+                             source=str(data["source"]))
+    except KeyError as err:
+        raise UserError(f"'{path}' is not a reference made by `mvar eval make-ref` (no {err})") from err
+    except (ValueError, OSError) as err:
+        raise UserError(f"cannot read reference statistics '{path}': {err}") from err
+
+
+def check_reference(ref: Reference, where: str, image_size: int, weights: FeatureWeights, prc_k: int) -> None:
+    """Refuse a reference that cannot be compared with these samples (before any sampling)."""
+    if ref.image_size != image_size:
+        raise UserError(f"eval.reference '{where}' holds {ref.image_size} px images but the model makes "
+                        f"{image_size} px images; use a reference set of {image_size} px")
+    if ref.weights_sha256 != weights.sha256:
+        raise UserError(f"eval.reference '{where}' was made with Inception weights sha256 {ref.weights_sha256[:12]}..., "
+                        f"this evaluation uses {weights.sha256[:12]}... ({weights.path}); remake it with "
+                        f"`mvar eval make-ref` and the same eval.feature_extractor_weights")
+    if ref.num_images <= prc_k:
+        raise UserError(f"eval.reference '{where}' has {ref.num_images} images; precision/recall with "
+                        f"eval.prc_neighborhood={prc_k} needs more than {prc_k}")
+
+
+def cache_name(location: str, weights_sha256: str) -> str:
+    """File name of the reference computed from an image set, per location and weights."""
+    key = hashlib.sha256(f"{location}\n{weights_sha256}".encode()).hexdigest()[:12]
+    return f"reference-{key}.npz"
+
+
+def fidelity_metrics(features: dict[str, torch.Tensor], ref: Reference, prc_k: int = 3,
+                     isc_splits: int = 10) -> dict[str, float]:
+    """{'fid', 'is', 'is_std', 'precision', 'recall'} of generated features against ``ref``."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import (
+        KEY_METRIC_ISC_MEAN,
+        KEY_METRIC_ISC_STD,
+        isc_features_to_metric,
+    )
+    from torch_fidelity.metric_prc import (
+        KEY_METRIC_PRECISION,
+        KEY_METRIC_RECALL,
+        prc_features_to_metric,
+    )
+
+    num = features[FID_LAYER].shape[0]
+    if num <= prc_k or num < isc_splits:
+        raise ValueError(f"{num} samples: precision/recall needs more than k={prc_k}, IS at least {isc_splits}")
+    fid = fid_statistics_to_metric(fid_statistics(features[FID_LAYER]), {"mu": ref.mu, "sigma": ref.sigma}, False)
+    isc = isc_features_to_metric(features[ISC_LAYER], splits=isc_splits, shuffle=True, rng_seed=2020)
+    # convention of torch-fidelity: input 1 = generated, input 2 = real; the chunked variant keeps memory flat
+    prc = prc_features_to_metric(features[FID_LAYER], ref.features, prc_neighborhood=prc_k, prc_batch_size=10000,
+                                 save_cpu_ram=True, verbose=False)
+    return {"fid": fid[KEY_METRIC_FID], "is": isc[KEY_METRIC_ISC_MEAN], "is_std": isc[KEY_METRIC_ISC_STD],
+            "precision": prc[KEY_METRIC_PRECISION], "recall": prc[KEY_METRIC_RECALL]}
