@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "mvar.commands.import_var",
     "mvar.commands.sample",
     "mvar.commands.bench",
+    "mvar.commands.evaluate",
     "mvar.data.commands",
 )
 

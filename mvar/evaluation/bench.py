@@ -1,0 +1,92 @@
+"""Sampling throughput (images/s) of each attention variant: what an evaluation's sampling costs.
+
+    mvar eval bench --variants var,mvar --size tiny --batch 16 --num-images 64 --device cpu
+
+Random weights (speed does not depend on them); class-balanced labels, CFG, top-k / top-p as in
+an evaluation. After one warm-up batch, batches are generated and decoded to pixels until
+``num_images`` images exist: images/s counts both, s/batch is the token generation alone (the
+column `mvar bench` and the paper's timing report).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from mvar.models.config import named_model, tokenizer_for
+from mvar.models.transformer import NextScaleTransformer
+from mvar.sampling import generate, make_generator
+from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
+
+
+@dataclass
+class ThroughputResult:
+    variant: str
+    size: str
+    resolution: int
+    device: str
+    batch: int
+    num_images: int
+    cfg: float
+    images_per_s: float          # generation + decoding
+    generate_s_per_batch: float  # median over batches
+    decode_s_per_batch: float    # median over batches
+    threads: int
+    torch: str = torch.__version__
+
+
+def build(variant: str, size: str, device: torch.device) -> tuple[NextScaleTransformer, MultiScaleVQVAE]:
+    name = f"{variant}-{size}"
+    tok_cfg = TokenizerConfig.named(tokenizer_for(name))
+    model = NextScaleTransformer(named_model(name, cond_drop_rate=0.0), tok_cfg.vocab_size, tok_cfg.z_channels,
+                                 tuple(tok_cfg.patch_nums))
+    return model.to(device).eval(), MultiScaleVQVAE(tok_cfg).to(device).eval()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _one_batch(model, tokenizer, labels_B, cfg: float, seed: int, device: torch.device) -> tuple[float, float]:
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    t0 = time.perf_counter()
+    with amp:
+        gen = generate(model, tokenizer.quantize, labels_B, cfg=cfg, top_k=900, top_p=0.96,
+                       generator=make_generator(seed, device))
+    _sync(device)
+    t1 = time.perf_counter()
+    images = tokenizer.fhat_to_img(gen.f_hat.float()).add(1).mul(127.5).clamp(0, 255).to(torch.uint8).cpu()
+    _sync(device)
+    del images
+    return t1 - t0, time.perf_counter() - t1
+
+
+def measure(variant: str, size: str = "tiny", batch: int = 16, num_images: int = 64, device: str = "cpu",
+            cfg: float = 1.5, seed: int = 0) -> ThroughputResult:
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    model, tokenizer = build(variant, size, dev)
+    num_batches = -(-num_images // batch)
+    labels = [torch.arange(b * batch, (b + 1) * batch, device=dev) % model.num_classes for b in range(num_batches)]
+    _one_batch(model, tokenizer, labels[0], cfg, seed, dev)  # warm-up: kernels, masks, allocator
+    gen_s, dec_s = [], []
+    for b, labels_B in enumerate(labels):
+        g, d = _one_batch(model, tokenizer, labels_B, cfg, seed + b, dev)
+        gen_s.append(g)
+        dec_s.append(d)
+    return ThroughputResult(variant, size, tokenizer.cfg.image_size, str(dev),
+                            batch, num_batches * batch, cfg, num_batches * batch / (sum(gen_s) + sum(dec_s)),
+                            statistics.median(gen_s), statistics.median(dec_s), torch.get_num_threads())
+
+
+def markdown(results: list[ThroughputResult]) -> str:
+    lines = ["| variant | size | px | device | batch | images | images/s | generate s/batch | decode s/batch |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.variant} | {r.size} | {r.resolution} | {r.device} | {r.batch} | {r.num_images} | "
+                     f"{r.images_per_s:.2f} | {r.generate_s_per_batch:.3f} | {r.decode_s_per_batch:.3f} |")
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""EvalConfig (the `eval.*` keys) and the evaluation run config that nests it with tracking."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from mvar.config import check
+from mvar.models.attention import PATTERNS
+from mvar.sampling import SamplingConfig
+from mvar.tracking import TrackingConfig
+
+
+@dataclass
+class EvalConfig:
+    # -- what is sampled: num_per_class x len(classes) images, classes interleaved (i % C)
+    num_per_class: int = 50
+    classes: list[int] = field(default_factory=list)   # class ids; [] = every class of the model
+    # each combination of cfg x top_k x top_p is one setting (a child run when there are several)
+    cfg: list[float] = field(default_factory=lambda: [1.5])
+    top_k: list[int] = field(default_factory=lambda: [900])
+    top_p: list[float] = field(default_factory=lambda: [0.96])
+    seed: int = 0                    # batch b uses a generator seeded from (seed, b): same images on any worker count
+    batch_size: int = 32             # images per generation batch (part of the randomness: keep it to reproduce)
+    attention: str = ""              # '' = the checkpoint's; var | scale_markov | mvar (same weights)
+    window_size: int = 0             # 0 = the checkpoint's (mvar only)
+    amp: bool = True                 # bfloat16 autocast when sampling on CUDA
+    samples_per_shard: int = 1024    # unit of resume and of work per task; a multiple of batch_size
+    # -- where: Ray workers (tasks), each sampling a contiguous run of shards
+    num_workers: int = 1             # 0 = sample in this process, without Ray
+    use_gpu: bool = False            # one GPU per worker
+    cpus_per_worker: float = 1.0     # fractions allowed (2 workers x 0.5 on a 2-core machine)
+    threads_per_worker: int = 0      # torch CPU threads per worker; 0 = max(1, int(cpus_per_worker))
+    out_dir: str = ""                # '' = out/eval/<checkpoint name>-<hash of its path>
+    # -- metrics
+    metrics: bool = True             # false: sample only
+    reference: str = ""              # shard set (dir/URL), ADM image .npz, or a file from `mvar eval make-ref`
+    feature_extractor_weights: str = ""  # '' = torch-fidelity's Inception (downloaded once)
+    prc_neighborhood: int = 3        # k of the k-NN balls of precision/recall
+    isc_splits: int = 10             # Inception Score splits
+    feature_batch_size: int = 32     # Inception batch
+    device: str = "auto"             # metrics (and in-process sampling): auto = cuda when available
+    grid_classes: int = 8            # sample grid: columns (classes) ...
+    grid_per_class: int = 4          # ... and rows (samples of each)
+    write_npz: bool = True           # samples.npz (arr_0 uint8 (N, H, W, 3)) for ADM's evaluator
+
+    def settings(self) -> list[SamplingConfig]:
+        """Every (cfg, top_k, top_p) combination, in order."""
+        return [SamplingConfig(cfg=c, top_k=k, top_p=p, seed=self.seed)
+                for c, k, p in itertools.product(self.cfg, self.top_k, self.top_p)]
+
+    @property
+    def threads(self) -> int:
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+
+    def validate(self, prefix: str = "") -> None:
+        p = prefix
+        check(self.num_per_class >= 1, p + "num_per_class", "must be >= 1")
+        check(all(c >= 0 for c in self.classes), p + "classes", "class ids must be >= 0")
+        check(len(set(self.classes)) == len(self.classes), p + "classes", "lists a class id twice")
+        for key in ("cfg", "top_k", "top_p"):
+            check(len(getattr(self, key)) >= 1, p + key, "needs at least one value")
+        check(all(c >= 0 for c in self.cfg), p + "cfg", "guidance must be >= 0 (0 turns CFG off)")
+        check(all(k >= 0 for k in self.top_k), p + "top_k", "must be >= 0 (0 = no top-k)")
+        check(all(0 <= t <= 1 for t in self.top_p), p + "top_p", "must lie in [0, 1] (0 = no nucleus filtering)")
+        check(self.batch_size >= 1, p + "batch_size", "must be >= 1")
+        check(self.attention in ("",) + PATTERNS, p + "attention", f"must be '' or one of {', '.join(PATTERNS)}")
+        check(self.window_size >= 0, p + "window_size", "must be >= 0 (0 = the checkpoint's)")
+        check(self.samples_per_shard >= self.batch_size and self.samples_per_shard % self.batch_size == 0,
+              p + "samples_per_shard", f"must be a multiple of batch_size ({self.batch_size})")
+        check(self.num_workers >= 0, p + "num_workers", "must be >= 0 (0 = in this process)")
+        check(self.cpus_per_worker > 0, p + "cpus_per_worker", "must be > 0")
+        check(self.threads_per_worker >= 0, p + "threads_per_worker", "must be >= 0")
+        check(self.prc_neighborhood >= 1, p + "prc_neighborhood", "must be >= 1")
+        check(self.isc_splits >= 1, p + "isc_splits", "must be >= 1")
+        check(self.feature_batch_size >= 1, p + "feature_batch_size", "must be >= 1")
+        check(not self.metrics or bool(self.reference), p + "reference",
+              "is needed for the metrics: a shard set, an ADM .npz or a `mvar eval make-ref` file "
+              "(or set eval.metrics=false to sample only)")
+        check(self.grid_classes >= 1 and self.grid_per_class >= 1, p + "grid_classes", "grid sizes must be >= 1")
+
+
+@dataclass
+class EvaluateConfig:
+    """What `python -m workflows.evaluate` and `mvar eval` run."""
+
+    checkpoint: str = ""             # model checkpoint directory; '' = the run's `mvar.checkpoint` tag
+    run_id: str = ""                 # MLflow run to log into (a training run); '' = a new run `eval-<name>`
+    track: bool = True               # false: no MLflow at all
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(system_metrics=False))
+
+    def validate(self, prefix: str = "") -> None:
+        check(bool(self.checkpoint or self.run_id), prefix + "checkpoint",
+              "give a checkpoint directory (--checkpoint) or a training run (--run-id)")
+        check(self.track or not self.run_id, prefix + "run_id", "needs tracking (drop --no-tracking)")
