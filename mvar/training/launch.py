@@ -34,7 +34,6 @@ class TrainingFailed(UserError):
 class Prepared:
     tok_cfg: TokenizerConfig
     tokenizer_sha256: str
-    storage_path: str
 
 
 @dataclass
@@ -92,10 +91,10 @@ def prepare(cfg: TrainConfig) -> Prepared:
     tok_cfg, sha = _check_tokenizer(cfg)
     _check_shards(cfg, tok_cfg, sha)
     _check_init_from(cfg)
-    return Prepared(tok_cfg=tok_cfg, tokenizer_sha256=sha, storage_path=storage_location(cfg.run.storage_path))
+    return Prepared(tok_cfg=tok_cfg, tokenizer_sha256=sha)
 
 
-def check_resources(cfg: TrainConfig, where: str) -> None:
+def check_resources(cfg, where: str) -> None:
     """On a local Ray a worker that asks for more than the machine has waits forever: refuse instead."""
     have = cluster.cluster_resources()
     s = cfg.scaling
@@ -111,11 +110,16 @@ def check_resources(cfg: TrainConfig, where: str) -> None:
             log.warning("%s (waiting for the cluster to grow)", msg)
 
 
-def run_key(cfg: TrainConfig, storage: str) -> str:
+def run_key(cfg, storage: str) -> str:
     return f"{storage.rstrip('/')}/{cfg.run.name}"
 
 
-def attach_run(cfg: TrainConfig, storage: str) -> tuple[str, bool]:
+def model_tags(cfg: TrainConfig) -> dict[str, str]:
+    size = split_name(cfg.model_name)[1] if cfg.model_name else f"d{cfg.model.depth}"
+    return {"mvar.variant": cfg.variant, "mvar.model": f"{cfg.variant}-{size}", "mvar.size": size}
+
+
+def attach_run(cfg, storage: str, tags: dict[str, str]) -> tuple[str, bool]:
     """(MLflow run id, resumed?): the run of an earlier attempt of this run name and storage, else a new one."""
     key = run_key(cfg, storage)
     uri = tracking.resolve_uri(cfg.tracking.uri)
@@ -124,14 +128,11 @@ def attach_run(cfg: TrainConfig, storage: str) -> tuple[str, bool]:
                                              order_by=["attributes.start_time DESC"], max_results=1)
     if found:
         return found[0].info.run_id, True
-    size = split_name(cfg.model_name)[1] if cfg.model_name else f"d{cfg.model.depth}"
-    tags = {"mvar.run_key": key, "mvar.variant": cfg.variant, "mvar.model": f"{cfg.variant}-{size}",
-            "mvar.size": size, "mvar.ray_job_id": cluster.job_id() or "none",
-            "mvar.storage": storage}
+    tags = {"mvar.run_key": key, "mvar.ray_job_id": cluster.job_id() or "none", "mvar.storage": storage, **tags}
     return tracking.start_run(cfg.tracking, cfg.run.name, tags=tags), False
 
 
-def log_config(cfg: TrainConfig, run_id: str, resumed: bool) -> None:
+def log_config(cfg, run_id: str, resumed: bool) -> None:
     c = tracking.client(cfg.tracking.uri)
     if resumed:
         logged = c.get_run(run_id).data.params
@@ -146,24 +147,22 @@ def log_config(cfg: TrainConfig, run_id: str, resumed: bool) -> None:
     t.close(status="")
 
 
-def fit(cfg: TrainConfig, prep: Prepared, run_id: str):
+def fit(cfg, worker_fn, loop_config: dict, storage: str):
+    """Ray Train's TorchTrainer with the run's scaling, storage, checkpoint retention and failure budget."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from mvar.training.loop import train_worker
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"train": to_dict(cfg), "run_id": run_id, "tokenizer_sha256": prep.tokenizer_sha256},
+        worker_fn, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.run.name, storage_path=prep.storage_path,
+        run_config=RunConfig(name=cfg.run.name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures)))
     return trainer.fit()
 
 
-def finish(cfg: TrainConfig, run_id: str, result) -> TrainOutcome:
+def finish(cfg, run_id: str, result) -> TrainOutcome:
     c = tracking.client(cfg.tracking.uri)
     ret = getattr(result, "return_value", None) or {}
     checkpoint = result.checkpoint.path if result.checkpoint is not None else ""
@@ -180,20 +179,24 @@ def finish(cfg: TrainConfig, run_id: str, result) -> TrainOutcome:
     return TrainOutcome(run_id=run_id, checkpoint=checkpoint, step=step, status=status)
 
 
-def train(cfg: TrainConfig) -> TrainOutcome:
-    """Check, attach the MLflow run, fit with Ray Train, record the final checkpoint."""
-    prep = prepare(cfg)
+def launch(cfg, worker_fn, loop_config: dict, tags: dict[str, str]) -> TrainOutcome:
+    """Attach the MLflow run, start or join Ray, fit, record the final checkpoint.
+
+    ``cfg`` is any run config with ``run``, ``scaling`` and ``tracking`` sections; ``worker_fn``
+    receives ``loop_config`` plus ``train`` (the config as a dict) and ``run_id``.
+    """
+    storage = storage_location(cfg.run.storage_path)
     uri = tracking.resolve_uri(cfg.tracking.uri)
     cfg.tracking.uri = uri  # workers on other nodes must log to the same absolute store
-    run_id, resumed = attach_run(cfg, prep.storage_path)
+    run_id, resumed = attach_run(cfg, storage, tags)
     log_config(cfg, run_id, resumed)
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}; "
-          f"checkpoints under {run_key(cfg, prep.storage_path)}", flush=True)
+          f"checkpoints under {run_key(cfg, storage)}", flush=True)
     where = cluster.connect(env_vars={"MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0",
                                       "MLFLOW_DISABLE_TELEMETRY": "true"})
     check_resources(cfg, where)
     try:
-        result = fit(cfg, prep, run_id)
+        result = fit(cfg, worker_fn, {**loop_config, "train": to_dict(cfg), "run_id": run_id}, storage)
     except Exception as err:
         from ray.train import TrainingFailedError
         if isinstance(err, TrainingFailedError):
@@ -201,3 +204,10 @@ def train(cfg: TrainConfig) -> TrainOutcome:
             raise TrainingFailed(f"training failed after {cfg.run.max_failures} retries: {err}") from err
         raise
     return finish(cfg, run_id, result)
+
+
+def train(cfg: TrainConfig) -> TrainOutcome:
+    """Check every input, then train the generator with Ray Train."""
+    from mvar.training.loop import train_worker
+    prep = prepare(cfg)
+    return launch(cfg, train_worker, {"tokenizer_sha256": prep.tokenizer_sha256}, model_tags(cfg))
