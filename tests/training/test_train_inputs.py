@@ -1,6 +1,8 @@
 """Bad input to workflows.train fails with a message naming the key, before Ray or any worker starts."""
 from __future__ import annotations
 
+import glob
+
 import pytest
 
 from mvar.errors import UserError
@@ -71,3 +73,13 @@ def test_model_name_fills_the_model_section_and_yaml_wins(tmp_path):
     cfg = load_train_config(LOCAL, ["tokenizer=t", "data.shards=s", "model.window_size=1"])
     assert cfg.model.depth == 2 and cfg.model.attention == "mvar" and cfg.model.window_size == 1
     assert cfg.run.name == "mvar_tiny_local"  # rerunning the same config resumes the same run
+
+
+@pytest.mark.parametrize("path", sorted(p for p in glob.glob("workflows/configs/*.yaml") if "tokenizer" not in p))
+def test_every_shipped_training_config_resolves(path):
+    cfg = load_train_config(path)
+    assert cfg.model.attention in ("var", "scale_markov", "mvar") and cfg.run.steps > 0
+    if "_in256" in path or "_ft_" in path:
+        assert cfg.scaling.use_gpu and cfg.scaling.num_workers == 8
+        assert cfg.train.schedule_for(cfg.model.attention) == ("full" if cfg.model.attention == "var" else "cycle")
+        assert cfg.tokenizer.startswith("/") and cfg.run.storage_path.startswith("/")
