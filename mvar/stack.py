@@ -1,0 +1,630 @@
+"""`mvar stack up | status | down`: a local Ray head and MLflow tracking server on 127.0.0.1.
+
+The stack lives in one directory (default ``out/stack``): ``stack.json`` (the settings `up` used,
+so `status`, `down` and :func:`stack_env` need no flags), ``env.sh`` (the client environment),
+``mlflow.db`` / ``mlartifacts`` (the tracking store), ``ray_auth_token`` (mode 0600), pid files and
+``logs/``. Ray keeps its own session files in a short ``/tmp/mvar-ray-<hash>`` directory.
+
+Several Ray heads may run on one machine (other people's tests, other stacks), so `down` never runs
+``ray stop`` (which stops every Ray process of the machine): it ends only the processes of this
+head, found by the session id `up` started it in and by its private temp directory.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mvar.errors import UserError
+
+HOST = "127.0.0.1"
+DEFAULT_DIR = "out/stack"
+STATE_FILE, ENV_FILE, TOKEN_FILE = "stack.json", "env.sh", "ray_auth_token"
+RAY_PID_FILE, MLFLOW_PID_FILE = "ray.pid", "mlflow.pid"
+RAY_START_TIMEOUT_S = 120.0  # `ray start` takes ~10 s alone, more when the machine is busy
+READY_TIMEOUT_S = 180.0  # MLflow needs ~20 s to answer on 2 idle cores, a minute when busy
+STOP_GRACE_S = 8.0
+AUTH_MODES = ("token", "disabled")
+
+
+@dataclass
+class StackSpec:
+    """What `up` was asked for, saved as DIR/stack.json."""
+
+    dir: str
+    ray_port: int = 6379
+    dashboard_port: int = 8265
+    mlflow_port: int = 5000
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    object_store_mb: int = 2000
+    auth: str = "token"
+    # filled in by `up`: Ray's private temp dir, the session id of the head's processes and the
+    # ports Ray would otherwise take at fixed defaults (clashing with a second head on the machine)
+    temp_dir: str = ""
+    ray_session_id: int = 0
+    extra_ports: dict = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir)
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{HOST}:{self.dashboard_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{HOST}:{self.mlflow_port}"
+
+    @property
+    def token_path(self) -> Path:
+        return self.path / TOKEN_FILE
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    running: bool
+    address: str
+    pid: int | None
+    note: str = ""
+
+
+# --------------------------------------------------------------------------- state and environment
+
+def _resolve_dir(directory: str | os.PathLike) -> Path:
+    return Path(directory).expanduser().resolve()
+
+
+def load_spec(directory: str | os.PathLike) -> StackSpec | None:
+    """The settings of the stack in `directory`, or None if `up` never ran there."""
+    state = _resolve_dir(directory) / STATE_FILE
+    if not state.is_file():
+        return None
+    try:
+        return StackSpec(**json.loads(state.read_text()))
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{state} is unreadable ({err}); remove it and run `mvar stack up` again") from err
+
+
+def _save_spec(spec: StackSpec) -> None:
+    (spec.path / STATE_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+
+
+def _client_vars(spec: StackSpec) -> dict[str, str]:
+    env = {"RAY_ADDRESS": spec.dashboard_url, "RAY_AUTH_MODE": spec.auth,
+           "MLFLOW_TRACKING_URI": spec.mlflow_url,
+           "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+           # Ray turns a loopback address into the machine's public one (where nothing of this stack
+           # listens) unless it believes multi-node clusters are off: keep 127.0.0.1 as it is, for
+           # the head and for drivers that connect to the GCS directly
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    if spec.auth == "token":
+        # a path, not the token itself: env.sh and process listings never show the secret
+        env["RAY_AUTH_TOKEN_PATH"] = str(spec.token_path)
+    return env
+
+
+def stack_env(directory: str | os.PathLike = DEFAULT_DIR,
+              base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a client needs to use the stack in `directory` (what env.sh exports).
+
+    Without `base` only the stack's variables come back. With `base` (e.g. ``os.environ``) the result
+    is a full environment for a subprocess: `base` plus the stack's variables, minus RAY_AUTH_TOKEN,
+    which Ray would prefer over the stack's token file.
+    """
+    spec = load_spec(directory)
+    if spec is None:
+        raise UserError(f"no stack in {_resolve_dir(directory)}: run `mvar stack up --dir {directory}` first")
+    return _client_vars(spec) if base is None else _merged_env(spec, base)
+
+
+def _merged_env(spec: StackSpec, base: Mapping[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in base.items() if k != "RAY_AUTH_TOKEN"}
+    env.update(_client_vars(spec))
+    return env
+
+
+def _child_env(spec: StackSpec) -> dict[str, str]:
+    """Environment of the servers (and so of every Ray worker and job driver)."""
+    env = _merged_env(spec, os.environ)
+    env.pop("RAY_ADDRESS", None)  # the head takes its addresses from flags
+    # jobs run `python ...` from PATH: make that the interpreter that has ray and mvar installed
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["AUTOSCALER_METRIC_PORT"] = str(spec.extra_ports["autoscaler_metrics"])
+    env["DASHBOARD_METRIC_PORT"] = str(spec.extra_ports["dashboard_metrics"])
+    return env
+
+
+def _write_env_file(spec: StackSpec) -> Path:
+    lines = [f"# written by `mvar stack up`; use it with: source {spec.path / ENV_FILE}"]
+    if spec.auth == "token":
+        lines.append("unset RAY_AUTH_TOKEN  # would take precedence over RAY_AUTH_TOKEN_PATH")
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in _client_vars(spec).items()]
+    path = spec.path / ENV_FILE
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _ensure_token(spec: StackSpec) -> None:
+    """A per-stack token file (Ray's format: 64 hex chars), created once with mode 0600."""
+    if spec.auth != "token" or spec.token_path.is_file():
+        return
+    import secrets
+    fd = os.open(spec.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+
+
+# --------------------------------------------------------------------------- ports and probes
+
+def port_in_use(port: int) -> bool:
+    """True if something (on any address) holds `port`, so a server could not bind 127.0.0.1:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR: TIME_WAIT leftovers of a server that just stopped do not count as in use
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _http_status(url: str, headers: Mapping[str, str] | None = None, timeout: float = 3.0) -> int | None:
+    """HTTP status of a GET, or None when nothing answers."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=dict(headers or {})),
+                                    timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except (OSError, ValueError):
+        return None
+
+
+def _ray_headers(spec: StackSpec) -> dict[str, str]:
+    if spec.auth == "token" and spec.token_path.is_file():
+        return {"Authorization": "Bearer " + spec.token_path.read_text().strip()}
+    return {}
+
+
+def _ray_answers(spec: StackSpec) -> bool:
+    # the jobs API (not just /api/version): it is what `ray job submit` needs, and it runs in a
+    # dashboard subprocess that becomes ready a little after the dashboard itself
+    return _http_status(spec.dashboard_url + "/api/jobs/", _ray_headers(spec)) == 200
+
+
+def _mlflow_answers(spec: StackSpec) -> bool:
+    return _http_status(spec.mlflow_url + "/health") == 200
+
+
+# --------------------------------------------------------------------------- processes
+
+def _alive(proc) -> bool:
+    import psutil
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _refers_to(cmdline: list[str], directory: str) -> bool:
+    return any(a == directory or a.endswith("=" + directory) or directory + "/" in a for a in cmdline)
+
+
+def head_processes(spec: StackSpec) -> list:
+    """Live processes of this stack's Ray head: its session and temp dir, plus their descendants."""
+    import psutil
+    if not spec.temp_dir:
+        return []
+    own = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    by_dir, by_session = {}, {}
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.pid in own or not _alive(proc):
+                continue
+            if _refers_to(proc.info["cmdline"] or [], spec.temp_dir):
+                by_dir[proc.pid] = proc
+            if spec.ray_session_id > 1 and os.getsid(proc.pid) == spec.ray_session_id:
+                by_session[proc.pid] = proc
+        except (psutil.Error, OSError):
+            continue
+    # trust the recorded session id only while one of its processes still uses our temp dir
+    # (after a reboot the number may belong to someone else's session)
+    found = dict(by_dir)
+    if by_session.keys() & by_dir.keys() and spec.ray_session_id != os.getsid(0):
+        found.update(by_session)
+    for proc in list(found.values()):
+        try:
+            found.update({c.pid: c for c in proc.children(recursive=True) if c.pid not in own})
+        except psutil.Error:
+            pass
+    return [p for p in found.values() if _alive(p)]
+
+
+def _proc_name(proc) -> str:
+    import psutil
+    try:
+        return proc.name()
+    except psutil.Error:
+        return ""
+
+
+def _gcs_pid(spec: StackSpec) -> int | None:
+    gcs = [p.pid for p in head_processes(spec) if _proc_name(p) == "gcs_server"]
+    return gcs[0] if gcs else None
+
+
+def _terminate(procs: list, grace: float) -> None:
+    """SIGTERM, wait up to `grace` seconds, then SIGKILL what is left (zombies count as gone)."""
+    import psutil
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    deadline = time.monotonic() + grace
+    while any(_alive(p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for proc in procs:
+        if _alive(proc):
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+
+
+def _stop_ray(spec: StackSpec) -> str:
+    procs = head_processes(spec)
+    if not procs:
+        return "ray: not running"
+    name = _proc_name
+    # the order `ray stop` uses: the raylet first (it ends its workers and agents), the GCS last
+    # (the others would log errors about a vanished GCS)
+    _terminate([p for p in procs if name(p) == "raylet"], STOP_GRACE_S)
+    _terminate([p for p in procs if _alive(p) and name(p) not in ("raylet", "gcs_server")], STOP_GRACE_S)
+    _terminate([p for p in procs if _alive(p)], STOP_GRACE_S)
+    # workers started while we were stopping the rest
+    _terminate(head_processes(spec), 2.0)
+    left = head_processes(spec)
+    if left:
+        raise UserError(f"ray: could not stop pids {[p.pid for p in left]}")
+    return f"ray: stopped ({len(procs)} processes)"
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _mlflow_pid(spec_dir: Path) -> int | None:
+    """The pid in mlflow.pid if that process is still our MLflow server (its own process group)."""
+    import psutil
+    pid = _read_pid(spec_dir / MLFLOW_PID_FILE)
+    if pid is None:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        ours = _alive(proc) and os.getpgid(pid) == pid and "mlflow" in " ".join(proc.cmdline())
+    except (psutil.Error, OSError):
+        return None
+    return pid if ours else None
+
+
+def _group_alive(pgid: int) -> bool:
+    import psutil
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and _alive(proc):
+                return True
+        except (psutil.Error, OSError):
+            continue
+    return False
+
+
+def _stop_mlflow(spec_dir: Path) -> str:
+    pid = _mlflow_pid(spec_dir)
+    if pid is None:
+        return "mlflow: not running"
+    # the server runs uvicorn/gunicorn workers in its process group: signal the whole group
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while _group_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not _group_alive(pid):
+            break
+    return f"mlflow: stopped (pid {pid})"
+
+
+# --------------------------------------------------------------------------- starting
+
+def _ray_executable() -> str:
+    beside = Path(sys.executable).parent / "ray"  # the venv's ray, even when the venv is not activated
+    if beside.is_file():
+        return str(beside)
+    import shutil
+    found = shutil.which("ray")
+    if found is None:
+        raise UserError("the `ray` command was not found (pip install 'ray[default]')")
+    return found
+
+
+def _ray_temp_dir(spec_dir: Path) -> str:
+    # Ray puts unix sockets under its temp dir and socket paths must stay below 107 bytes, so a
+    # short fixed root rather than somewhere inside DIR; the hash keeps two stacks apart
+    return f"/tmp/mvar-ray-{hashlib.sha1(str(spec_dir).encode()).hexdigest()[:8]}"
+
+
+def _ray_command(spec: StackSpec) -> list[str]:
+    cmd = [_ray_executable(), "start", "--head", f"--node-ip-address={HOST}", f"--dashboard-host={HOST}",
+           f"--port={spec.ray_port}", f"--dashboard-port={spec.dashboard_port}",
+           f"--object-store-memory={spec.object_store_mb * 1_000_000}", "--disable-usage-stats",
+           f"--temp-dir={spec.temp_dir}",
+           # both default to fixed ports (10001, 52365) that a second head on the machine would want
+           f"--ray-client-server-port={spec.extra_ports['client_server']}",
+           f"--dashboard-agent-listen-port={spec.extra_ports['dashboard_agent']}"]
+    if spec.num_cpus is not None:
+        cmd.append(f"--num-cpus={spec.num_cpus}")
+    if spec.num_gpus is not None:
+        cmd.append(f"--num-gpus={spec.num_gpus}")
+    return cmd
+
+
+def _start_ray(spec: StackSpec) -> subprocess.Popen:
+    """Launch `ray start` in a new session: every process of the head inherits that session id."""
+    with open(spec.path / "logs" / "ray-start.log", "w") as log:
+        # cwd=DIR: a job's entrypoint runs in the head's cwd, where a folder named like a package
+        # (e.g. /tmp/ray) would shadow the real one
+        return subprocess.Popen(_ray_command(spec), cwd=spec.path, env=_child_env(spec), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _start_mlflow(spec: StackSpec) -> int:
+    d = spec.path
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+           "--default-artifact-root", str(d / "mlartifacts"), "--artifacts-destination", str(d / "mlartifacts"),
+           "--host", HOST, "--port", str(spec.mlflow_port),
+           # one uvicorn process (requests run in its threads): the default 4 took twice as long to
+           # start on 2 busy cores, and one writer suits SQLite
+           "--workers", "1"]
+    env = _child_env(spec)
+    # MLflow's job runner (GenAI evaluation jobs, not needed to track runs) adds 7 huey processes
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    with open(d / "logs" / "mlflow.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    (d / MLFLOW_PID_FILE).write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def _wait_ray_start(spec: StackSpec, proc: subprocess.Popen) -> None:
+    log = spec.path / "logs" / "ray-start.log"
+    try:
+        rc = proc.wait(timeout=RAY_START_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"`ray start` did not finish in {RAY_START_TIMEOUT_S:.0f} s; see {log}") from None
+    if rc != 0:
+        raise UserError(f"`ray start` failed (exit {rc}); see {log}")
+    gcs_pid = _gcs_pid(spec)
+    if gcs_pid is not None:
+        (spec.path / RAY_PID_FILE).write_text(f"{gcs_pid}\n")
+
+
+def _wait_ready(spec: StackSpec, names: list[str]) -> None:
+    """Poll until every named service answers; fail early when the MLflow server process died."""
+    checks = {"ray": _ray_answers, "mlflow": _mlflow_answers}
+    logs = {"ray": f"{spec.path / 'logs' / 'ray-start.log'} and {spec.temp_dir}/session_latest/logs",
+            "mlflow": str(spec.path / "logs" / "mlflow.log")}
+    waiting = list(names)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while waiting:
+        waiting = [n for n in waiting if not checks[n](spec)]
+        if "mlflow" in waiting and _mlflow_pid(spec.path) is None:
+            raise UserError(f"the MLflow server exited during start-up; see {logs['mlflow']}")
+        if "ray" in waiting and _gcs_pid(spec) is None:
+            raise UserError(f"the Ray head is gone (no gcs_server left); see {logs['ray']}")
+        if waiting and time.monotonic() > deadline:
+            raise UserError(f"{' and '.join(waiting)} did not answer within {READY_TIMEOUT_S:.0f} s; "
+                            f"see {' and '.join(logs[n] for n in waiting)}")
+        if waiting:
+            time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------- up / status / down
+
+def status(directory: str | os.PathLike = DEFAULT_DIR) -> list[ServiceStatus]:
+    """Whether each service of the stack in `directory` runs and answers."""
+    spec = load_spec(directory)
+    if spec is None:
+        return [ServiceStatus("ray", False, "", None, "never started here"),
+                ServiceStatus("mlflow", False, "", None, "never started here")]
+    ray_pid = _gcs_pid(spec)
+    ray_ok = ray_pid is not None and _ray_answers(spec)
+    ray_note = "" if ray_ok else ("processes up but the jobs API does not answer" if ray_pid else "")
+    mlflow_pid = _mlflow_pid(spec.path)
+    mlflow_ok = mlflow_pid is not None and _mlflow_answers(spec)
+    mlflow_note = "" if mlflow_ok or mlflow_pid is None else "process up but /health does not answer"
+    return [ServiceStatus("ray", ray_ok, f"{spec.dashboard_url} (GCS {HOST}:{spec.ray_port})", ray_pid, ray_note),
+            ServiceStatus("mlflow", mlflow_ok, spec.mlflow_url, mlflow_pid, mlflow_note)]
+
+
+def _check_ports(spec: StackSpec, names: list[str]) -> None:
+    wanted = {"ray": [("Ray GCS", "--ray-port", spec.ray_port), ("Ray dashboard", "--dashboard-port",
+                                                                  spec.dashboard_port)],
+              "mlflow": [("MLflow", "--mlflow-port", spec.mlflow_port)]}
+    for name in names:
+        for what, flag, port in wanted[name]:
+            if port_in_use(port):
+                raise UserError(f"port {port} ({what}) on {HOST} is already in use by another process: "
+                                f"stop that process or choose another port with {flag}")
+
+
+def up(spec: StackSpec) -> list[str]:
+    """Start what is not running yet; return the lines to print."""
+    spec.dir = str(_resolve_dir(spec.dir))
+    previous = load_spec(spec.dir)
+    running: set[str] = set()
+    notes: list[str] = []
+    if previous is not None:
+        services = status(spec.dir)
+        running = {s.name for s in services if s.pid}
+        if running == {"ray", "mlflow"}:
+            # processes of both are there: at most still starting (e.g. a concurrent `up`)
+            _wait_ready(previous, [s.name for s in services if not s.running])
+            return [f"stack already up in {spec.dir}"] + _settings_note(spec, previous) + _describe(previous)
+        if running:  # a half-up stack: finish it with the settings its running half uses
+            notes, spec = _settings_note(spec, previous), previous
+    todo = [n for n in ("ray", "mlflow") if n not in running]
+    _check_ports(spec, todo)  # before starting anything
+    (spec.path / "logs").mkdir(parents=True, exist_ok=True)
+    if "ray" in todo:
+        spec.temp_dir = _ray_temp_dir(spec.path)
+        spec.extra_ports = {k: free_port() for k in
+                            ("client_server", "dashboard_agent", "autoscaler_metrics", "dashboard_metrics")}
+    _ensure_token(spec)
+    _save_spec(spec)
+    try:
+        _start_all(spec, todo)
+    except BaseException:
+        _stop_started(spec, todo)
+        raise
+    _write_env_file(spec)
+    return [f"stack up in {spec.dir} (started: {', '.join(todo)})"] + notes + _describe(spec)
+
+
+def _settings_note(requested: StackSpec, kept: StackSpec) -> list[str]:
+    # only settings the flags changed from their defaults: a bare `mvar stack up` asks for nothing
+    defaults = StackSpec(dir="")
+    keys = ("ray_port", "dashboard_port", "mlflow_port", "num_cpus", "num_gpus", "object_store_mb", "auth")
+    changed = [k for k in keys if getattr(requested, k) not in (getattr(kept, k), getattr(defaults, k))]
+    if not changed:
+        return []
+    return [(f"note: the running stack keeps its settings, ignored: {', '.join(changed)} "
+             f"(run `mvar stack down --dir {kept.dir}` first to change them)")]
+
+
+def _start_all(spec: StackSpec, todo: list[str]) -> None:
+    # MLflow first: it is the slower one and comes up while `ray start` runs
+    if "mlflow" in todo:
+        _start_mlflow(spec)
+    if "ray" in todo:
+        proc = _start_ray(spec)
+        spec.ray_session_id = proc.pid  # start_new_session: the session id is the leader's pid
+        _save_spec(spec)
+        _wait_ray_start(spec, proc)
+    _wait_ready(spec, todo)
+
+
+def _stop_started(spec: StackSpec, todo: list[str]) -> None:
+    if "ray" in todo:
+        _stop_ray(spec)
+    if "mlflow" in todo:
+        _stop_mlflow(spec.path)
+
+
+def _describe(spec: StackSpec) -> list[str]:
+    lines = [f"  ray dashboard / jobs API: {spec.dashboard_url}  (GCS {HOST}:{spec.ray_port}, auth {spec.auth})",
+             f"  mlflow UI / tracking:     {spec.mlflow_url}",
+             f"environment ({spec.path / ENV_FILE}):"]
+    lines += [f"  export {k}={shlex.quote(v)}" for k, v in _client_vars(spec).items()]
+    lines.append(f"use it in a shell with: source {spec.path / ENV_FILE}")
+    return lines
+
+
+def down(directory: str | os.PathLike = DEFAULT_DIR) -> list[str]:
+    """Stop this stack's Ray head and MLflow server; safe to repeat."""
+    d = _resolve_dir(directory)
+    spec = load_spec(d)
+    lines = [_stop_ray(spec) if spec is not None else "ray: not running", _stop_mlflow(d)]
+    for name in (RAY_PID_FILE, MLFLOW_PID_FILE):
+        (d / name).unlink(missing_ok=True)
+    return lines
+
+
+# --------------------------------------------------------------------------- command line
+
+def register(subparsers) -> None:
+    stack = subparsers.add_parser("stack", help="a local Ray head + MLflow server on 127.0.0.1",
+                                  description="Start, inspect and stop a local Ray head (jobs API, dashboard) "
+                                              "and MLflow tracking server, both on 127.0.0.1.")
+    commands = stack.add_subparsers(dest="stack_command", metavar="STACK_COMMAND")
+    commands.required = True
+    _add_up(commands)
+    p = commands.add_parser("status", help="is each service running; exit 0 if all are")
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"stack directory (default {DEFAULT_DIR})")
+    p.set_defaults(func=run_status)
+    p = commands.add_parser("down", help="stop this stack's services (other Ray instances are left alone)")
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"stack directory (default {DEFAULT_DIR})")
+    p.set_defaults(func=run_down)
+
+
+def _add_up(commands) -> None:
+    p = commands.add_parser("up", help="start the Ray head and the MLflow server (no-op when up)",
+                            description="Start a Ray head and an MLflow tracking server on 127.0.0.1 and "
+                                        "write DIR/env.sh with the client environment.")
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"stack directory (default {DEFAULT_DIR})")
+    p.add_argument("--ray-port", type=int, default=6379, help="Ray GCS port")
+    p.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard and jobs API port")
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may schedule (default: all)")
+    p.add_argument("--num-gpus", type=int, default=None, help="GPUs Ray may schedule (default: detected)")
+    p.add_argument("--object-store-mb", type=int, default=2000, help="Ray object store size in MB")
+    p.add_argument("--auth", choices=AUTH_MODES, default="token",
+                   help="Ray token authentication (default token; disabled: anyone on this machine may submit)")
+    p.set_defaults(func=run_up)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    for flag, value in (("--ray-port", args.ray_port), ("--dashboard-port", args.dashboard_port),
+                        ("--mlflow-port", args.mlflow_port)):
+        if not 1024 <= value <= 65535:
+            raise UserError(f"{flag} must be between 1024 and 65535, got {value}")
+    ports = [args.ray_port, args.dashboard_port, args.mlflow_port]
+    if len(set(ports)) != 3:
+        raise UserError(f"--ray-port, --dashboard-port and --mlflow-port must differ, got {ports}")
+    if args.object_store_mb < 80:  # Ray refuses object stores below 75 MiB
+        raise UserError(f"--object-store-mb must be >= 80, got {args.object_store_mb}")
+    spec = StackSpec(dir=args.dir, ray_port=args.ray_port, dashboard_port=args.dashboard_port,
+                     mlflow_port=args.mlflow_port, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                     object_store_mb=args.object_store_mb, auth=args.auth)
+    print("\n".join(up(spec)))
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    services = status(args.dir)
+    for s in services:
+        state = "running" if s.running else "not running"
+        pid = f"pid {s.pid}" if s.pid else "no pid"
+        print(f"{s.name:7} {state:12} {s.address or '-'}  {pid}" + (f"  ({s.note})" if s.note else ""))
+    return 0 if all(s.running for s in services) else 1
+
+
+def run_down(args: argparse.Namespace) -> int:
+    print("\n".join(down(args.dir)))
+    return 0

@@ -1,0 +1,186 @@
+"""`mvar stack up | status | down` end to end: a real Ray head and MLflow server on free ports.
+
+One stack serves the whole module (starting it costs ~30 s); the last test takes it down and the
+fixture's finalizer takes it down again whatever happened, so no server outlives the tests.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mvar import stack
+from mvar.cli import main
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports on 127.0.0.1 (sockets held open together so they differ)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def up_stack(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stack") / "stack"
+    ray_port, dash_port, mlflow_port = _free_ports(3)
+    argv = ["stack", "up", "--dir", str(d), "--ray-port", str(ray_port), "--dashboard-port", str(dash_port),
+            "--mlflow-port", str(mlflow_port), "--num-cpus", "1", "--object-store-mb", "200"]
+    try:
+        assert main(argv) == 0
+        yield d, argv
+    finally:
+        stack.down(d)
+        spec = stack.load_spec(d)
+        if spec is not None and spec.temp_dir.startswith("/tmp/mvar-ray-"):
+            shutil.rmtree(spec.temp_dir, ignore_errors=True)  # Ray's session logs of this test head
+
+
+def test_status_reports_both_services_running(up_stack, capsys):
+    d, _ = up_stack
+    capsys.readouterr()
+    assert main(["stack", "status", "--dir", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("running") == 2 and "not running" not in out and out.count("pid ") == 2
+
+
+def test_up_again_says_so(up_stack, capsys):
+    _, argv = up_stack
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "already up" in capsys.readouterr().out
+
+
+def test_env_file_and_token_stay_private(up_stack):
+    d, _ = up_stack
+    spec = stack.load_spec(d)
+    env = stack.stack_env(d)
+    assert env["RAY_ADDRESS"] == f"http://127.0.0.1:{spec.dashboard_port}"
+    assert env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{spec.mlflow_port}"
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_USAGE_STATS_ENABLED"] == "0"
+    token_file = Path(env["RAY_AUTH_TOKEN_PATH"])
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    env_sh = (d / "env.sh").read_text()
+    assert token_file.read_text() not in env_sh  # the file path is exported, never the secret
+    for key, value in env.items():
+        assert f"export {key}={value}" in env_sh
+    assert "RAY_AUTH_TOKEN" not in stack.stack_env(d, {"RAY_AUTH_TOKEN": "stale", "HOME": "/x"})
+
+
+def test_jobs_api_refuses_requests_without_the_token(up_stack):
+    spec = stack.load_spec(up_stack[0])
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(spec.dashboard_url + "/api/jobs/", timeout=10)
+    assert err.value.code == 401
+
+
+def test_every_server_listens_on_loopback_only(up_stack):
+    import psutil
+    spec = stack.load_spec(up_stack[0])
+    mlflow_pid = stack._mlflow_pid(spec.path)
+    procs = stack.head_processes(spec) + [p for p in psutil.process_iter() if _pgid(p.pid) == mlflow_pid]
+    listening = []
+    for proc in procs:
+        try:
+            listening += [c.laddr for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            continue
+    assert {a.port for a in listening} >= {spec.ray_port, spec.dashboard_port, spec.mlflow_port}
+    assert {a.ip for a in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def test_mlflow_server_logs_a_run(up_stack):
+    import mlflow
+    client = mlflow.MlflowClient(stack.stack_env(up_stack[0])["MLFLOW_TRACKING_URI"])
+    experiment_id = client.create_experiment(f"stack-test-{time.time_ns()}")
+    run = client.create_run(experiment_id)
+    client.log_param(run.info.run_id, "lr", "0.1")
+    client.log_metric(run.info.run_id, "loss", 0.5, step=1)
+    client.set_terminated(run.info.run_id)
+    fetched = client.get_run(run.info.run_id)
+    assert fetched.data.metrics["loss"] == 0.5 and fetched.data.params["lr"] == "0.1"
+    assert fetched.info.status == "FINISHED"
+
+
+def test_ray_job_submit_runs_and_logs(up_stack):
+    d, _ = up_stack
+    env = stack.stack_env(d, os.environ)
+    submit = subprocess.run([RAY, "job", "submit", "--address", env["RAY_ADDRESS"], "--",
+                             "python", "-c", "print('hello-from-job')"],
+                            env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
+    assert "hello-from-job" in submit.stdout + submit.stderr
+    assert "succeeded" in submit.stdout + submit.stderr
+
+
+def test_a_driver_connects_to_the_gcs_with_the_stack_env(up_stack, tmp_path):
+    d, _ = up_stack
+    spec = stack.load_spec(d)
+    env = {**stack.stack_env(d, os.environ), "RAY_ADDRESS": f"127.0.0.1:{spec.ray_port}"}
+    code = "import ray; ray.init(); print('answer', ray.get(ray.remote(lambda: 42).remote()))"
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert run.returncode == 0 and "answer 42" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+
+
+def test_down_stops_only_this_stack(up_stack, capsys):
+    d, _ = up_stack
+    spec = stack.load_spec(d)
+    mlflow_pid = stack._mlflow_pid(spec.path)
+    # a stand-in for someone else's Ray head: a process whose command line looks like one
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "gcs_server",
+                              "--temp-dir=/tmp/ray", "--port=6379"], start_new_session=True)
+    try:
+        assert main(["stack", "down", "--dir", str(d)]) == 0
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+    assert stack.head_processes(spec) == []
+    assert mlflow_pid is not None and not stack._group_alive(mlflow_pid)
+    assert not (d / "mlflow.pid").exists() and not (d / "ray.pid").exists()
+    capsys.readouterr()
+    assert main(["stack", "status", "--dir", str(d)]) == 1
+    assert capsys.readouterr().out.count("not running") == 2
+    for port in (spec.ray_port, spec.dashboard_port, spec.mlflow_port):
+        assert not stack.port_in_use(port), port
+    assert main(["stack", "down", "--dir", str(d)]) == 0  # idempotent
+
+
+def test_up_refuses_an_occupied_mlflow_port(tmp_path, capsys):
+    ray_port, dash_port = _free_ports(2)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc = main(["stack", "up", "--dir", str(tmp_path / "s"), "--ray-port", str(ray_port),
+                   "--dashboard-port", str(dash_port), "--mlflow-port", str(port)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"port {port}" in err and "MLflow" in err and "--mlflow-port" in err
+    assert not (tmp_path / "s" / "stack.json").exists()  # nothing was started
