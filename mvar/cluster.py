@@ -16,9 +16,14 @@ LOCAL_OBJECT_STORE_BYTES = 500 * 1024 * 1024  # shards stream from disk; Ray obj
 _started_here = False  # True when connect() started the local Ray this process uses
 
 
+# what the job supervisor of `ray job submit` sets for the entrypoint: the job config, whose
+# metadata holds the submission id
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
 def in_ray_job() -> bool:
-    """True inside the entrypoint of `ray job submit` (the job supervisor sets these)."""
-    return bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"))
+    """True inside the entrypoint of `ray job submit`."""
+    return bool(os.environ.get(JOB_CONFIG_ENV))
 
 
 def connect(num_cpus: int | None = None, num_gpus: int | None = None, env_vars: dict | None = None) -> str:
@@ -58,7 +63,12 @@ def _advertise_loopback() -> None:
 
 def job_id() -> str:
     """The Ray job submission id (for the run's tags), '' outside a submitted job."""
-    return os.environ.get("RAY_JOB_SUBMISSION_ID", "")
+    import json
+    try:
+        meta = json.loads(os.environ.get(JOB_CONFIG_ENV, "") or "{}").get("metadata") or {}
+    except ValueError:
+        return ""
+    return str(meta.get("job_submission_id", ""))
 
 
 def cluster_resources() -> dict[str, float]:

@@ -1,0 +1,56 @@
+"""`ray job submit` of workflows.train against a head on loopback (the local stack), end to end."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from mvar import stack, tracking
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture(scope="module")
+def running_stack(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stack") / "stack"
+    ports = [stack.free_port() for _ in range(3)]
+    spec = stack.StackSpec(dir=str(d), ray_port=ports[0], dashboard_port=ports[1], mlflow_port=ports[2],
+                           num_cpus=2, object_store_mb=300)
+    try:
+        stack.up(spec)
+        yield d
+    finally:
+        stack.down(d)
+        spec = stack.load_spec(d)
+        if spec is not None and spec.temp_dir.startswith("/tmp/mvar-ray-"):
+            shutil.rmtree(spec.temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_trains_and_logs_to_the_stack(tiny_inputs, running_stack):
+    env = stack.stack_env(running_stack, os.environ)
+    submission = f"mvar-test-{uuid.uuid4().hex[:8]}"
+    # tracking.uri left empty: the job takes MLFLOW_TRACKING_URI from the head (the stack's server)
+    overrides = tiny_inputs.overrides("job", **{"run.steps": 6, "run.checkpoint_every": 3, "run.log_every": 1,
+                                                "tracking.uri": "''"})
+    cmd = [RAY, "job", "submit", "--address", env["RAY_ADDRESS"], "--submission-id", submission,
+           "--working-dir", str(REPO), "--", "python", "-m", "workflows.train",
+           "--config", "workflows/configs/var_tiny_local.yaml", *overrides]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "done: 6 steps" in done.stdout
+    c = tracking.client(env["MLFLOW_TRACKING_URI"])
+    runs = c.search_runs([c.get_experiment_by_name("tests").experiment_id],
+                         filter_string=f"tags.`mvar.ray_job_id` = '{submission}'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["mvar.variant"] == "var"
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert Path(run.data.tags["mvar.checkpoint"]).is_dir()  # absolute storage, outside the job's working dir
