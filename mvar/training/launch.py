@@ -9,6 +9,7 @@ the id, so a resumed run continues the same MLflow run.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,8 +87,29 @@ def _check_init_from(cfg: TrainConfig) -> None:
                             f"this run's model has {getattr(cfg.model, attr)}")
 
 
+def check_paths_in_job(cfg, keys: tuple[str, ...]) -> None:
+    """Inside `ray job submit` the working directory is a temporary copy: relative locations would
+    read from it (data is not uploaded) or write into it (deleted with the job)."""
+    if not cluster.in_ray_job():
+        return
+    for key in keys:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value and is_local(value) and not Path(value).is_absolute():
+            raise UserError(f"config key '{key}': '{value}' is relative, but a Ray job runs in a temporary copy "
+                            f"of the working directory; pass an absolute path ({key}=/abs/path/...)")
+    if not cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise UserError("config key 'tracking.uri': not set and no MLFLOW_TRACKING_URI in the job's environment; "
+                        "the default SQLite store would be deleted with the job's working directory")
+
+
+JOB_PATH_KEYS = ("tokenizer", "init_from", "data.shards", "data.eval_shards", "run.storage_path")
+
+
 def prepare(cfg: TrainConfig) -> Prepared:
     """Every check on the run's inputs; raises UserError naming the key before anything starts."""
+    check_paths_in_job(cfg, JOB_PATH_KEYS)
     tok_cfg, sha = _check_tokenizer(cfg)
     _check_shards(cfg, tok_cfg, sha)
     _check_init_from(cfg)

@@ -83,3 +83,16 @@ def test_every_shipped_training_config_resolves(path):
         assert cfg.scaling.use_gpu and cfg.scaling.num_workers == 8
         assert cfg.train.schedule_for(cfg.model.attention) == ("full" if cfg.model.attention == "var" else "cycle")
         assert cfg.tokenizer.startswith("/") and cfg.run.storage_path.startswith("/")
+
+
+def test_relative_paths_are_refused_inside_a_ray_job(tiny_inputs, monkeypatch):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"metadata": {"job_submission_id": "raysubmit_1"}}')
+    cfg = load_train_config(LOCAL, tiny_inputs.overrides("bad", **{"run.storage_path": "out/runs"}))
+    with pytest.raises(UserError, match="'run.storage_path': 'out/runs' is relative, but a Ray job"):
+        prepare(cfg)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_train_config(LOCAL, tiny_inputs.overrides("bad", **{"tracking.uri": "''"}))
+    with pytest.raises(UserError, match="'tracking.uri': not set and no MLFLOW_TRACKING_URI"):
+        prepare(cfg)
+    from mvar import cluster
+    assert cluster.job_id() == "raysubmit_1"
