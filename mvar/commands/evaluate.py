@@ -182,8 +182,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from mvar.evaluation.bench import markdown, measure
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [measure(v.strip(), args.size, args.batch, args.num_images, args.device, args.cfg)
-               for v in args.variants.split(",") if v.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    results = measure(variants, args.size, args.batch, args.num_images, args.device, args.cfg)
     print(markdown(results))
     if args.json:
         with open(args.json, "w") as fh:

@@ -3,9 +3,10 @@
     mvar eval bench --variants var,mvar --size tiny --batch 16 --num-images 64 --device cpu
 
 Random weights (speed does not depend on them); class-balanced labels, CFG, top-k / top-p as in
-an evaluation. After one warm-up batch, batches are generated and decoded to pixels until
-``num_images`` images exist: images/s counts both, s/batch is the token generation alone (the
-column `mvar bench` and the paper's timing report).
+an evaluation. After one warm-up batch each, the variants take turns
+generating and decoding batches until each made ``num_images`` images; images/s is the batch
+size over the median batch time (generation + decoding), generate s/batch the token generation
+alone (what `mvar bench` and the paper's timing report).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class ThroughputResult:
     batch: int
     num_images: int
     cfg: float
-    images_per_s: float          # generation + decoding
+    images_per_s: float          # batch / (median generate + median decode)
     generate_s_per_batch: float  # median over batches
     decode_s_per_batch: float    # median over batches
     threads: int
@@ -65,22 +66,28 @@ def _one_batch(model, tokenizer, labels_B, cfg: float, seed: int, device: torch.
     return t1 - t0, time.perf_counter() - t1
 
 
-def measure(variant: str, size: str = "tiny", batch: int = 16, num_images: int = 64, device: str = "cpu",
-            cfg: float = 1.5, seed: int = 0) -> ThroughputResult:
+def measure(variants: list[str], size: str = "tiny", batch: int = 16, num_images: int = 64, device: str = "cpu",
+            cfg: float = 1.5, seed: int = 0) -> list[ThroughputResult]:
+    """Variants take turns batch by batch, so a busy machine slows them alike; medians per batch."""
     dev = torch.device(device)
     torch.manual_seed(seed)
-    model, tokenizer = build(variant, size, dev)
+    built = {v: build(v, size, dev) for v in variants}
     num_batches = -(-num_images // batch)
-    labels = [torch.arange(b * batch, (b + 1) * batch, device=dev) % model.num_classes for b in range(num_batches)]
-    _one_batch(model, tokenizer, labels[0], cfg, seed, dev)  # warm-up: kernels, masks, allocator
-    gen_s, dec_s = [], []
+    num_classes = next(iter(built.values()))[0].num_classes
+    labels = [torch.arange(b * batch, (b + 1) * batch, device=dev) % num_classes for b in range(num_batches)]
+    times: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+    for v, (model, tokenizer) in built.items():
+        _one_batch(model, tokenizer, labels[0], cfg, seed, dev)  # warm-up: kernels, masks, allocator
     for b, labels_B in enumerate(labels):
-        g, d = _one_batch(model, tokenizer, labels_B, cfg, seed + b, dev)
-        gen_s.append(g)
-        dec_s.append(d)
-    return ThroughputResult(variant, size, tokenizer.cfg.image_size, str(dev),
-                            batch, num_batches * batch, cfg, num_batches * batch / (sum(gen_s) + sum(dec_s)),
-                            statistics.median(gen_s), statistics.median(dec_s), torch.get_num_threads())
+        for v, (model, tokenizer) in built.items():
+            times[v].append(_one_batch(model, tokenizer, labels_B, cfg, seed + b, dev))
+    out = []
+    for v, (_, tokenizer) in built.items():
+        gen_s = statistics.median(t[0] for t in times[v])
+        dec_s = statistics.median(t[1] for t in times[v])
+        out.append(ThroughputResult(v, size, tokenizer.cfg.image_size, str(dev), batch, num_batches * batch, cfg,
+                                    batch / (gen_s + dec_s), gen_s, dec_s, torch.get_num_threads()))
+    return out
 
 
 def markdown(results: list[ThroughputResult]) -> str:

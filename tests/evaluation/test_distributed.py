@@ -1,0 +1,40 @@
+"""Evaluation on Ray: two CPU workers (0.5 CPU each) on one local Ray shared by the module."""
+from __future__ import annotations
+
+import pytest
+
+from mvar import tracking
+from mvar.evaluation.run import evaluate
+from workflows.evaluate import main as evaluate_main
+
+from .test_evaluate import SETTING, shard_bytes, training_run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray (127.0.0.1, 2 CPUs) for the module; evaluations join it instead of starting their own."""
+    from mvar import cluster
+    cluster.connect(num_cpus=2)
+    yield
+    cluster.shutdown()
+
+
+def test_workflow_evaluates_a_training_run_on_two_ray_workers_with_the_same_images(eval_inputs, tmp_path, local_ray):
+    run_id = training_run(eval_inputs, eval_inputs.checkpoint)
+    rc = evaluate_main(["--run-id", run_id, "--tracking-uri", eval_inputs.tracking_uri,
+                        "--reference", eval_inputs.ref_npz,
+                        "--feature-extractor-weights", eval_inputs.weights, "--num-per-class", "2", "--seed", "0",
+                        "--cfg", "1.5", "--top-k", "900", "--top-p", "0.96", "--batch-size", "8",
+                        "--num-workers", "2", "--cpus-per-worker", "0.5", "--out", str(tmp_path / "ray"),
+                        "--device", "cpu", "--set", "eval.samples_per_shard=8", "--set", "eval.isc_splits=2"])
+    assert rc == 0
+    run = tracking.client(eval_inputs.tracking_uri).get_run(run_id)
+    assert {"eval/fid", "eval/is", "eval/precision", "eval/recall", "infer/latency_s", "infer/peak_mem_mb",
+            "infer/kv_cache_mb"} <= set(run.data.metrics)
+    assert run.data.tags["mvar.metrics_comparable"] == "false"
+    # the same seed in one process (one worker) gives the same shards, byte for byte
+    evaluate(eval_inputs.config(tmp_path / "one", metrics=False))
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "ray")
+    assert len(shard_bytes(tmp_path / "ray")) == 3 and (tmp_path / "ray" / SETTING / "samples.npz").is_file()

@@ -1,0 +1,183 @@
+"""Evaluation in this process (no Ray): end to end into MLflow, reproducibility, resume, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mvar import tracking
+from mvar.cli import main as mvar_main
+from mvar.config import ConfigError
+from mvar.data.loader import open_shard_set
+from mvar.data.synth import write_synth
+from mvar.errors import UserError
+from mvar.evaluation.run import evaluate
+from mvar.metrics.fidelity import load_reference, save_reference
+from mvar.metrics.images import iter_shard_images
+from mvar.tracking import TrackingConfig
+
+SETTING = "cfg1.5-topk900-topp0.96"
+
+
+def training_run(inputs, checkpoint: str | None = None) -> str:
+    """A stand-in for a finished training run: tags as the training workflow sets them."""
+    cfg = TrackingConfig(uri=inputs.tracking_uri, experiment="tests", system_metrics=False)
+    tags = {"mvar.variant": "mvar", **({"mvar.checkpoint": checkpoint} if checkpoint else {})}
+    run_id = tracking.start_run(cfg, "train-tiny", tags=tags)
+    tracking.client(inputs.tracking_uri).set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def shard_bytes(out) -> dict[str, bytes]:
+    samples = out / SETTING / "samples"
+    return {p.name: p.read_bytes() for p in sorted(samples.glob("shard-*.tar"))}
+
+
+def test_training_run_is_evaluated_end_to_end_and_logged(eval_inputs, tmp_path):
+    run_id = training_run(eval_inputs, eval_inputs.checkpoint)
+    # reference: the image shard set itself; its statistics are computed once and cached beside the samples
+    [result] = evaluate(eval_inputs.config(tmp_path / "ev", run_id=run_id, track=True, checkpoint="",
+                                           reference=eval_inputs.ref_shards))
+    [cached] = (tmp_path / "ev").glob("reference-*.npz")
+    assert load_reference(cached).num_images == 20
+    assert result.run_id == run_id
+    m = result.metrics
+    assert m["eval/fid"] >= 0 and m["eval/is"] >= 1 and 0 <= m["eval/precision"] <= 1 and 0 <= m["eval/recall"] <= 1
+    assert m["infer/latency_s"] > 0 and m["infer/peak_mem_mb"] >= 0 and m["infer/kv_cache_mb"] == 0  # mvar: no cache
+    # samples: 2 of each of the 10 classes, as shards with a manifest and as ADM's .npz
+    manifest = open_shard_set(str(result.out / "samples"), "images", 64)
+    assert manifest.num_samples == 20 and len(manifest.shards) == 3  # shards of 8, 8, 4
+    assert Counter(label for _, label in iter_shard_images(str(result.out / "samples"))) == {c: 2 for c in range(10)}
+    with np.load(result.out / "samples.npz") as data:
+        assert data["arr_0"].shape == (20, 64, 64, 3) and data["arr_0"].dtype == np.uint8
+    assert Image.open(result.out / "grid.png").size == (8 * 66 + 2, 2 * 66 + 2)  # 8 classes x 2 per class
+    assert json.loads((result.out / "metrics.json").read_text()) == pytest.approx(m)
+    # the training run holds the metrics, the settings as params, the grid and the comparability tag
+    c = tracking.client(eval_inputs.tracking_uri)
+    run = c.get_run(run_id)
+    assert run.data.metrics["eval/fid"] == pytest.approx(m["eval/fid"])
+    assert {"eval/is", "eval/precision", "eval/recall", "infer/latency_s", "infer/peak_mem_mb",
+            "infer/kv_cache_mb"} <= set(run.data.metrics)
+    assert run.data.params["eval.cfg"] == "1.5" and run.data.params["eval.top_k"] == "900"
+    assert run.data.params["eval.num_per_class"] == "2" and run.data.params["eval.seed"] == "0"
+    assert run.data.tags["mvar.metrics_comparable"] == "false"
+    assert f"eval/{SETTING}/grid.png" in {a.path for a in c.list_artifacts(run_id, f"eval/{SETTING}")}
+    assert run.info.status == "FINISHED"
+    # another setting later: params are immutable, so it goes to a child run of the training run
+    [child] = evaluate(eval_inputs.config(tmp_path / "ev", run_id=run_id, track=True, checkpoint="", cfg=[0.0],
+                                          metrics=False))
+    assert child.run_id != run_id
+    child_run = c.get_run(child.run_id)
+    assert child_run.data.tags["mlflow.parentRunId"] == run_id
+    assert child_run.data.params["eval.cfg"] == "0.0" and "infer/latency_s" in child_run.data.metrics
+    assert c.get_run(run_id).data.params["eval.cfg"] == "1.5"
+
+
+def test_checkpoint_without_run_gets_its_own_run_and_several_settings_get_children(eval_inputs, tmp_path):
+    cfg = eval_inputs.config(tmp_path / "ev", track=True, metrics=False, num_per_class=1, cfg=[0.0, 1.5])
+    results = evaluate(cfg)
+    c = tracking.client(eval_inputs.tracking_uri)
+    parents = {c.get_run(r.run_id).data.tags["mlflow.parentRunId"] for r in results}
+    assert len(parents) == 1 and len({r.run_id for r in results}) == 2
+    parent = c.get_run(parents.pop())
+    assert parent.info.run_name.startswith("eval-") and parent.info.status == "FINISHED"
+    assert parent.data.tags["mvar.checkpoint"] == os.path.realpath(eval_inputs.checkpoint)
+    # the same command again finds the same runs and reuses every shard
+    again = evaluate(eval_inputs.config(tmp_path / "ev", track=True, metrics=False, num_per_class=1, cfg=[0.0, 1.5]))
+    assert [r.run_id for r in again] == [r.run_id for r in results]
+    assert all(r.reused_shards == 2 for r in again)
+
+
+def test_same_seed_same_samples_and_an_interrupted_run_resumes(eval_inputs, tmp_path):
+    first = evaluate(eval_inputs.config(tmp_path / "a", metrics=False))[0]
+    reference = shard_bytes(tmp_path / "a")
+    assert len(reference) == 3
+    evaluate(eval_inputs.config(tmp_path / "c", metrics=False))
+    assert shard_bytes(tmp_path / "c") == reference  # same command, same images, byte for byte
+    # interruption: shard 1 never finished (only a partial temp file is left), shards 0 and 2 did
+    samples = first.out / "samples"
+    (samples / "shard-000001.tar").unlink()
+    (samples / ".mvar-data" / "shard-000001.tar.json").unlink()
+    (samples / "shard-000001.tar.tmp-12345").write_bytes(b"partial")
+    (samples / "manifest.json").unlink()
+    kept = {n: os.stat(samples / n).st_mtime_ns for n in ("shard-000000.tar", "shard-000002.tar")}
+    second = evaluate(eval_inputs.config(tmp_path / "a", metrics=False))[0]
+    assert second.reused_shards == 2
+    assert {n: os.stat(samples / n).st_mtime_ns for n in kept} == kept  # finished shards untouched
+    assert not list(samples.glob("*.tmp-*"))                              # partial ones dropped, never reused
+    assert shard_bytes(tmp_path / "a") == reference                       # and the redone shard is identical
+    # another seed gives other images; other settings in the same directory are refused, not mixed
+    evaluate(eval_inputs.config(tmp_path / "b", metrics=False, seed=1))
+    assert all(shard_bytes(tmp_path / "b")[name] != data for name, data in reference.items())
+    with pytest.raises(UserError, match="holds shards of another job"):
+        evaluate(eval_inputs.config(tmp_path / "a", metrics=False, batch_size=4))
+
+
+# -- bad input: a clear error before any sampling ------------------------------------------
+
+def assert_refused_before_sampling(cfg, match: str, out) -> None:
+    with pytest.raises(UserError, match=match):
+        evaluate(cfg)
+    assert not out.exists(), "nothing may be written before the inputs are checked"
+
+
+def test_unknown_class_ids_are_refused(eval_inputs, tmp_path):
+    assert_refused_before_sampling(eval_inputs.config(tmp_path / "o", classes=[0, 3, 12]),
+                                   r"eval.classes: ids \[12\] are outside \[0, 9\]", tmp_path / "o")
+
+
+def test_reference_of_another_resolution_is_refused(eval_inputs, tmp_path):
+    small = str(tmp_path / "ref32")
+    write_synth(small, num_images=8, image_size=32, num_classes=10, seed=0, shard_size=8)
+    assert_refused_before_sampling(eval_inputs.config(tmp_path / "o", reference=small),
+                                   "holds 32 px images but the model makes 64 px", tmp_path / "o")
+    ref = load_reference(eval_inputs.ref_npz)
+    ref.image_size = 32
+    other = save_reference(tmp_path / "ref32.npz", ref)
+    assert_refused_before_sampling(eval_inputs.config(tmp_path / "o", reference=str(other)),
+                                   "holds 32 px images but the model makes 64 px", tmp_path / "o")
+
+
+def test_too_few_samples_for_precision_recall_k_are_refused(eval_inputs, tmp_path):
+    assert_refused_before_sampling(eval_inputs.config(tmp_path / "o", num_per_class=1, classes=[0, 1, 2]),
+                                   r"eval.num_per_class: 3 samples .* more than eval.prc_neighborhood=3", tmp_path / "o")
+    assert_refused_before_sampling(eval_inputs.config(tmp_path / "o", num_per_class=3, prc_neighborhood=20),
+                                   "reference .* has 20 images", tmp_path / "o")
+
+
+def test_checkpoint_without_tokenizer_is_refused(eval_inputs, tmp_path):
+    broken = tmp_path / "no-tokenizer"
+    shutil.copytree(eval_inputs.checkpoint, broken)
+    shutil.rmtree(broken / "tokenizer")
+    assert_refused_before_sampling(eval_inputs.config(tmp_path / "o", checkpoint=str(broken)),
+                                   "has no tokenizer", tmp_path / "o")
+
+
+def test_run_without_checkpoint_tag_or_unknown_run_is_refused(eval_inputs, tmp_path):
+    run_id = training_run(eval_inputs)
+    assert_refused_before_sampling(eval_inputs.config(tmp_path / "o", run_id=run_id, track=True, checkpoint=""),
+                                   "has no 'mvar.checkpoint' tag", tmp_path / "o")
+    assert_refused_before_sampling(eval_inputs.config(tmp_path / "o", run_id="0123456789abcdef", track=True,
+                                                      checkpoint=""), "not found", tmp_path / "o")
+
+
+def test_config_errors_name_the_key(eval_inputs, tmp_path):
+    with pytest.raises(ConfigError, match="eval.samples_per_shard"):
+        eval_inputs.config(tmp_path, samples_per_shard=12)
+    with pytest.raises(ConfigError, match="eval.reference"):
+        eval_inputs.config(tmp_path, reference="")
+    with pytest.raises(ConfigError, match="eval.attention"):
+        eval_inputs.config(tmp_path, attention="full")
+
+
+def test_cli_prints_one_line_and_exits_2_on_bad_input(eval_inputs, tmp_path, capsys):
+    rc = mvar_main(["eval", "--checkpoint", eval_inputs.checkpoint, "--reference", eval_inputs.ref_npz,
+                    "--feature-extractor-weights", eval_inputs.weights, "--classes", "0,99", "--num-workers", "0",
+                    "--out", str(tmp_path / "o"), "--no-tracking"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "eval.classes" in err[0]

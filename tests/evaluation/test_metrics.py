@@ -1,0 +1,86 @@
+"""The metrics layer: stand-in weights fit torch-fidelity's Inception, metrics separate real from noise,
+reference files keep what a comparison needs and refuse what would be meaningless."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mvar.errors import UserError
+from mvar.metrics.fidelity import (
+    Reference,
+    check_reference,
+    fidelity_metrics,
+    load_reference,
+    reference_from_features,
+    save_reference,
+)
+from mvar.metrics.images import open_image_set, write_images_npz
+from mvar.metrics.inception import (
+    FID_LAYER,
+    extract_features,
+    feature_extractor,
+    resolve_weights,
+    write_standin_inception_weights,
+)
+
+
+def test_standin_weights_are_seeded_and_load_strictly_into_torch_fidelitys_inception(eval_inputs, tmp_path):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    again = write_standin_inception_weights(tmp_path / "again.pt", seed=0)
+    other = write_standin_inception_weights(tmp_path / "other.pt", seed=1)
+    weights = resolve_weights(eval_inputs.weights)
+    assert weights.sha256 == again != other
+    assert not weights.official  # numbers made with it must be flagged as not comparable
+    # torch-fidelity loads the file with a strict load_state_dict: every key and shape matches
+    FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=eval_inputs.weights)
+
+
+def test_fid_of_two_halves_is_far_below_fid_against_noise(eval_inputs):
+    ref = load_reference(eval_inputs.ref_npz)  # features of 20 synthetic images
+    half_a, half_b = ref.features[:10], ref.features[10:]
+    weights = resolve_weights(eval_inputs.weights)
+    noise = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (10, 3, 64, 64), dtype=np.uint8))
+    noise_features = extract_features([noise[:5], noise[5:]], feature_extractor(weights, torch.device("cpu")),
+                                      torch.device("cpu"))
+    set_b = reference_from_features({FID_LAYER: half_b}, 64, weights.sha256, "half b")
+    logits = torch.zeros(10, 1008)  # IS is not under test here
+    same = fidelity_metrics({FID_LAYER: half_a, "logits_unbiased": logits}, set_b, prc_k=3, isc_splits=2)
+    vs_noise = fidelity_metrics({**noise_features}, reference_from_features({FID_LAYER: ref.features}, 64,
+                                                                            weights.sha256, "all"), 3, 2)
+    assert same["fid"] * 5 < vs_noise["fid"], (same, vs_noise)
+    # noise images crowd together in feature space: their k-NN balls hold none of the real images
+    assert vs_noise["recall"] < same["recall"]
+    assert 0.0 <= vs_noise["precision"] <= 1.0 and vs_noise["is"] >= 1.0
+
+
+def test_reference_file_round_trips_and_refuses_mismatches(eval_inputs, tmp_path):
+    ref = load_reference(eval_inputs.ref_npz)
+    weights = resolve_weights(eval_inputs.weights)
+    assert ref.num_images == 20 and ref.image_size == 64 and ref.weights_sha256 == weights.sha256
+    assert ref.mu.shape == (2048,) and ref.sigma.shape == (2048, 2048) and ref.features.shape == (20, 2048)
+    check_reference(ref, "ref", 64, weights, prc_k=3)
+    with pytest.raises(UserError, match="64 px images but the model makes 32 px"):
+        check_reference(ref, "ref", 32, weights, prc_k=3)
+    with pytest.raises(UserError, match="needs more than 25"):
+        check_reference(ref, "ref", 64, weights, prc_k=25)
+    write_standin_inception_weights(tmp_path / "w.pt", seed=3)
+    with pytest.raises(UserError, match="made with Inception weights sha256"):
+        check_reference(ref, "ref", 64, resolve_weights(str(tmp_path / "w.pt")), prc_k=3)
+    copy = save_reference(tmp_path / "copy.npz", Reference(ref.mu, ref.sigma, ref.features, 64, "abc", "src"))
+    assert load_reference(copy).weights_sha256 == "abc"
+    with pytest.raises(UserError, match="does not exist"):
+        load_reference(tmp_path / "missing.npz")
+
+
+def test_images_npz_is_written_as_a_stream_in_the_adm_layout(tmp_path):
+    images = [np.full((8, 8, 3), i, dtype=np.uint8) for i in range(5)]
+    path = write_images_npz(str(tmp_path / "s.npz"), iter(images), 5, 8)
+    with np.load(path) as data:
+        assert data.files == ["arr_0"]
+        assert data["arr_0"].shape == (5, 8, 8, 3) and data["arr_0"].dtype == np.uint8
+        assert (data["arr_0"][:, 0, 0, 0] == np.arange(5)).all()
+    assert open_image_set(path).image_size == 8 and open_image_set(path).num_images == 5
+    with pytest.raises(ValueError, match="4 images written"):
+        write_images_npz(str(tmp_path / "short.npz"), iter(images[:4]), 5, 8)
+    assert not (tmp_path / "short.npz").exists()
