@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "mvar.commands.bench",
     "mvar.commands.evaluate",
     "mvar.data.commands",
+    "mvar.report",
     "mvar.stack",
 )
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from mvar.bench import attention_gflops
 from mvar.checkpoint import (
     load_into,
     load_state_dict,
@@ -169,8 +170,11 @@ def make_tracker(w: Worker, start_step: int):
     if w.rank != 0 or not w.run_id:
         return NullTracker()
     logged = last_logged_step(w.run_id, "train/loss", w.cfg.tracking.uri) if start_step else -1
-    tracker = MlflowTracker(w.run_id, w.cfg.tracking, skip_through_step=max(logged, start_step))
+    tracker = MlflowTracker(w.run_id, w.cfg.tracking, skip_through_step=max(logged, start_step) if start_step else -1)
     tracker.start_system_metrics()
+    if not start_step:  # what the model costs, for the report's columns
+        tracker.log_metrics({"model/attn_gflops": attention_gflops(w.model),
+                             "model/params_m": sum(p.numel() for p in w.model.parameters()) / 1e6}, 0)
     return tracker
 
 

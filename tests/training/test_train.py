@@ -31,7 +31,7 @@ def test_tiny_model_trains_and_the_run_holds_everything(tiny_inputs, variant):
     first, last = sum(v for _, v in losses[:4]) / 4, sum(v for _, v in losses[-4:]) / 4
     assert last < first - 0.05, f"loss did not decrease: {first:.3f} -> {last:.3f}"
     for key in ("train/acc", "train/acc_s0", "train/lr", "train/grad_norm", "perf/step_s", "perf/images_per_s",
-                "perf/peak_mem_mb", "val/loss"):
+                "perf/peak_mem_mb", "val/loss", "model/attn_gflops", "model/params_m"):
         assert key in run.data.metrics, key
     assert [s for s, _ in history(uri, run_id, "val/loss")] == [20, 40]
     assert "config.yaml" in {a.path for a in tracking.client(uri).list_artifacts(run_id)}
