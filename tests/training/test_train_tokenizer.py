@@ -1,0 +1,260 @@
+"""workflows.train_tokenizer: config, loss terms, the perceptual net, bad input before Ray, and a real Ray Train run."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from mvar import tracking
+from mvar.checkpoint import load_tokenizer, save_tokenizer, tokenizer_fingerprint
+from mvar.config import ConfigError
+from mvar.errors import UserError
+from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
+from mvar.tokenizer.perceptual import (
+    VGGPerceptual,
+    load_perceptual,
+    save_standin_weights,
+    vgg16_features,
+)
+from mvar.training.tokenizer_config import load_tokenizer_train_config
+from mvar.training.tokenizer_loop import TokenizerObjective, prepare
+from workflows.train_tokenizer import main
+
+LOCAL = "workflows/configs/tokenizer_tiny_local.yaml"
+SMALL = ["tokenizer_name=vae-tiny32", "data.shards=s"]  # unit tests: the 32 px tokenizer, 4x fewer pixels
+
+
+def overrides(inputs, name: str, **extra) -> list[str]:
+    """Point the tiny local config at the test's image shards and a store under the test root."""
+    base = {"data.shards": inputs.images, "run.name": name, "run.storage_path": str(inputs.root / "tok-runs"),
+            "output": str(inputs.root / "tok-out" / name), "tracking.uri": inputs.tracking_uri,
+            "tracking.experiment": "tests", "tracking.system_metrics": "false", "data.num_workers": 0}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def vgg_weights(tmp_path_factory):
+    """Stand-in VGG16 features (seeded random), two taps: small and fast."""
+    return save_standin_weights(tmp_path_factory.mktemp("vgg") / "vgg16-features.pth", num_layers=2, seed=0)
+
+
+@pytest.fixture
+def no_ray_started():
+    import ray
+    assert not ray.is_initialized()
+    yield
+    assert not ray.is_initialized(), "a bad-input run must fail before Ray starts"
+
+
+# -- config ------------------------------------------------------------------------
+
+def test_registry_and_trainer_defaults_fill_the_sections_and_yaml_wins():
+    cfg = load_tokenizer_train_config(LOCAL, ["data.shards=s", "tokenizer.vocab_size=64"])
+    assert cfg.tokenizer.image_size == 64 and cfg.tokenizer.ch == 32 and cfg.tokenizer.vocab_size == 64
+    assert cfg.optim.lr == 0.001 and cfg.optim.weight_decay == 0.0 and cfg.optim.grad_clip == 1.0
+    assert cfg.run.name == "tokenizer_tiny_local"
+    assert cfg.output_dir("/runs") == "out/quickstart/tokenizer"
+    cfg = load_tokenizer_train_config(None, ["tokenizer_name=vae-tiny32", "data.shards=s"])
+    assert cfg.data.image_size == 32  # taken from the tokenizer
+    assert cfg.output_dir("/runs/") == "/runs/train_tokenizer/tokenizer"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tokenizer_name=vae-huge", "config key 'tokenizer_name': unknown tokenizer size 'vae-huge'"),
+    ("data.image_size=32", "config key 'data.image_size': is 32 but the tokenizer takes 64 px"),
+    ("losses.perceptual_weight=0.5", "config key 'losses.perceptual_weights'"),
+    ("losses.perceptual_layers=6", "config key 'losses.perceptual_layers'"),
+    ("data.kind=tokens", "config key 'data.kind'"),
+    ("losses.l3_weight=1", "unknown config key 'losses.l3_weight'"),
+])
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_tokenizer_train_config(LOCAL, ["data.shards=s", override])
+
+
+# -- loss terms ----------------------------------------------------------------------
+
+def test_objective_equals_the_tokenizers_own_losses_in_fp32():
+    torch.manual_seed(0)
+    cfg = load_tokenizer_train_config(None, [*SMALL, "losses.l2_weight=0.5", "losses.vq_weight=2"])
+    vae = MultiScaleVQVAE(cfg.tokenizer)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    ref = vae.losses(x, l1_weight=1.0, l2_weight=0.5, vq_weight=2.0)
+    out = TokenizerObjective(vae, cfg.losses, None)(x)
+    torch.testing.assert_close(out["loss"], ref.total)
+    torch.testing.assert_close(out["recon_l1"], ref.recon_l1)
+    assert [i.shape for i in out["indices"]] == [(2, 1), (2, 4), (2, 9), (2, 16)]
+    assert out["perceptual"].item() == 0.0
+
+
+def test_perceptual_term_is_added_finite_and_trains_only_the_tokenizer(vgg_weights):
+    torch.manual_seed(0)
+    cfg = load_tokenizer_train_config(None, [*SMALL, "losses.perceptual_weight=0.5",
+                                              f"losses.perceptual_weights={vgg_weights}", "losses.perceptual_layers=2"])
+    perceptual = load_perceptual(vgg_weights, 2)
+    objective = TokenizerObjective(MultiScaleVQVAE(cfg.tokenizer), cfg.losses, perceptual)
+    objective.train()
+    assert not perceptual.training  # frozen net stays in eval mode
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = objective(x)
+    p = out["perceptual"]
+    assert torch.isfinite(p) and p.item() > 0
+    torch.testing.assert_close(out["loss"], out["recon_l1"] + out["recon_l2"] + out["vq_loss"] + 0.5 * p)
+    out["loss"].backward()
+    assert objective.vae.decoder.conv_out.weight.grad is not None
+    assert all(q.grad is None for q in perceptual.parameters())
+    assert perceptual(x, x).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Grad strides do not match")  # 1x1 convs' grads on CPU: a copy, not an error
+def test_perceptual_under_ddp_with_a_frozen_submodule(vgg_weights):
+    """The objective as Ray Train wraps it: DDP (gloo, world size 1) over tokenizer + frozen VGG."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        cfg = load_tokenizer_train_config(None, [*SMALL, "losses.perceptual_weight=1",
+                                                  f"losses.perceptual_weights={vgg_weights}",
+                                                  "losses.perceptual_layers=2"])
+        ddp = DistributedDataParallel(TokenizerObjective(MultiScaleVQVAE(cfg.tokenizer), cfg.losses,
+                                                         load_perceptual(vgg_weights, 2)))
+        out = ddp(torch.rand(2, 3, 32, 32) * 2 - 1)
+        out["loss"].backward()
+        assert torch.isfinite(out["perceptual"]) and out["perceptual"].item() > 0
+    finally:
+        dist.destroy_process_group()
+
+
+def test_perceptual_weights_formats_and_mismatches(tmp_path):
+    full = save_standin_weights(tmp_path / "features.pth", num_layers=5, seed=1)  # ~59 MB, every tap
+    net = load_perceptual(full, 5)
+    assert torch.equal(net.features[28].weight, torch.load(full)["features.28.weight"])
+    bare = tmp_path / "bare.pth"  # a state dict of vgg16().features itself: keys without the prefix
+    torch.save({k: v for k, v in vgg16_features(1).state_dict().items()}, bare)
+    VGGPerceptual(1).load_weights(bare)
+    with pytest.raises(UserError, match=r"losses.perceptual_weights: .* has no key 'features.5.weight'"):
+        load_perceptual(bare, 2)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"features.0.weight": torch.zeros(8, 3, 3, 3), "features.0.bias": torch.zeros(8)}, wrong)
+    with pytest.raises(UserError, match=r"'features.0.weight' has shape \(8, 3, 3, 3\), VGG16 needs \(64, 3, 3, 3\)"):
+        load_perceptual(wrong, 1)
+    with pytest.raises(UserError, match="losses.perceptual_weights: file .* does not exist"):
+        load_perceptual(tmp_path / "none.pth", 1)
+
+
+def test_checkpoint_restores_weights_optimizer_scheduler_and_step(tmp_path):
+    from mvar.training.tokenizer_loop import build_optimizer, restore, write_checkpoint
+    cfg = load_tokenizer_train_config(None, SMALL)
+    torch.manual_seed(0)
+    vae = MultiScaleVQVAE(cfg.tokenizer)
+    opt, sched = build_optimizer(vae, cfg.optim, 16, 100)
+    for _ in range(2):
+        opt.zero_grad()
+        vae.losses(torch.rand(1, 3, 32, 32) * 2 - 1).total.backward()
+        opt.step()
+        sched.step()
+    ckpt = write_checkpoint(tmp_path / "ckpt", vae, cfg.tokenizer, opt, sched, 2, "run-id", "name")
+    assert load_tokenizer(ckpt)[1] == cfg.tokenizer  # a checkpoint is a tokenizer directory as it is
+    torch.manual_seed(1)
+    fresh = MultiScaleVQVAE(cfg.tokenizer)
+    opt2, sched2 = build_optimizer(fresh, cfg.optim, 16, 100)
+    assert restore(ckpt, fresh, opt2, sched2) == 2
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), fresh.state_dict().values()))
+    assert sched2.last_epoch == 2 and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    names = {id(p): n for n, p in vae.named_parameters()}
+    assert "quantize.embedding.weight" in {names[id(p)] for p in opt.param_groups[1]["params"]}  # no decay
+
+
+# -- bad input: refused before Ray starts ---------------------------------------------
+
+@pytest.mark.usefixtures("no_ray_started")
+def test_missing_perceptual_weights_fail_before_ray(tiny_inputs, tmp_path, capsys):
+    missing = tmp_path / "vgg16.pth"
+    rc = main(["--config", LOCAL, *overrides(tiny_inputs, "bad"), "losses.perceptual_weight=0.1",
+               f"losses.perceptual_weights={missing}"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "losses.perceptual_weights" in err and str(missing) in err
+
+
+@pytest.mark.usefixtures("no_ray_started")
+def test_image_shards_of_another_size_fail_before_ray(tiny_inputs, tmp_path, capsys):
+    from mvar.data.synth import write_synth
+    write_synth(str(tmp_path / "img32"), num_images=8, image_size=32, num_classes=2, seed=0, shard_size=8)
+    rc = main(["--config", LOCAL, *overrides(tiny_inputs, "bad"), f"data.shards={tmp_path / 'img32'}"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "data.shards" in err and "32 px" in err and "tokenizer.image_size" in err
+    rc = main(["--config", LOCAL, *overrides(tiny_inputs, "bad"), f"data.shards={tmp_path / 'nowhere'}"])
+    assert rc == 2 and "data.shards" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("no_ray_started")
+def test_init_from_and_output_are_checked_before_ray(tiny_inputs, tmp_path):
+    cfg32 = TokenizerConfig.named("vae-tiny32")
+    save_tokenizer(tmp_path / "tok32", MultiScaleVQVAE(cfg32), cfg32)
+    cfg = load_tokenizer_train_config(LOCAL, overrides(tiny_inputs, "bad", init_from=tmp_path / "tok32"))
+    with pytest.raises(UserError, match=r"init_from: .* has tokenizer.vocab_size 64, this run's tokenizer has 32"):
+        prepare(cfg)
+    cfg = load_tokenizer_train_config(LOCAL, overrides(tiny_inputs, "bad", init_from=tmp_path / "none"))
+    with pytest.raises(UserError, match="init_from: .* is not a tokenizer checkpoint"):
+        prepare(cfg)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    cfg = load_tokenizer_train_config(LOCAL, overrides(tiny_inputs, "bad", output=tmp_path / "busy"))
+    with pytest.raises(UserError, match="output: .* exists and is not a tokenizer checkpoint"):
+        prepare(cfg)
+    prepare(load_tokenizer_train_config(LOCAL, overrides(tiny_inputs, "good", init_from=tiny_inputs.tokenizer)))
+
+
+# -- a real run -------------------------------------------------------------------------
+
+def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in tracking.client(uri).get_metric_history(run_id, key))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
+def test_tiny_tokenizer_trains_and_its_output_tokenizes(tiny_inputs, tmp_path, capsys):
+    from mvar.data.manifest import read_manifest
+    from mvar.data.tokens import tokenize
+    out = tiny_inputs.root / "tok-out" / "fit"
+    args = overrides(tiny_inputs, "fit", **{
+        "run.steps": 30, "run.checkpoint_every": 15, "run.log_every": 2, "data.batch_size": 8,
+        "optim.warmup_steps": 4, "data.eval_shards": tiny_inputs.root / "eval-images"})
+    assert main(["--config", LOCAL, *args]) == 0
+    assert f"tokenizer: {out}" in capsys.readouterr().out
+    uri = tiny_inputs.tracking_uri
+    c = tracking.client(uri)
+    run = c.search_runs([c.get_experiment_by_name("tests").experiment_id],
+                        filter_string="tags.`mvar.run_key` LIKE '%/tok-runs/fit'")[0]
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.params["tokenizer.vocab_size"] == "32" and run.data.params["run.steps"] == "30"
+    assert run.data.tags["mvar.task"] == "tokenizer" and run.data.tags["mvar.checkpoint"].endswith("step_00000030")
+    assert run.data.tags["mvar.tokenizer"] == str(out)
+    l1 = history(uri, run_id, "train/recon_l1")
+    assert [s for s, _ in l1] == list(range(2, 31, 2))
+    first, last = sum(v for _, v in l1[:3]) / 3, sum(v for _, v in l1[-3:]) / 3
+    assert last < 0.8 * first, f"reconstruction loss did not decrease: {first:.3f} -> {last:.3f}"
+    for key in ("train/loss", "train/recon_l2", "train/vq_loss", "train/codebook_usage", "train/lr",
+                "train/grad_norm", "perf/step_s", "perf/images_per_s", "perf/peak_mem_mb", "val/recon_l1"):
+        assert key in run.data.metrics, key
+    assert "train/perceptual" not in run.data.metrics  # off in this run
+    assert 0 < run.data.metrics["train/codebook_usage"] <= 1
+    assert [s for s, _ in history(uri, run_id, "val/recon_l1")] == [15, 30]
+    # the output is a tokenizer checkpoint that `mvar data tokenize` and training use
+    _, tok_cfg = load_tokenizer(out)
+    assert tok_cfg == TokenizerConfig.tiny()
+    fingerprint = tokenizer_fingerprint(out)
+    assert run.data.tags["mvar.tokenizer_sha256"] == fingerprint
+    tokenize(str(out), tiny_inputs.images, str(tmp_path / "tokens"), progress=False)
+    manifest = read_manifest(str(tmp_path / "tokens"))
+    assert manifest.tokens["tokenizer_sha256"] == fingerprint and manifest.num_samples == 160
