@@ -69,9 +69,9 @@ def add_ratios(rows: list[dict]) -> None:
     """`<col> x VAR`: this run's value over the VAR baseline of the same depth (latest finished)."""
     baselines: dict[int, dict] = {}
     for r in rows:
-        if r["variant"] == "var" and r["status"] == "FINISHED":
-            if r["depth"] not in baselines or r["start"] > baselines[r["depth"]]["start"]:
-                baselines[r["depth"]] = r
+        newer = r["depth"] not in baselines or r["start"] > baselines[r["depth"]]["start"]
+        if r["variant"] == "var" and r["status"] == "FINISHED" and newer:
+            baselines[r["depth"]] = r
     for r in rows:
         base = baselines.get(r["depth"])
         for col, _, _ in COLUMNS:
