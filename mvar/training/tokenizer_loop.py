@@ -48,9 +48,10 @@ from mvar.data.storage import is_local
 from mvar.errors import UserError
 from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from mvar.tokenizer.perceptual import VGGPerceptual, load_perceptual
+from mvar.tracking import MlflowTracker, NullTracker, last_logged_step
 from mvar.training.config import OptimConfig
 from mvar.training.launch import TrainOutcome, launch, storage_location
-from mvar.training.loop import all_ranks_finite, batches, make_tracker
+from mvar.training.loop import all_ranks_finite, batches
 from mvar.training.memory import PeakTracker
 from mvar.training.optim import lr_factor, peak_lr
 from mvar.training.tokenizer_config import TokenizerLossConfig, TokenizerTrainConfig
@@ -208,6 +209,18 @@ def validate(w: Worker) -> dict[str, float]:
     w.vae.train()
     n = sums[2].clamp(min=1)
     return {"val/recon_l1": (sums[0] / n).item(), "val/recon_l2": (sums[1] / n).item(), **usage(hits, "val")}
+
+
+def make_tracker(w: Worker, start_step: int):
+    """Rank 0 logs into the driver's MLflow run; a resumed run logs only the steps after the last logged one."""
+    if w.rank != 0 or not w.run_id:
+        return NullTracker()
+    logged = last_logged_step(w.run_id, "train/loss", w.cfg.tracking.uri) if start_step else -1
+    tracker = MlflowTracker(w.run_id, w.cfg.tracking, skip_through_step=max(logged, start_step) if start_step else -1)
+    tracker.start_system_metrics()
+    if not start_step:
+        tracker.log_metrics({"model/params_m": sum(p.numel() for p in w.vae.parameters()) / 1e6}, 0)
+    return tracker
 
 
 def train_worker(config: dict) -> dict:

@@ -34,6 +34,16 @@ def overrides(inputs, name: str, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Two OpenMP threads on a 2-core machine that other jobs share spin at every barrier (seen: 20x slower
+    convolutions); one thread keeps these small CPU tests' time proportional to the load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def vgg_weights(tmp_path_factory):
     """Stand-in VGG16 features (seeded random), two taps: small and fast."""
