@@ -51,7 +51,7 @@ from mvar.tokenizer.perceptual import VGGPerceptual, load_perceptual
 from mvar.tracking import MlflowTracker, NullTracker, last_logged_step
 from mvar.training.config import OptimConfig
 from mvar.training.launch import TrainOutcome, launch, storage_location
-from mvar.training.loop import all_ranks_finite, batches
+from mvar.training.loop import batches
 from mvar.training.memory import PeakTracker
 from mvar.training.optim import lr_factor, peak_lr
 from mvar.training.tokenizer_config import TokenizerLossConfig, TokenizerTrainConfig
@@ -92,6 +92,15 @@ class TokenizerObjective(nn.Module):
             total = total + w.perceptual_weight * perceptual
         return {"loss": total, "recon_l1": l1, "recon_l2": l2, "vq_loss": vq, "perceptual": perceptual,
                 "indices": indices}
+
+
+def all_ranks_finite(device: torch.device, *values: torch.Tensor) -> bool:
+    """True when every value is finite on every rank. The flag lives on ``device``: a process group
+    made with backend 'nccl' (Ray Train's on GPU) has no CPU backend."""
+    bad = torch.tensor([0.0 if all(torch.isfinite(v).all() for v in values) else 1.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0.0
 
 
 def code_hits(indices: list[torch.Tensor], vocab_size: int) -> torch.Tensor:
@@ -195,14 +204,15 @@ def validate(w: Worker) -> dict[str, float]:
     """Reconstruction through the discrete path that `tokenize` and sampling use (indices -> image, clamped)."""
     loader = build_eval_loader(w.cfg.data, w.rank, w.world)
     w.vae.eval()
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64, device=w.device)  # on the device: NCCL has no CPU tensors
     hits = torch.zeros(2, w.cfg.tokenizer.vocab_size, device=w.device)
     for x, _, _ in loader:  # ranks may differ by one batch: no collective inside this loop
         x = x.to(w.device, non_blocking=True)
         idx = w.vae.img_to_idx(x)
         recon = w.vae.idx_to_img(idx).float()
-        sums += torch.tensor([(recon - x).abs().mean((1, 2, 3)).sum().item(),
-                              (recon - x).square().mean((1, 2, 3)).sum().item(), x.shape[0]], dtype=torch.float64)
+        err = (recon - x).double()
+        sums += torch.stack([err.abs().mean((1, 2, 3)).sum(), err.square().mean((1, 2, 3)).sum(),
+                             err.new_tensor(x.shape[0])])
         hits += code_hits(idx, w.cfg.tokenizer.vocab_size)
     if dist.is_initialized():
         dist.all_reduce(sums)
@@ -289,7 +299,7 @@ def run_steps(w: Worker, ddp, loader, opt, sched, start: int, tracker) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf)
-        if not all_ranks_finite(loss.detach().cpu(), grad_norm.detach().cpu()):
+        if not all_ranks_finite(w.device, loss.detach(), grad_norm.detach()):
             log.error("rank %d: non-finite loss or gradient at step %d; stopping", w.rank, step + 1)
             return {"status": "nonfinite", "step": step + 1, "loss": loss.item()}
         lr = opt.param_groups[0]["lr"]
