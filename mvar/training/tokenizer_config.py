@@ -1,10 +1,9 @@
 """TokenizerTrainConfig: the run config of `workflows.train_tokenizer`.
 
 Loaded like TrainConfig: dataclass defaults, then the registry entry named by
-`tokenizer_name` (`vae-tiny`, `vae-ch160` ...) under the `tokenizer` keys and
-this trainer's own optimizer defaults under `optim`, then the YAML file, then
-`a.b=c` overrides; `data.image_size` 0 becomes the tokenizer's. Validated once,
-before Ray or any worker starts. The sections `run`, `scaling` and `tracking`
+`tokenizer_name` (`vae-tiny`, `vae-ch160` ...) under the `tokenizer` keys, then
+the YAML file, then `a.b=c` overrides; `data.image_size` 0 becomes the
+tokenizer's. Validated once, before Ray or any worker starts. The sections `run`, `scaling` and `tracking`
 are the generator trainer's, so `mvar.training.launch.launch` drives both.
 """
 from __future__ import annotations
@@ -29,9 +28,15 @@ from mvar.tokenizer import TokenizerConfig
 from mvar.tracking import TrackingConfig
 from mvar.training.config import OptimConfig, RunSettings, ScalingSettings
 
-# AdamW for an autoencoder: no weight decay (it would shrink the codebook), a tighter clip.
-# 2e-4 per 256 images is LlamaGen's VQ rate (1e-4 at batch 128).
-OPTIM_DEFAULTS = {"base_lr": 2e-4, "betas": [0.9, 0.95], "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 1.0}
+
+@dataclass
+class TokenizerOptimConfig(OptimConfig):
+    """The generator's AdamW settings with defaults for an autoencoder: no weight decay (it would
+    shrink the codebook), a tighter clip, and 2e-4 per 256 images (LlamaGen's VQ rate, 1e-4 at batch 128)."""
+
+    base_lr: float = 2e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
 
 
 @dataclass
@@ -75,7 +80,7 @@ class TokenizerTrainConfig:
     init_from: str = ""            # tokenizer (or model) checkpoint whose tokenizer weights start the run
     output: str = ""               # final tokenizer checkpoint; '' = <run.storage_path>/<run.name>/tokenizer
     data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=lambda: from_dict(OptimConfig, OPTIM_DEFAULTS))
+    optim: TokenizerOptimConfig = field(default_factory=TokenizerOptimConfig)
     losses: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
     train: TokenizerLoopConfig = field(default_factory=TokenizerLoopConfig)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
@@ -96,9 +101,8 @@ class TokenizerTrainConfig:
         return self.output or f"{storage.rstrip('/')}/{self.run.name}/tokenizer"
 
 
-def _apply_defaults(data: dict) -> dict:
-    """Registry entry of `tokenizer_name` under `tokenizer`, this trainer's defaults under `optim`."""
-    data = {**data, "optim": merge(OPTIM_DEFAULTS, data.get("optim") or {})}
+def _apply_tokenizer_name(data: dict) -> dict:
+    """The registry entry of `tokenizer_name` under the `tokenizer` keys (the YAML's keys win)."""
     name = data.get("tokenizer_name") or ""
     if not name:
         return data
@@ -113,7 +117,7 @@ def load_tokenizer_train_config(path: str | Path | None = None,
                                 overrides: Iterable[str] = ()) -> TokenizerTrainConfig:
     """Defaults -> registry entry -> YAML -> overrides; a missing run name is the file's stem."""
     data = read_yaml(path) if path else {}
-    data = _apply_defaults(merge(data, parse_overrides(overrides)))
+    data = _apply_tokenizer_name(merge(data, parse_overrides(overrides)))
     cfg = from_dict(TokenizerTrainConfig, data)
     if not cfg.run.name:
         cfg.run = dataclasses.replace(cfg.run, name=Path(path).stem if path else "train_tokenizer")
