@@ -142,10 +142,12 @@ def scale_metrics(w: Worker, scales, per_token_Bl, correct_Bl) -> dict[str, floa
     return out
 
 
-def all_ranks_finite(*values: torch.Tensor) -> bool:
-    bad = torch.tensor([0.0 if all(torch.isfinite(v).all() for v in values) else 1.0])
+def all_ranks_finite(device: torch.device, *values: torch.Tensor) -> bool:
+    """One 1-element all-reduce (MAX): every rank sees a NaN/inf of any rank at the same step.
+    On ``device``: the NCCL backend that Ray Train sets up on GPUs reduces CUDA tensors only."""
+    bad = torch.tensor([0.0 if all(torch.isfinite(v).all() for v in values) else 1.0], device=device)
     if dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # gloo and NCCL both take a CPU/CUDA scalar via .to
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bad.item() == 0.0
 
 
@@ -155,11 +157,13 @@ def validate(w: Worker, ddp) -> float:
     fp = tokenizer_fingerprint(w.cfg.tokenizer)
     loader = build_eval_loader(w.cfg.data, w.rank, w.world, tokenizer_fingerprint=fp)
     ddp.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=w.device)  # NCCL reduces device tensors only
+    model = ddp.module if isinstance(ddp, DistributedDataParallel) else ddp
     for x, labels, _ in loader:  # ranks may differ by one batch: no collective inside this loop
         idx = to_tokens(w, x)
-        _, per_token, _ = step_loss(w, ddp.module, idx, labels.to(w.device), tuple(range(w.num_scales)))
-        total += torch.tensor([per_token.sum().item(), per_token.numel()], dtype=torch.float64)
+        _, per_token, _ = step_loss(w, model, idx, labels.to(w.device), tuple(range(w.num_scales)))
+        total[0] += per_token.sum().double()
+        total[1] += per_token.numel()
     if dist.is_initialized():
         dist.all_reduce(total)
     ddp.train()
@@ -231,7 +235,7 @@ def run_steps(w: Worker, ddp, loader, opt, sched, start: int, tracker) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf)
-        if not all_ranks_finite(loss.detach().cpu(), grad_norm.detach().cpu()):
+        if not all_ranks_finite(w.device, loss.detach(), grad_norm.detach()):
             log.error("rank %d: non-finite loss or gradient at step %d; stopping", w.rank, step + 1)
             return {"status": "nonfinite", "step": step + 1, "loss": loss.item()}
         lr = opt.param_groups[0]["lr"]

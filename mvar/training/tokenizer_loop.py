@@ -51,7 +51,7 @@ from mvar.tokenizer.perceptual import VGGPerceptual, load_perceptual
 from mvar.tracking import MlflowTracker, NullTracker, last_logged_step
 from mvar.training.config import OptimConfig
 from mvar.training.launch import TrainOutcome, launch, storage_location
-from mvar.training.loop import batches
+from mvar.training.loop import all_ranks_finite, batches
 from mvar.training.memory import PeakTracker
 from mvar.training.optim import lr_factor, peak_lr
 from mvar.training.tokenizer_config import TokenizerLossConfig, TokenizerTrainConfig
@@ -92,15 +92,6 @@ class TokenizerObjective(nn.Module):
             total = total + w.perceptual_weight * perceptual
         return {"loss": total, "recon_l1": l1, "recon_l2": l2, "vq_loss": vq, "perceptual": perceptual,
                 "indices": indices}
-
-
-def all_ranks_finite(device: torch.device, *values: torch.Tensor) -> bool:
-    """True when every value is finite on every rank. The flag lives on ``device``: a process group
-    made with backend 'nccl' (Ray Train's on GPU) has no CPU backend."""
-    bad = torch.tensor([0.0 if all(torch.isfinite(v).all() for v in values) else 1.0], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bad.item() == 0.0
 
 
 def code_hits(indices: list[torch.Tensor], vocab_size: int) -> torch.Tensor:
