@@ -12,8 +12,8 @@
 # Safe to run again: it creates what is missing and resets the two passwords.
 set -euo pipefail
 
-: "${MLFLOW_DB_PASSWORD:?set MLFLOW_DB_PASSWORD (the mlflow user's password)}"
-: "${OPTUNA_DB_PASSWORD:?set OPTUNA_DB_PASSWORD (the optuna user's password)}"
+: "${MLFLOW_DB_PASSWORD:?set MLFLOW_DB_PASSWORD (password of the mlflow user)}"
+: "${OPTUNA_DB_PASSWORD:?set OPTUNA_DB_PASSWORD (password of the optuna user)}"
 
 # Inside the postgres image's entrypoint POSTGRES_USER is the superuser and the server listens on its
 # socket only; by hand, the PG* variables (PGHOST, PGUSER, PGPASSWORD, PGPORT) say where to go.
