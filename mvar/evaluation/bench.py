@@ -10,6 +10,7 @@ alone (what `mvar bench` and the paper's timing report).
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class ThroughputResult:
     generate_s_per_batch: float  # median over batches
     decode_s_per_batch: float    # median over batches
     threads: int
+    load_avg: float = 0.0        # 1-minute load average at the end: other processes share the cores
     torch: str = torch.__version__
 
 
@@ -86,14 +88,16 @@ def measure(variants: list[str], size: str = "tiny", batch: int = 16, num_images
         gen_s = statistics.median(t[0] for t in times[v])
         dec_s = statistics.median(t[1] for t in times[v])
         out.append(ThroughputResult(v, size, tokenizer.cfg.image_size, str(dev), batch, num_batches * batch, cfg,
-                                    batch / (gen_s + dec_s), gen_s, dec_s, torch.get_num_threads()))
+                                    batch / (gen_s + dec_s), gen_s, dec_s, torch.get_num_threads(),
+                                    os.getloadavg()[0]))
     return out
 
 
 def markdown(results: list[ThroughputResult]) -> str:
-    lines = ["| variant | size | px | device | batch | images | images/s | generate s/batch | decode s/batch |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | size | px | device | batch | images | images/s | generate s/batch | decode s/batch | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r.variant} | {r.size} | {r.resolution} | {r.device} | {r.batch} | {r.num_images} | "
-                     f"{r.images_per_s:.2f} | {r.generate_s_per_batch:.3f} | {r.decode_s_per_batch:.3f} |")
+                     f"{r.images_per_s:.2f} | {r.generate_s_per_batch:.3f} | {r.decode_s_per_batch:.3f} | "
+                     f"{r.load_avg:.1f} |")
     return "\n".join(lines)

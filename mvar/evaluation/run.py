@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,7 +101,7 @@ def make_plan(ecfg: EvalConfig, num_classes: int) -> SamplePlan:
     if unknown:
         raise UserError(f"eval.classes: ids {unknown} are outside [0, {num_classes - 1}] (the model has "
                         f"{num_classes} classes)")
-    plan = SamplePlan(classes, ecfg.num_per_class, ecfg.batch_size, ecfg.samples_per_shard, ecfg.seed)
+    plan = SamplePlan(classes, ecfg.num_per_class, ecfg.batch_size, ecfg.shard_size, ecfg.seed)
     if ecfg.metrics and (plan.num_samples <= ecfg.prc_neighborhood or plan.num_samples < ecfg.isc_splits):
         raise UserError(f"eval.num_per_class: {plan.num_samples} samples ({ecfg.num_per_class} x {len(classes)} "
                         f"classes) are too few: precision/recall needs more than eval.prc_neighborhood="
@@ -133,8 +134,27 @@ def default_out(checkpoint: str) -> Path:
     return Path(DEFAULT_OUT).resolve() / f"{Path(checkpoint).name}-{tag}"
 
 
+def check_job_paths(cfg: EvaluateConfig) -> None:
+    """Inside `ray job submit` the working directory is a temporary copy, different on every node."""
+    from mvar.cluster import in_ray_job
+    from mvar.data.storage import is_local
+    if not in_ray_job():
+        return
+    ecfg = cfg.eval
+    for key, value in (("checkpoint", cfg.checkpoint), ("eval.out_dir", ecfg.out_dir or DEFAULT_OUT),
+                       ("eval.reference", ecfg.reference),
+                       ("eval.feature_extractor_weights", ecfg.feature_extractor_weights)):
+        if value and is_local(value) and not Path(value).is_absolute():
+            raise UserError(f"config key '{key}': '{value}' is relative, but a Ray job runs in a temporary copy of "
+                            f"the working directory; pass an absolute path on storage every node sees")
+    if cfg.track and not cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise UserError("config key 'tracking.uri': not set and no MLFLOW_TRACKING_URI in the job's environment; "
+                        "the default SQLite store would be deleted with the job's working directory")
+
+
 def prepare(cfg: EvaluateConfig) -> Prepared:
     ecfg = cfg.eval
+    check_job_paths(cfg)
     checkpoint = cfg.checkpoint or runs.checkpoint_of_run(cfg.run_id, cfg.tracking.uri)
     checkpoint = str(Path(checkpoint).resolve())
     meta = read_checkpoint_meta(checkpoint)
@@ -318,9 +338,9 @@ def log_result(prep: Prepared, result: SettingResult) -> None:
 def evaluate(cfg: EvaluateConfig) -> list[SettingResult]:
     """Check, then sample and measure every setting; log each to its MLflow run."""
     from mvar import tracking
+    prep = prepare(cfg)
     if cfg.track:
         cfg.tracking.uri = tracking.resolve_uri(cfg.tracking.uri)
-    prep = prepare(cfg)
     settings = cfg.eval.settings()
     params = [setting_params(prep, s) for s in settings]
     run_ids, owned = resolve_runs(prep, params, [setting_name(s) for s in settings]) if cfg.track \

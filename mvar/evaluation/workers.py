@@ -26,9 +26,12 @@ class Workers:
 
     def __enter__(self):
         if self.cfg.num_workers > 0:
+            import ray
+
             from mvar import cluster
+            running = ray.is_initialized()  # e.g. a test's Ray, or a workflow's own: leave it running
             where = cluster.connect(env_vars={"RAY_USAGE_STATS_ENABLED": "0"})
-            self.started_ray = where == "local"
+            self.started_ray = not running
             try:
                 self._check_resources(where)
             except BaseException:

@@ -42,16 +42,26 @@ class EvalInputs:
                 "eval": {"num_per_class": 2, "batch_size": 8, "samples_per_shard": 8, "num_workers": 0,
                          "cpus_per_worker": 0.5, "reference": self.ref_npz, "feature_extractor_weights": self.weights,
                          "isc_splits": 2, "feature_batch_size": 10, "out_dir": str(out), "device": "cpu"}}
-        top = {k: eval_keys.pop(k) for k in ("checkpoint", "run_id", "track") if k in eval_keys}
+        top = {k: eval_keys.pop(k) for k in ("checkpoint", "run_id", "track", "tracking") if k in eval_keys}
         return from_dict(EvaluateConfig, merge(base, {**top, "eval": eval_keys}))
 
 
 def _checkpoint(root: Path) -> str:
+    """MVAR_EVAL_CHECKPOINT, else a tiny MVAR with seeded random weights (the authors' tiny shape)."""
     given = os.environ.get("MVAR_EVAL_CHECKPOINT", "")
     if given:
         return given
-    from workflows.quickstart import make_standin_checkpoint
-    return str(make_standin_checkpoint(root / "tiny-mvar"))
+    import torch
+
+    from mvar.checkpoint import save_checkpoint
+    from mvar.models import NextScaleTransformer, named_model
+    from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
+    torch.manual_seed(0)
+    tok_cfg = TokenizerConfig.tiny()
+    model = NextScaleTransformer(named_model("mvar-tiny"), tok_cfg.vocab_size, tok_cfg.z_channels, tok_cfg.patch_nums)
+    out = save_checkpoint(root / "tiny-mvar", model, MultiScaleVQVAE(tok_cfg), tok_cfg,
+                          extra={"source": {"note": "random stand-in weights"}})
+    return str(out)
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,8 @@ def test_workflow_evaluates_a_training_run_on_two_ray_workers_with_the_same_imag
                         "--num-workers", "2", "--cpus-per-worker", "0.5", "--out", str(tmp_path / "ray"),
                         "--device", "cpu", "--set", "eval.samples_per_shard=8", "--set", "eval.isc_splits=2"])
     assert rc == 0
+    import ray
+    assert ray.is_initialized(), "an evaluation leaves a Ray it did not start running"
     run = tracking.client(eval_inputs.tracking_uri).get_run(run_id)
     assert {"eval/fid", "eval/is", "eval/precision", "eval/recall", "infer/latency_s", "infer/peak_mem_mb",
             "infer/kv_cache_mb"} <= set(run.data.metrics)

@@ -169,6 +169,7 @@ def test_run_without_checkpoint_tag_or_unknown_run_is_refused(eval_inputs, tmp_p
 def test_config_errors_name_the_key(eval_inputs, tmp_path):
     with pytest.raises(ConfigError, match="eval.samples_per_shard"):
         eval_inputs.config(tmp_path, samples_per_shard=12)
+    assert eval_inputs.config(tmp_path, batch_size=20, samples_per_shard=0).eval.shard_size == 1020
     with pytest.raises(ConfigError, match="eval.reference"):
         eval_inputs.config(tmp_path, reference="")
     with pytest.raises(ConfigError, match="eval.attention"):
@@ -181,3 +182,12 @@ def test_cli_prints_one_line_and_exits_2_on_bad_input(eval_inputs, tmp_path, cap
                     "--out", str(tmp_path / "o"), "--no-tracking"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "eval.classes" in err[0]
+
+
+def test_relative_paths_are_refused_inside_a_ray_job(eval_inputs, tmp_path, monkeypatch):
+    monkeypatch.setattr("mvar.cluster.in_ray_job", lambda: True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(UserError, match="'eval.out_dir': 'rel/out' is relative"):
+        evaluate(eval_inputs.config(tmp_path / "o", out_dir="rel/out"))
+    with pytest.raises(UserError, match="'tracking.uri': not set"):
+        evaluate(eval_inputs.config(tmp_path / "o", track=True, tracking={"uri": ""}))
