@@ -3,9 +3,10 @@
 Fast and offline: YAML and text only, plus the project's own config loaders. Checks
 - every YAML file under infra/ parses (Kubernetes files as several documents, each with kind and name);
 - every `python -m MODULE` of a RayJob names a module of this repository, and every `--config FILE`
-  (and a sweep's study file) names a file that loads with the project's config loader;
+  (a sweep's study file and its base config) names a file that loads with the project's loaders;
 - a RayJob's worker groups hold the config's Ray Train workers (GPUs and CPUs per worker, all
-  workers at once), the head runs none, the config's absolute paths are mounted in every pod,
+  workers at once; for a sweep, one trial's training and its sampling workers), the head runs
+  none, the configs' absolute paths are mounted in every pod,
   MLFLOW_TRACKING_URI points at the MLflow Service, and the image has the entrypoint's code;
 - the Ray cluster launcher's 8-GPU worker node type holds every 8-GPU config of workflows/configs;
 - Ray versions (images, rayVersion) match the project's pin;
@@ -18,7 +19,9 @@ from __future__ import annotations
 import math
 import re
 import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -113,13 +116,40 @@ def entrypoint(job: dict) -> tuple[str, list[str]]:
     return found[0]
 
 
-def job_config(job: dict):
-    """(config path, loaded config) that a RayJob's entrypoint trains with, or (None, None)."""
+@dataclass
+class JobNeeds:
+    """What a RayJob's entrypoint runs: the files it reads, the worker sets it starts, the paths it uses."""
+    files: list[str]                                    # repository-relative: configs, study files
+    worker_sets: list[tuple[str, object]] = field(default_factory=list)   # (what, scaling-like) run one at a time
+    paths: list[str] = field(default_factory=list)      # absolute paths that every pod must see
+
+
+def job_needs(job: dict) -> JobNeeds:
     module, args = entrypoint(job)
-    path = option(args, "--config")
-    if path is None or module not in CONFIG_LOADERS:
-        return None, None
-    return path, load_config(module, path)
+    config = option(args, "--config")
+    if module in CONFIG_LOADERS and config:
+        cfg = load_config(module, config)
+        return JobNeeds([config], [(f"{config} (training)", cfg.scaling)], config_paths(cfg))
+    if module == "sweeps.run":
+        return sweep_needs(next(a for a in args if a.endswith((".yaml", ".yml"))))
+    return JobNeeds([a for a in args if a.endswith((".yaml", ".yml"))])
+
+
+def sweep_needs(study_file: str) -> JobNeeds:
+    """A sweep's trials: the base config's training workers, then the evaluation's sampling workers."""
+    from mvar.config import flatten
+    from mvar.training import load_train_config
+    from sweeps.study import load_study
+    study = load_study(REPO / study_file)
+    cfg = load_train_config(REPO / study.base_config, [f"{k}={v}" for k, v in study.overrides.items()])
+    ev = study.eval
+    sampling = SimpleNamespace(num_workers=int(ev.get("num_workers", 1)), use_gpu=bool(ev.get("use_gpu", False)),
+                               cpus_per_worker=float(ev.get("cpus_per_worker", 1.0)), gpus_per_worker=1.0)
+    eval_paths = [str(v) for v in flatten(ev).values() if str(v).startswith("/")]
+    log_dir = [study.log_dir] if study.log_dir.startswith("/") else []
+    return JobNeeds([study_file, study.base_config],
+                    [(f"{study.base_config} (trial training)", cfg.scaling), (f"{study_file} eval (trial sampling)", sampling)],
+                    config_paths(cfg) + eval_paths + log_dir)
 
 
 # -- pods -------------------------------------------------------------------------------------
@@ -194,50 +224,44 @@ def test_there_is_a_training_rayjob():
 
 @pytest.mark.parametrize("job", [d for _, d in rayjobs()], ids=rayjob_ids())
 def test_rayjob_entrypoint_names_existing_module_and_files(job):
-    module, args = entrypoint(job)
+    module, _ = entrypoint(job)
     assert module_file(module), f"`python -m {module}`: no {module.replace('.', '/')}.py in the repository"
-    config = option(args, "--config")
-    if config is not None:
-        assert (REPO / config).is_file(), f"--config {config} does not exist"
-        if module in CONFIG_LOADERS:
-            load_config(module, config)  # raises ConfigError naming the key when it does not load
-    for arg in args:  # positional files (a sweep's study definition)
-        if arg.endswith((".yaml", ".yml")):
-            assert (REPO / arg).is_file(), f"{arg} does not exist"
+    needs = job_needs(job)  # loads every config and study file with the project's loaders (ConfigError names the key)
+    missing = [f for f in needs.files if not (REPO / f).is_file()]
+    assert not missing, f"the entrypoint names files that do not exist: {missing}"
 
 
 @pytest.mark.parametrize("job", [d for _, d in rayjobs()], ids=rayjob_ids())
 def test_rayjob_worker_groups_hold_the_config(job):
-    path, cfg = job_config(job)
-    if cfg is None:
-        pytest.skip("entrypoint trains no config of workflows/configs")
-    s = cfg.scaling
+    needs = job_needs(job)
+    if not needs.worker_sets:
+        pytest.skip("the entrypoint starts no Ray workers of a config")
     head, *workers = groups(job)
     assert workers, "no worker group"
-    fit = sum(bundles(*ray_resources(g), s) * int(g.get("replicas", 1)) for g in workers)
-    need = f"{s.num_workers} workers x ({s.cpus_per_worker:g} CPU" + (f" + {s.gpus_per_worker:g} GPU)" if s.use_gpu else ")")
-    assert fit >= s.num_workers, f"{path} needs {need}; the worker groups hold {fit}"
     assert ray_resources(head)[0] == 0, "the head should run no training workers (rayStartParams num-cpus: '0')"
+    for what, s in needs.worker_sets:
+        fit = sum(bundles(*ray_resources(g), s) * int(g.get("replicas", 1)) for g in workers)
+        need = f"{s.num_workers} workers x ({s.cpus_per_worker:g} CPU" + (f" + {s.gpus_per_worker:g} GPU)" if s.use_gpu else ")")
+        assert fit >= s.num_workers, f"{what} needs {need}; the worker groups hold {fit}"
     for g in workers:
         assert int(g.get("maxReplicas", g.get("replicas", 1))) >= int(g.get("replicas", 1)) >= int(g.get("minReplicas", 0))
         res = ray_container(g).get("resources") or {}
-        if s.use_gpu:  # Kubernetes schedules extended resources only with requests == limits
-            assert (res.get("requests") or {}).get("nvidia.com/gpu") == (res.get("limits") or {}).get("nvidia.com/gpu")
+        # Kubernetes schedules extended resources only with requests == limits
+        assert (res.get("requests") or {}).get("nvidia.com/gpu") == (res.get("limits") or {}).get("nvidia.com/gpu")
 
 
 @pytest.mark.parametrize("job", [d for _, d in rayjobs()], ids=rayjob_ids())
 def test_rayjob_pods_mount_the_config_paths(job):
-    path, cfg = job_config(job)
-    if cfg is None:
-        pytest.skip("entrypoint trains no config of workflows/configs")
+    needs = job_needs(job)
+    if not needs.paths:
+        pytest.skip("the entrypoint's configs name no absolute path")
     claims = {d["metadata"]["name"] for _, d in objects_of("PersistentVolumeClaim")}
     for g in groups(job):
-        spec = g["template"]["spec"]
-        volumes = {v["name"]: v for v in spec.get("volumes", [])}
-        mounts = [m for m in ray_container(g).get("volumeMounts", [])]
-        for p in config_paths(cfg):
+        volumes = {v["name"]: v for v in g["template"]["spec"].get("volumes", [])}
+        mounts = ray_container(g).get("volumeMounts", [])
+        for p in needs.paths:
             assert any(p == m["mountPath"] or p.startswith(m["mountPath"].rstrip("/") + "/") for m in mounts), (
-                f"{path}: {p} is not under a volumeMount of {ray_container(g)['name']}")
+                f"{p} (from {needs.files}) is not under a volumeMount of {ray_container(g)['name']}")
         for m in mounts:
             claim = (volumes[m["name"]].get("persistentVolumeClaim") or {}).get("claimName")
             assert claim is None or claim in claims, f"PVC {claim} is not defined under infra/"
@@ -259,9 +283,8 @@ def test_rayjob_image_holds_the_entrypoint(job):
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == ray_pin()
     workdir, copies = dockerfile_workdir_and_copies(CLUSTER / "Dockerfile")
     assert not [c for c in copies if not (REPO / c).exists()], "the Dockerfile copies files that do not exist"
-    module, args = entrypoint(job)
-    needed = {module.split(".")[0], *(a.split("/")[0] for a in args if a.endswith((".yaml", ".yml")))}
-    needed |= {c.split("/")[0] for c in [option(args, "--config")] if c}
+    module, _ = entrypoint(job)
+    needed = {module.split(".")[0], *(f.split("/")[0] for f in job_needs(job).files)}
     assert needed <= {c.rstrip("/") for c in copies}, f"the image lacks {needed - set(copies)}"
     for g in groups(job):
         assert ray_container(g).get("workingDir") == workdir, "relative paths of the entrypoint resolve in workingDir"
