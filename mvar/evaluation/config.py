@@ -24,8 +24,7 @@ class EvalConfig:
     attention: str = ""              # '' = the checkpoint's; var | scale_markov | mvar (same weights)
     window_size: int = 0             # 0 = the checkpoint's (mvar only)
     amp: bool = True                 # bfloat16 autocast when sampling on CUDA
-    samples_per_shard: int = 0       # unit of resume and of work per task: a multiple of batch_size;
-                                     # 0 = the multiple of batch_size nearest below 1024 (at least one batch)
+    samples_per_shard: int = 1024    # unit of resume and of work per task; rounded down to whole batches
     # -- where: Ray workers (tasks), each sampling a contiguous run of shards
     num_workers: int = 1             # 0 = sample in this process, without Ray
     use_gpu: bool = False            # one GPU per worker
@@ -51,7 +50,7 @@ class EvalConfig:
 
     @property
     def shard_size(self) -> int:
-        return self.samples_per_shard or self.batch_size * max(1, 1024 // self.batch_size)
+        return self.batch_size * max(1, self.samples_per_shard // self.batch_size)
 
     @property
     def threads(self) -> int:
@@ -70,8 +69,7 @@ class EvalConfig:
         check(self.batch_size >= 1, p + "batch_size", "must be >= 1")
         check(self.attention in ("",) + PATTERNS, p + "attention", f"must be '' or one of {', '.join(PATTERNS)}")
         check(self.window_size >= 0, p + "window_size", "must be >= 0 (0 = the checkpoint's)")
-        check(self.samples_per_shard >= 0 and self.samples_per_shard % self.batch_size == 0,
-              p + "samples_per_shard", f"must be a multiple of batch_size ({self.batch_size}), or 0")
+        check(self.samples_per_shard >= 1, p + "samples_per_shard", "must be >= 1")
         check(self.num_workers >= 0, p + "num_workers", "must be >= 0 (0 = in this process)")
         check(self.cpus_per_worker > 0, p + "cpus_per_worker", "must be > 0")
         check(self.threads_per_worker >= 0, p + "threads_per_worker", "must be >= 0")

@@ -168,8 +168,9 @@ def test_run_without_checkpoint_tag_or_unknown_run_is_refused(eval_inputs, tmp_p
 
 def test_config_errors_name_the_key(eval_inputs, tmp_path):
     with pytest.raises(ConfigError, match="eval.samples_per_shard"):
-        eval_inputs.config(tmp_path, samples_per_shard=12)
-    assert eval_inputs.config(tmp_path, batch_size=20, samples_per_shard=0).eval.shard_size == 1020
+        eval_inputs.config(tmp_path, samples_per_shard=0)
+    assert eval_inputs.config(tmp_path, batch_size=20, samples_per_shard=1024).eval.shard_size == 1020  # whole batches
+    assert eval_inputs.config(tmp_path, batch_size=20, samples_per_shard=8).eval.shard_size == 20
     with pytest.raises(ConfigError, match="eval.reference"):
         eval_inputs.config(tmp_path, reference="")
     with pytest.raises(ConfigError, match="eval.attention"):
