@@ -87,7 +87,9 @@ def experiment_id(name: str, uri: str = "") -> str:
         if exp is not None:
             return exp.experiment_id
         root = _artifact_root(uri)
-        return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+        # the kind makes MLflow 3's UI open the experiment on its runs (not the GenAI overview)
+        return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None,
+                                   tags={"mlflow.experimentKind": "custom_model_development"})
     except Exception as err:
         if type(err).__name__ == "RestException" and "RESOURCE_ALREADY_EXISTS" in str(err):
             return c.get_experiment_by_name(name).experiment_id  # created concurrently
