@@ -244,8 +244,8 @@ def write_grid(shards_dir: Path, plan: SamplePlan, ecfg: EvalConfig, path: Path)
     return path
 
 
-def reference_for(prep: Prepared):
-    """The Reference: loaded in prepare, or computed from the image set once (cached under the out dir)."""
+def reference_for(ecfg: EvalConfig, weights, reference, out_root: Path):
+    """The Reference: the checked `make-ref` file, or computed from the image set once (cached in out_root)."""
     from mvar.metrics.fidelity import (
         Reference,
         cache_name,
@@ -253,25 +253,26 @@ def reference_for(prep: Prepared):
         load_reference,
         save_reference,
     )
-    if isinstance(prep.reference, Reference):
-        return prep.reference
-    images: ImageSet = prep.reference
-    path = prep.out_root / cache_name(images.location, prep.weights.sha256)
+    if isinstance(reference, Reference):
+        return reference
+    images: ImageSet = reference
+    path = out_root / cache_name(images.location, weights.sha256)
     if path.is_file():
-        prep.reference = load_reference(path)
-    else:
-        print(f"reference statistics of {images.num_images} images of {images.location} -> {path}", flush=True)
-        prep.reference = compute_reference(images.location, prep.weights, metrics_device(prep.cfg.eval),
-                                           prep.cfg.eval.feature_batch_size)
-        save_reference(path, prep.reference)
-    return prep.reference
+        return load_reference(path)
+    print(f"reference statistics of {images.num_images} images of {images.location} -> {path}", flush=True)
+    ref = compute_reference(images.location, weights, metrics_device(ecfg), ecfg.feature_batch_size)
+    save_reference(path, ref)
+    return ref
 
 
-def quality_metrics(prep: Prepared, shards_dir: Path) -> dict[str, float]:
+def quality_metrics(ecfg: EvalConfig, image_size: int, out_root: Path, shards_dir: Path,
+                    checked: tuple | None = None) -> dict[str, float]:
+    """FID / IS / precision / recall of one setting's samples. ``checked``: (weights, reference) from
+    `prepare`; without it (on a GPU worker) they are checked again where this runs."""
     from mvar.metrics.fidelity import fidelity_metrics, image_features
-    ecfg = prep.cfg.eval
-    ref = reference_for(prep)
-    features = image_features(str(shards_dir), prep.weights, metrics_device(ecfg), ecfg.feature_batch_size)
+    weights, reference = checked if checked else prepare_reference(ecfg, image_size)
+    ref = reference_for(ecfg, weights, reference, out_root)
+    features = image_features(str(shards_dir), weights, metrics_device(ecfg), ecfg.feature_batch_size)
     m = fidelity_metrics(features, ref, ecfg.prc_neighborhood, ecfg.isc_splits)
     return {f"eval/{k}": v for k, v in m.items()}
 
@@ -285,8 +286,11 @@ def evaluate_setting(prep: Prepared, s: SamplingConfig, workers: Workers) -> Set
     if prep.cfg.eval.write_npz and not npz.is_file():
         write_images_npz(str(npz), iter_images(str(shards_dir)), prep.plan.num_samples, prep.image_size)
     write_grid(shards_dir, prep.plan, prep.cfg.eval, out / "grid.png")
-    if prep.cfg.eval.metrics:
-        metrics.update(quality_metrics(prep, shards_dir))
+    ecfg = prep.cfg.eval
+    if ecfg.metrics and ecfg.use_gpu and ecfg.num_workers > 0:  # Inception on a GPU worker: the driver may have none
+        metrics.update(workers.call(quality_metrics, ecfg, prep.image_size, prep.out_root, shards_dir))
+    elif ecfg.metrics:
+        metrics.update(quality_metrics(ecfg, prep.image_size, prep.out_root, shards_dir, (prep.weights, prep.reference)))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     return SettingResult(s, out, metrics, reused_shards=reused)
 

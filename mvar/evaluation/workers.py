@@ -70,13 +70,25 @@ class Workers:
         task = ray.remote(sample_shards).options(
             num_cpus=self.cfg.cpus_per_worker, num_gpus=1 if self.cfg.use_gpu else 0, max_retries=2,
             name="mvar-eval-sample", runtime_env={"env_vars": dict(MALLOC_ENV)})
-        refs = [task.remote(asdict(job)) for job in jobs]
-        try:
-            return ray.get(refs)
-        except ray.exceptions.RayTaskError as err:
-            for ref in refs:
-                ray.cancel(ref)
-            cause = getattr(err, "cause", None)
-            if isinstance(cause, UserError):
-                raise UserError(str(cause)) from err
-            raise
+        return _get([task.remote(asdict(job)) for job in jobs])
+
+    def call(self, fn, *args):
+        """``fn(*args)`` as one Ray task on a worker's resources (one GPU with eval.use_gpu); its result."""
+        import ray
+        task = ray.remote(fn).options(num_cpus=self.cfg.cpus_per_worker, num_gpus=1 if self.cfg.use_gpu else 0,
+                                      max_retries=1, name=f"mvar-eval-{fn.__name__}")
+        return _get([task.remote(*args)])[0]
+
+
+def _get(refs: list) -> list:
+    """Results of Ray tasks; bad input found on a worker comes back as the one-line UserError it is."""
+    import ray
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as err:
+        for ref in refs:
+            ray.cancel(ref)
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, UserError):
+            raise UserError(str(cause)) from err
+        raise

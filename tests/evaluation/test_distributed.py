@@ -1,10 +1,13 @@
 """Evaluation on Ray: two CPU workers (0.5 CPU each) on one local Ray shared by the module."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mvar import tracking
-from mvar.evaluation.run import evaluate
+from mvar.evaluation.run import evaluate, quality_metrics
+from mvar.evaluation.workers import Workers
 from workflows.evaluate import main as evaluate_main
 
 from .test_evaluate import SETTING, shard_bytes, training_run
@@ -40,3 +43,9 @@ def test_workflow_evaluates_a_training_run_on_two_ray_workers_with_the_same_imag
     evaluate(eval_inputs.config(tmp_path / "one", metrics=False))
     assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "ray")
     assert len(shard_bytes(tmp_path / "ray")) == 3 and (tmp_path / "ray" / SETTING / "samples.npz").is_file()
+    # with eval.use_gpu the metrics run as a task on a GPU worker: the same task on a CPU worker agrees
+    cfg = eval_inputs.config(tmp_path / "ray", num_workers=2)
+    with Workers(cfg.eval) as workers:
+        remote = workers.call(quality_metrics, cfg.eval, 64, tmp_path / "ray", tmp_path / "ray" / SETTING / "samples")
+    driver = json.loads((tmp_path / "ray" / SETTING / "metrics.json").read_text())
+    assert remote == pytest.approx({k: v for k, v in driver.items() if k.startswith("eval/")}, rel=1e-3)
