@@ -1,0 +1,275 @@
+"""One trial: suggest, train, report, prune, evaluate, return the objectives.
+
+    params = suggest(trial, search_space)               # the config keys of the search space
+    python -m workflows.train --config BASE ... run.name=<study>-t<N>   # a Ray Train run (subprocess)
+        while it runs: val/loss (logged at each checkpoint) -> trial.report -> trial.should_prune
+    evaluate(run_id=<its MLflow run>)                    # on the final checkpoint, into the same run
+    return [metrics[name] for name in objectives]
+
+Training runs in a child process so that a pruned (or interrupted) trial can be stopped
+at once: the process is the Ray driver of the run, and Ray ends the run's workers with it.
+The trial's run name comes from the number of the trial's first attempt, so a retried
+trial resumes its training run from the latest checkpoint and continues the same MLflow run.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from mvar import tracking
+from mvar.config import ConfigError, flatten, from_dict
+from mvar.errors import UserError
+from mvar.training.config import TrainConfig, load_train_config
+from mvar.training.launch import run_key, storage_location
+from sweeps import runs
+from sweeps.checks import Preflight
+from sweeps.runs import SweepTracking
+from sweeps.study import KNOWN_METRICS, StudyConfig, override, suggest
+
+log = logging.getLogger(__name__)
+
+STOP = threading.Event()     # set by the sweep's signal handler: running trials stop and are queued again
+TERMINATE_WAIT_S = 20.0
+
+
+class TrialFailed(Exception):
+    """The trial's training or evaluation failed; the trial is marked FAIL and the study goes on."""
+
+
+@dataclass
+class SweepContext:
+    study: StudyConfig
+    pre: Preflight
+    tracking: SweepTracking
+    env: dict[str, str]      # the training processes' environment: Ray address, MLflow store
+    log_dir: Path
+    eval_keys: dict          # the trials' `eval.*` keys (an image-set reference replaced by its statistics)
+
+
+def trial_key(trial: optuna.Trial) -> int:
+    """The number of the trial's first attempt (a retry inherits the user attrs of the trial it retries)."""
+    return int(trial.user_attrs.get("trial_key", trial.number))
+
+
+def trial_config(ctx: SweepContext, key: int, params: dict) -> tuple[TrainConfig, list[str]]:
+    name = f"{ctx.study.study_name}-t{key}"
+    t = ctx.tracking
+    overrides = (ctx.pre.overrides + [override(k, v) for k, v in params.items()]
+                 + [f"run.name={name}", f"run.storage_path={storage_location(ctx.pre.base.run.storage_path)}",
+                    f"tracking.uri={t.uri}", f"tracking.experiment={t.cfg.experiment}", f"tracking.run_name={name}"])
+    try:
+        return load_train_config(ctx.study.base_config, overrides), overrides
+    except ConfigError as err:
+        raise TrialFailed(f"trial {key}: {err}") from None
+
+
+class TrainingRun:
+    """The MLflow training run of a trial, found by its `mvar.run_key` tag once the driver made it."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.name = cfg, cfg.run.name
+        self.uri, self.experiment = cfg.tracking.uri, cfg.tracking.experiment
+        self.key = run_key(cfg, storage_location(cfg.run.storage_path))
+        self.run_id = ""
+        self.reported: set[int] = set()
+
+    def find(self) -> str:
+        if not self.run_id:
+            c = tracking.client(self.uri)
+            exp = c.get_experiment_by_name(self.experiment)
+            found = c.search_runs([exp.experiment_id], filter_string=f"tags.`mvar.run_key` = '{self.key}'",
+                                  max_results=1) if exp else []
+            self.run_id = found[0].info.run_id if found else ""
+        return self.run_id
+
+    def new_val_loss(self) -> list[tuple[int, float]]:
+        if not self.find():
+            return []
+        history = tracking.client(self.uri).get_metric_history(self.run_id, "val/loss")
+        new = sorted({m.step: m.value for m in history if m.step not in self.reported}.items())
+        self.reported.update(step for step, _ in new)
+        return new
+
+    def curve(self) -> list[tuple[int, float]]:
+        history = tracking.client(self.uri).get_metric_history(self.run_id, "val/loss") if self.find() else []
+        return sorted({m.step: m.value for m in history}.items())
+
+
+def check_same_params(run: TrainingRun, params: dict) -> None:
+    """A run of this name with other values means the study was restarted on a fresh storage."""
+    if not run.find():
+        return
+    logged = tracking.client(run.uri).get_run(run.run_id).data.params
+    ours = flatten(run.cfg)
+    differ = {k: (logged[k], str(ours[k])) for k in params if k in logged and logged[k] != str(ours[k])}
+    if differ:
+        raise UserError(f"training run '{run.key}' (MLflow {run.run_id}) exists with other values {differ}: "
+                        f"an earlier study of this name on another storage; use another study_name or "
+                        f"run.storage_path")
+
+
+def start_training(ctx: SweepContext, overrides: list[str], log_path: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "sweeps.train_child", str(os.getpid()), "--config", ctx.study.base_config,
+           *overrides]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        out.write(("\n$ " + " ".join(cmd[3:]) + "\n").encode())
+        out.flush()
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ctx.env, cwd=os.getcwd())
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(TERMINATE_WAIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def log_tail(path: Path, lines: int = 12) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def report(ctx: SweepContext, trial: optuna.Trial, step: int, value: float) -> bool:
+    """Send val/loss to Optuna (single objective: pruning); True when the trial should stop."""
+    if len(ctx.study.objectives) > 1:
+        return False  # Optuna has no intermediate values for several objectives
+    sign = 1.0 if ctx.study.directions[0] == "minimize" else -1.0  # lower val/loss is better either way
+    trial.report(sign * value, step)
+    return trial.should_prune()
+
+
+def train(ctx: SweepContext, trial: optuna.Trial, run: TrainingRun, overrides: list[str], key: int) -> None:
+    """Run the training process to its end, reporting val/loss; raises TrialPruned or TrialFailed."""
+    check_same_params(run, trial.params)
+    log_path = ctx.log_dir / f"{run.name}.log"
+    proc = start_training(ctx, overrides, log_path)
+    try:
+        while proc.poll() is None:
+            STOP.wait(ctx.study.poll_s)
+            if STOP.is_set():
+                raise KeyboardInterrupt(f"trial {key} interrupted")
+            for step, value in run.new_val_loss():
+                if report(ctx, trial, step, value) and proc.poll() is None:
+                    stop(proc)
+                    mark_pruned(run, step)
+                    raise optuna.TrialPruned(f"val/loss {value:.4g} at step {step}")
+    finally:
+        stop(proc)
+    for step, value in run.new_val_loss():
+        report(ctx, trial, step, value)
+    if proc.returncode != 0:
+        raise TrialFailed(f"trial {key}: training exited with code {proc.returncode}; the end of {log_path}:\n"
+                          + log_tail(log_path))
+    if not run.find():
+        raise TrialFailed(f"trial {key}: training finished but no MLflow run has the tag mvar.run_key={run.key}")
+
+
+def mark_pruned(run: TrainingRun, step: int) -> None:
+    if run.find():
+        c = tracking.client(run.uri)
+        c.set_tag(run.run_id, "mvar.stopped", f"pruned by the sweep at step {step}")
+        c.set_terminated(run.run_id, "KILLED")
+
+
+def train_metric(uri: str, run_id: str, name: str, aggregate: str) -> float | None:
+    history = tracking.client(uri).get_metric_history(run_id, name)
+    values = [m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
+    if not values:
+        return None
+    return {"last": values[-1], "max": max(values), "median": statistics.median(values)}[aggregate]
+
+
+def evaluate_run(ctx: SweepContext, cfg: TrainConfig, run_id: str) -> dict[str, float]:
+    """The evaluation of the final checkpoint (the run's `mvar.checkpoint`), logged into the training run."""
+    from mvar.evaluation.config import EvaluateConfig
+    from mvar.evaluation.run import evaluate
+    eval_keys = dict(ctx.eval_keys)
+    if eval_keys.get("out_dir"):
+        eval_keys["out_dir"] = str(Path(eval_keys["out_dir"]) / cfg.run.name)
+    ecfg = from_dict(EvaluateConfig, {"run_id": run_id, "eval": eval_keys, "tracking": {
+        "uri": cfg.tracking.uri, "experiment": cfg.tracking.experiment, "system_metrics": False}})
+    [result] = evaluate(ecfg)
+    return dict(result.metrics)
+
+
+def measure(ctx: SweepContext, cfg: TrainConfig, run_id: str) -> dict[str, float]:
+    """Every known metric the trial's runs hold: the evaluation's, then the training run's."""
+    metrics = evaluate_run(ctx, cfg, run_id) if ctx.pre.eval_cfg is not None else {}
+    for name, m in KNOWN_METRICS.items():
+        if m.source == "train":
+            value = train_metric(cfg.tracking.uri, run_id, name, m.aggregate)
+            if value is not None:
+                metrics[name] = value
+    return metrics
+
+
+def objective_values(ctx: SweepContext, metrics: dict[str, float], key: int) -> list[float]:
+    values = []
+    for name in ctx.study.objectives:
+        value = metrics.get(name)
+        if value is None or math.isnan(value):
+            raise TrialFailed(f"trial {key}: objective {name} is {'missing' if value is None else 'NaN'}")
+        values.append(float(value))
+    return values
+
+
+class Objective:
+    """``study.optimize(Objective(ctx), ...)``; thread-safe, so n_jobs > 1 runs trials side by side."""
+
+    def __init__(self, ctx: SweepContext):
+        self.ctx = ctx
+
+    def __call__(self, trial: optuna.Trial):
+        ctx, key = self.ctx, trial_key(trial)
+        trial.set_user_attr("trial_key", key)
+        params = suggest(trial, ctx.study.search_space)
+        cfg, overrides = trial_config(ctx, key, params)
+        child = runs.child_run(ctx.tracking, key, params)
+        trial.set_user_attr("mlflow_run_id", child)
+        run, state, metrics = TrainingRun(cfg), "FAIL", {}
+        try:
+            train(ctx, trial, run, overrides, key)
+            trial.set_user_attr("train_run_id", run.run_id)
+            metrics = measure(ctx, cfg, run.run_id)
+            for name, value in metrics.items():
+                trial.set_user_attr(name, value)
+            values = objective_values(ctx, metrics, key)
+            state = "COMPLETE"
+        except optuna.TrialPruned:
+            state = "PRUNED"
+            raise
+        except KeyboardInterrupt:
+            state = "INTERRUPTED"  # queued again with the same values: a rerun retries it
+            trial.study.enqueue_trial(params, user_attrs={"trial_key": key})
+            raise
+        finally:
+            self._finish(trial, key, child, run, state, metrics)
+        print(f"trial {trial.number} ({params}): "
+              + ", ".join(f"{n} {v:.4g}" for n, v in zip(ctx.study.objectives, values)), flush=True)
+        return values[0] if len(values) == 1 else values
+
+    def _finish(self, trial, key: int, child: str, run: TrainingRun, state: str, metrics: dict) -> None:
+        """Link the child and the training run, log the child's numbers; never hides the trial's own error."""
+        t = self.ctx.tracking
+        try:
+            if run.find():
+                runs.link(t, child, run.run_id, key, trial.number)
+            runs.finish_child(t, child, state, metrics, {"mvar.optuna_trial": str(trial.number)}, run.curve())
+        except Exception as err:  # noqa: BLE001 - MLflow trouble costs the child's numbers, not the trial
+            log.warning("MLflow: could not finish the child run %s of trial %d: %s", child, trial.number, err)
