@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/quickstart", help="where everything is written")
     parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--tokenizer-steps", type=int, default=150)
+    parser.add_argument("--tokenizer-steps", type=int, default=60)
     parser.add_argument("--num-per-class", type=int, default=10, help="evaluation samples per class")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
