@@ -144,7 +144,7 @@ def test_perceptual_under_ddp_with_a_frozen_submodule(vgg_weights):
 def test_perceptual_weights_formats_and_mismatches(tmp_path):
     full = save_standin_weights(tmp_path / "features.pth", num_layers=5, seed=1)  # ~59 MB, every tap
     net = load_perceptual(full, 5)
-    assert torch.equal(net.features[28].weight, torch.load(full)["features.28.weight"])
+    assert torch.equal(net.features[28].weight, torch.load(full, weights_only=True)["features.28.weight"])
     bare = tmp_path / "bare.pth"  # a state dict of vgg16().features itself: keys without the prefix
     torch.save({k: v for k, v in vgg16_features(1).state_dict().items()}, bare)
     VGGPerceptual(1).load_weights(bare)
