@@ -178,7 +178,7 @@ def summary(s: optuna.Study) -> dict[str, float]:
 def finish(s: optuna.Study, study: StudyConfig, t: SweepTracking, out: Path, status: str) -> None:
     """The report into the parent run, whatever happened to the trials."""
     try:
-        files = report.write_report(s, list(study.objectives), out / "report")
+        files = report.write_report(s, study.objectives, out / "report")
         best = ",".join(str(b.number) for b in s.best_trials) if count(s, (TrialState.COMPLETE,)) else ""
         runs.finish_parent(t, status, summary(s), {"mvar.best_trials": best}, files)
     except Exception as err:  # noqa: BLE001 - never hide the sweep's own outcome

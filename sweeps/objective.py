@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,9 +245,12 @@ class Objective:
         trial.set_user_attr("mlflow_run_id", child)
         run, state, metrics = TrainingRun(cfg), "FAIL", {}
         try:
+            t0 = time.monotonic()
             train(ctx, trial, run, overrides, key)
             trial.set_user_attr("train_run_id", run.run_id)
+            t1 = time.monotonic()
             metrics = measure(ctx, cfg, run.run_id)
+            metrics.update({"sweep/train_s": t1 - t0, "sweep/eval_s": time.monotonic() - t1})
             for name, value in metrics.items():
                 trial.set_user_attr(name, value)
             values = objective_values(ctx, metrics, key)
@@ -261,7 +265,8 @@ class Objective:
         finally:
             self._finish(trial, key, child, run, state, metrics)
         print(f"trial {trial.number} ({params}): "
-              + ", ".join(f"{n} {v:.4g}" for n, v in zip(ctx.study.objectives, values)), flush=True)
+              + ", ".join(f"{n} {v:.4g}" for n, v in zip(ctx.study.objectives, values))
+              + f" (training {metrics['sweep/train_s']:.0f} s, evaluation {metrics['sweep/eval_s']:.0f} s)", flush=True)
         return values[0] if len(values) == 1 else values
 
     def _finish(self, trial, key: int, child: str, run: TrainingRun, state: str, metrics: dict) -> None:

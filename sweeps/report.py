@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import optuna
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 QUALITY, MEMORY = "eval/fid", "infer/peak_mem_mb"
 
 
-def write_report(study: optuna.Study, objectives: list[str], out: Path) -> list[Path]:
+def write_report(study: optuna.Study, objectives: dict[str, str], out: Path) -> list[Path]:
     """Every file that could be made; a part that cannot (no data yet) is skipped with a log line."""
     import matplotlib
     matplotlib.use("Agg")
@@ -51,7 +52,7 @@ def pareto_points(study: optuna.Study) -> tuple[list[tuple[float, float, int]], 
     return pts, sorted(front)
 
 
-def write_pareto(study: optuna.Study, objectives: list[str], out: Path) -> list[Path]:
+def write_pareto(study: optuna.Study, objectives: dict[str, str], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     pts, front = pareto_points(study)
     if not pts:
@@ -67,38 +68,43 @@ def write_pareto(study: optuna.Study, objectives: list[str], out: Path) -> list[
     ax.set_ylabel(QUALITY)
     ax.set_title(f"{study.study_name}: quality vs memory")
     ax.legend()
-    fig.tight_layout()
     path = out / "pareto_front.png"
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return [path]
 
 
-def importances(study: optuna.Study, objectives: list[str]) -> dict[str, dict]:
+def importances(study: optuna.Study, objectives: dict[str, str]) -> dict[str, dict]:
+    """Per objective: how much each parameter matters for reaching good values (a maximised one is negated:
+    Optuna's default evaluator looks at low values), or why there is no answer."""
     out = {}
-    for i, name in enumerate(objectives):
+    for i, (name, direction) in enumerate(objectives.items()):
+        sign = -1.0 if direction == "maximize" else 1.0
         try:
-            imp = optuna.importance.get_param_importances(study, target=lambda t, i=i: t.values[i])
-            out[name] = {k: float(v) for k, v in imp.items()}
-        except Exception as err:  # noqa: BLE001 - too few trials, or no parameter varied
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                imp = optuna.importance.get_param_importances(study, target=lambda t, i=i, s=sign: s * t.values[i])
+            too_few = [str(w.message) for w in caught if "too small" in str(w.message)]
+            out[name] = {"error": too_few[0]} if too_few else {k: float(v) for k, v in imp.items()}
+        except Exception as err:  # noqa: BLE001 - no complete trial, or no parameter varied
             out[name] = {"error": f"{type(err).__name__}: {err}"}
     return out
 
 
-def write_importances(study: optuna.Study, objectives: list[str], out: Path) -> list[Path]:
+def write_importances(study: optuna.Study, objectives: dict[str, str], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     result = importances(study, objectives)
     path = out / "importances.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
-    first = result[objectives[0]]
+    name = next(iter(objectives))
+    first = result[name]
     if "error" in first:
-        log.info("report: no parameter importances for %s: %s", objectives[0], first["error"])
+        log.info("report: no parameter importances for %s: %s", name, first["error"])
         return [path]
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(first)))
+    fig, ax = plt.subplots(figsize=(6, 1.5 + 0.4 * len(first)))
     ax.barh(list(first), list(first.values()))
-    ax.set_xlabel(f"importance for {objectives[0]}")
-    fig.tight_layout()
+    ax.set_xlabel(f"importance for {name}")
     png = out / "importances.png"
-    fig.savefig(png, dpi=120)
+    fig.savefig(png, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return [path, png]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mvar import tracking
 from mvar.checkpoint import save_tokenizer
 from mvar.data.synth import write_synth
 from mvar.data.tokens import tokenize
@@ -57,6 +58,7 @@ class SweepInputs:
                 "study.eval.reference": self.reference, "study.eval.feature_extractor_weights": self.weights,
                 "study.eval.num_per_class": 2, "study.eval.batch_size": 10, "study.eval.samples_per_shard": 10,
                 "study.eval.isc_splits": 2, "study.eval.out_dir": str(self.root / "eval"),
+                "study.eval.num_workers": 0,  # sample in the sweep's process: no Ray task start per trial
                 "study.resume.heartbeat_interval_s": 2, "study.resume.grace_period_s": 6, "study.poll_s": 1}
         base.update(extra)
         return [f"{k}={v}" for k, v in base.items()]
@@ -77,8 +79,10 @@ def sweep_inputs(tmp_path_factory) -> SweepInputs:
     reference = str(root / "reference.npz")
     save_reference(reference, compute_reference(str(root / "eval-images"), resolve_weights(weights),
                                                 torch.device("cpu"), 10))
-    return SweepInputs(root, str(root / "tokenizer"), str(root / "tokens"), str(root / "eval-tokens"), weights,
-                       reference)
+    inputs = SweepInputs(root, str(root / "tokenizer"), str(root / "tokens"), str(root / "eval-tokens"), weights,
+                         reference)
+    tracking.experiment_id(EXPERIMENT, inputs.tracking_uri)  # the store exists before tests poll it beside a sweep
+    return inputs
 
 
 @pytest.fixture(scope="module")

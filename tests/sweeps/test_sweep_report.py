@@ -1,0 +1,45 @@
+"""The parent run's report from a study in memory (no training): trials table, Pareto front, importances."""
+from __future__ import annotations
+
+import json
+
+import optuna
+
+from sweeps.report import pareto_points, write_report
+from sweeps.storage import quiet_experimental
+
+OBJECTIVES = {"eval/fid": "minimize", "infer/peak_mem_mb": "minimize"}
+
+
+def study_with(points: list[tuple[int, int, float, float]]) -> optuna.Study:
+    """(window, depth, fid, memory) per complete trial, as the sweep records them."""
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    with quiet_experimental():
+        study.set_metric_names(list(OBJECTIVES))
+    dists = {"model.window_size": optuna.distributions.CategoricalDistribution([1, 3, 5]),
+             "model.depth": optuna.distributions.CategoricalDistribution([1, 2, 3])}
+    for window, depth, fid, mem in points:
+        study.add_trial(optuna.create_trial(params={"model.window_size": window, "model.depth": depth},
+                                            distributions=dists, values=[fid, mem],
+                                            user_attrs={"eval/fid": fid, "infer/peak_mem_mb": mem}))
+    return study
+
+
+def test_report_files_and_the_pareto_front(tmp_path):
+    study = study_with([(1, 1, 9.0, 10.0), (3, 2, 8.0, 20.0), (5, 3, 8.5, 30.0), (3, 1, 7.0, 40.0)])
+    files = write_report(study, OBJECTIVES, tmp_path)
+    assert {f.name for f in files} == {"trials.csv", "pareto_front.png", "importances.json", "importances.png"}
+    header = (tmp_path / "trials.csv").read_text().splitlines()[0]
+    assert "values_eval/fid" in header and "params_model.window_size" in header and "user_attrs_eval/fid" in header
+    _, front = pareto_points(study)
+    assert [n for _, _, n in front] == [0, 1, 3]  # trial 2 (8.5 at 30 MB) is dominated by trial 1
+    result = json.loads((tmp_path / "importances.json").read_text())
+    assert set(result) == set(OBJECTIVES) and set(result["eval/fid"]) == {"model.window_size", "model.depth"}
+
+
+def test_report_with_too_few_trials_says_why(tmp_path):
+    files = write_report(study_with([(1, 1, 9.0, 10.0)]), OBJECTIVES, tmp_path)
+    assert "importances.png" not in {f.name for f in files}
+    result = json.loads((tmp_path / "importances.json").read_text())
+    assert all("too small" in v["error"] for v in result.values())
+    assert (tmp_path / "pareto_front.png").is_file()
