@@ -8,8 +8,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +24,7 @@ from mvar import cluster, tracking
 from mvar.errors import UserError
 from sweeps import report, runs
 from sweeps.checks import Preflight
-from sweeps.objective import Objective, SweepContext, TrialFailed
+from sweeps.objective import STOP, Objective, SweepContext, TrialFailed
 from sweeps.runs import SweepTracking
 from sweeps.storage import masked, quiet_experimental
 from sweeps.study import StudyConfig
@@ -185,6 +187,23 @@ def finish(s: optuna.Study, study: StudyConfig, t: SweepTracking, out: Path, sta
         log.warning("the sweep's report was not (completely) logged: %s", err)
 
 
+@contextlib.contextmanager
+def interrupt_on_signals():
+    """SIGTERM (`kill PID`) stops the sweep as Ctrl-C does: running trials stop their training and are
+    queued again. Installed after Ray's driver start, which sets handlers of its own."""
+    STOP.clear()
+
+    def handler(signum, frame):
+        STOP.set()
+        raise KeyboardInterrupt(f"signal {signum}")
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def run_study(study: StudyConfig, pre: Preflight, url: str, storage) -> int:
     import ray
     uri = tracking.resolve_uri(pre.base.tracking.uri)
@@ -202,7 +221,8 @@ def run_study(study: StudyConfig, pre: Preflight, url: str, storage) -> int:
               f"{n_parallel} trial(s) at once", flush=True)
         out = Path(study.log_dir).resolve() / study.study_name
         ctx = SweepContext(study, pre, t, trial_env(uri), out, shared_reference(study, pre, out))
-        run_trials(s, ctx, n_parallel)
+        with interrupt_on_signals():
+            run_trials(s, ctx, n_parallel)
     finally:
         if started_ray:
             cluster.shutdown()

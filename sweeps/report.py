@@ -56,7 +56,7 @@ def write_pareto(study: optuna.Study, objectives: dict[str, str], out: Path) -> 
     import matplotlib.pyplot as plt
     pts, front = pareto_points(study)
     if not pts:
-        raise ValueError(f"no complete trial has both {QUALITY} and {MEMORY} (is the evaluation on?)")
+        raise ValueError(f"no complete trial with both {QUALITY} and {MEMORY} (yet)")
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.scatter([p[0] for p in pts], [p[1] for p in pts], c="0.6", label="trials")
     ax.plot([p[0] for p in front], [p[1] for p in front], "o-", c="tab:red", label="Pareto front")

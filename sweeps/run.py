@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from dataclasses import dataclass
 
@@ -74,18 +73,6 @@ def prepare(args: argparse.Namespace) -> Prepared:
     return Prepared(study, preflight(study, base_items), url, storage)
 
 
-def interrupt_on_signals() -> dict:
-    """`kill PID` stops the sweep as Ctrl-C does: running trials are stopped and queued again.
-    Returns the handlers it replaced."""
-    from sweeps.objective import STOP
-    STOP.clear()
-
-    def handler(signum, frame):
-        STOP.set()
-        raise KeyboardInterrupt(f"signal {signum}")
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -99,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{masked(prep.url)})")
             return 0
         from sweeps.driver import run_study
-        previous = interrupt_on_signals()
-        try:
-            return run_study(prep.study, prep.pre, prep.url, prep.storage)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        return run_study(prep.study, prep.pre, prep.url, prep.storage)
     except (ConfigError, UserError) as err:
         print(f"sweeps.run: error: {err}", file=sys.stderr)
         return 2
