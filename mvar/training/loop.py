@@ -173,8 +173,9 @@ def validate(w: Worker, ddp) -> float:
 def make_tracker(w: Worker, start_step: int):
     if w.rank != 0 or not w.run_id:
         return NullTracker()
-    logged = last_logged_step(w.run_id, "train/loss", w.cfg.tracking.uri) if start_step else -1
-    tracker = MlflowTracker(w.run_id, w.cfg.tracking, skip_through_step=max(logged, start_step) if start_step else -1)
+    # a run killed before its first checkpoint restarts at step 0 having logged some steps: skip those too
+    logged = last_logged_step(w.run_id, "train/loss", w.cfg.tracking.uri)
+    tracker = MlflowTracker(w.run_id, w.cfg.tracking, skip_through_step=max(logged, start_step if start_step else -1))
     tracker.start_system_metrics()
     if not start_step:  # what the model costs, for the report's columns
         tracker.log_metrics({"model/attn_gflops": attention_gflops(w.model),
