@@ -37,6 +37,8 @@ def connect(num_cpus: int | None = None, num_gpus: int | None = None, env_vars: 
     address = os.environ.get("RAY_ADDRESS", "")
     if address or in_ray_job():
         # a dashboard URL (http://...:8265) is what `ray job submit` wants; the driver joins via GCS
+        if address.startswith(("127.0.0.1", "localhost", "http://127.0.0.1", "http://localhost")):
+            _advertise_loopback()  # else Ray rewrites loopback to the machine's address and the join hangs
         ray.init(address="auto" if address.startswith("http") or not address else address,
                  runtime_env=runtime_env, log_to_driver=True)
         return "cluster"
