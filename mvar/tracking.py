@@ -132,9 +132,19 @@ def run_exists(run_id: str, uri: str = "") -> bool:
 
 
 def last_logged_step(run_id: str, key: str, uri: str = "") -> int:
-    """Highest step logged for ``key`` (-1 if none): a resumed run logs only later steps."""
+    """Highest step logged for ``key`` (-1 if none)."""
     history = client(uri).get_metric_history(run_id, key)
     return max((m.step for m in history), default=-1)
+
+
+def logged_steps(run_id: str, uri: str = "") -> dict[str, int]:
+    """Highest step logged per metric key of a run (system metrics aside): what a resumed run must not log again.
+
+    Per key, because a run killed mid-step can have logged ``train/loss`` for a step but not the ``val/loss``
+    that follows it; the resumed run recomputes that step and must still log the missing key."""
+    c = client(uri)
+    keys = [k for k in c.get_run(run_id).data.metrics if not k.startswith("system/")]
+    return {k: last_logged_step(run_id, k, uri) for k in keys}
 
 
 class NullTracker:
@@ -153,12 +163,13 @@ class NullTracker:
 class MlflowTracker(NullTracker):
     """Logs to an existing MLflow run from a background thread that retries failures."""
 
-    def __init__(self, run_id: str, cfg: TrackingConfig, skip_through_step: int = -1):
+    def __init__(self, run_id: str, cfg: TrackingConfig, skip_logged: bool = False):
         from mlflow import MlflowClient
         self.run_id, self.cfg = run_id, cfg
         self.uri = resolve_uri(cfg.uri)
         self._client = MlflowClient(tracking_uri=self.uri)
-        self._skip_through = skip_through_step  # steps a resumed run already logged
+        # a resumed run: per key, the steps already logged are not logged again
+        self._logged = logged_steps(run_id, self.uri) if skip_logged else {}
         self._queue: queue.Queue[Callable[[], Any] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._drain, name="mvar-tracking", daemon=True)
         self._thread.start()
@@ -179,11 +190,11 @@ class MlflowTracker(NullTracker):
         self._submit(lambda: self._client.log_batch(self.run_id, tags=items))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step <= self._skip_through:
-            return
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self._logged.get(k, -1)]
+        if not items:
+            return
         self._submit(lambda: self._client.log_batch(self.run_id, metrics=items))
 
     def log_artifact(self, path: str | Path, artifact_dir: str | None = None) -> None:

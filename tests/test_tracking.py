@@ -39,18 +39,22 @@ def test_run_holds_params_tags_metrics_and_artifacts(cfg, tmp_path):
     assert str(tmp_path) in run.info.artifact_uri
 
 
-def test_resumed_tracker_skips_steps_already_logged(cfg):
+def test_resumed_tracker_skips_steps_already_logged_per_key(cfg):
     run_id = tracking.start_run(cfg, "r2")
     first = MlflowTracker(run_id, cfg)
     for step in (1, 2, 3):
         first.log_metrics({"train/loss": 1.0}, step)
+    first.log_metrics({"val/loss": 1.0}, 2)  # killed after train/loss of step 3, before its val/loss
     first.close(status="")
-    second = MlflowTracker(run_id, cfg, skip_through_step=tracking.last_logged_step(run_id, "train/loss", cfg.uri))
+    assert tracking.logged_steps(run_id, cfg.uri) == {"train/loss": 3, "val/loss": 2}
+    second = MlflowTracker(run_id, cfg, skip_logged=True)
     for step in (2, 3, 4, 5):
         second.log_metrics({"train/loss": 2.0}, step)
+        second.log_metrics({"val/loss": 2.0}, step)
     second.close()
-    steps = [m.step for m in tracking.client(cfg.uri).get_metric_history(run_id, "train/loss")]
-    assert sorted(steps) == [1, 2, 3, 4, 5]
+    history = tracking.client(cfg.uri).get_metric_history
+    assert sorted(m.step for m in history(run_id, "train/loss")) == [1, 2, 3, 4, 5]
+    assert sorted((m.step, m.value) for m in history(run_id, "val/loss")) == [(2, 1.0), (3, 2.0), (4, 2.0), (5, 2.0)]
 
 
 def _free_port() -> int:

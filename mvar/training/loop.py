@@ -36,7 +36,7 @@ from mvar.config import from_dict
 from mvar.data import build_eval_loader, build_train_loader
 from mvar.models import NextScaleTransformer
 from mvar.models.schedule import scales_for_step
-from mvar.tracking import MlflowTracker, NullTracker, last_logged_step
+from mvar.tracking import MlflowTracker, NullTracker
 from mvar.training.config import TrainConfig
 from mvar.training.memory import PeakTracker
 from mvar.training.optim import build_optimizer
@@ -173,9 +173,8 @@ def validate(w: Worker, ddp) -> float:
 def make_tracker(w: Worker, start_step: int):
     if w.rank != 0 or not w.run_id:
         return NullTracker()
-    # a run killed before its first checkpoint restarts at step 0 having logged some steps: skip those too
-    logged = last_logged_step(w.run_id, "train/loss", w.cfg.tracking.uri)
-    tracker = MlflowTracker(w.run_id, w.cfg.tracking, skip_through_step=max(logged, start_step if start_step else -1))
+    # a restarted run (also one killed before its first checkpoint) skips, per key, the steps already logged
+    tracker = MlflowTracker(w.run_id, w.cfg.tracking, skip_logged=True)
     tracker.start_system_metrics()
     if not start_step:  # what the model costs, for the report's columns
         tracker.log_metrics({"model/attn_gflops": attention_gflops(w.model),

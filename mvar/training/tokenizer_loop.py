@@ -48,7 +48,7 @@ from mvar.data.storage import is_local
 from mvar.errors import UserError
 from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from mvar.tokenizer.perceptual import VGGPerceptual, load_perceptual
-from mvar.tracking import MlflowTracker, NullTracker, last_logged_step
+from mvar.tracking import MlflowTracker, NullTracker
 from mvar.training.config import OptimConfig
 from mvar.training.launch import TrainOutcome, launch, storage_location
 from mvar.training.loop import all_ranks_finite, batches
@@ -216,8 +216,7 @@ def make_tracker(w: Worker, start_step: int):
     """Rank 0 logs into the driver's MLflow run; a resumed run logs only the steps after the last logged one."""
     if w.rank != 0 or not w.run_id:
         return NullTracker()
-    logged = last_logged_step(w.run_id, "train/loss", w.cfg.tracking.uri) if start_step else -1
-    tracker = MlflowTracker(w.run_id, w.cfg.tracking, skip_through_step=max(logged, start_step) if start_step else -1)
+    tracker = MlflowTracker(w.run_id, w.cfg.tracking, skip_logged=True)
     tracker.start_system_metrics()
     if not start_step:
         tracker.log_metrics({"model/params_m": sum(p.numel() for p in w.vae.parameters()) / 1e6}, 0)
