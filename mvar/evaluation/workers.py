@@ -61,6 +61,9 @@ class Workers:
         if not jobs:
             return []
         if self.cfg.num_workers == 0:
+            if not self.cfg.use_gpu:
+                log.warning("eval.num_workers=0: sampling in this process, without mvar.bench's malloc settings, so "
+                            "infer/peak_mem_mb on CPU can read low (even 0); use eval.num_workers>=1 for memory figures")
             return [sample_shards(asdict(job)) for job in jobs]
         import ray
 
