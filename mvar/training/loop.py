@@ -151,6 +151,25 @@ def all_ranks_finite(device: torch.device, *values: torch.Tensor) -> bool:
     return bad.item() == 0.0
 
 
+def optimizer_step(w, opt, sched, params, loss: torch.Tensor, cfg, step: int) -> tuple[float, torch.Tensor, dict | None]:
+    """Backward, clipping to ``cfg.optim.grad_clip``, the all-ranks NaN/inf check, then the optimizer and
+    schedule step. Returns (lr used, grad norm, None), or a ``nonfinite`` result for the loop to return when
+    any rank saw a non-finite loss or gradient (nothing is stepped then). ``cfg.run.fault_nan_at_step``
+    injects that fault for tests. Shared by the generator and tokenizer loops (``w`` has rank and device)."""
+    if cfg.run.fault_nan_at_step == step + 1:
+        loss = loss * float("nan")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf)
+    if not all_ranks_finite(w.device, loss.detach(), grad_norm.detach()):
+        log.error("rank %d: non-finite loss or gradient at step %d; stopping", w.rank, step + 1)
+        return 0.0, grad_norm, {"status": "nonfinite", "step": step + 1, "loss": loss.item()}
+    lr = opt.param_groups[0]["lr"]
+    opt.step()
+    sched.step()
+    return lr, grad_norm, None
+
+
 @torch.no_grad()
 def validate(w: Worker, ddp) -> float:
     """Mean next-scale loss over all scales of the held-out set (each sample once across ranks)."""
@@ -230,17 +249,9 @@ def run_steps(w: Worker, ddp, loader, opt, sched, start: int, tracker) -> dict:
         idx, labels = to_tokens(w, x), labels.to(w.device, non_blocking=True)
         scales = scales_for_step(w.schedule, w.num_scales, step)
         loss, per_token, correct = step_loss(w, ddp, idx, labels, scales)
-        if cfg.run.fault_nan_at_step == step + 1:
-            loss = loss * float("nan")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf)
-        if not all_ranks_finite(w.device, loss.detach(), grad_norm.detach()):
-            log.error("rank %d: non-finite loss or gradient at step %d; stopping", w.rank, step + 1)
-            return {"status": "nonfinite", "step": step + 1, "loss": loss.item()}
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
+        lr, grad_norm, stopped = optimizer_step(w, opt, sched, params, loss, cfg, step)
+        if stopped:
+            return stopped
         interval_n += 1
         done = step + 1
         if done % cfg.run.log_every == 0 or done == cfg.run.steps:

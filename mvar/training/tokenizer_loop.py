@@ -22,7 +22,6 @@ The driver (`train_tokenizer`) checks every input before Ray starts, runs
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from mvar.tokenizer.perceptual import VGGPerceptual, load_perceptual
 from mvar.tracking import MlflowTracker, NullTracker
 from mvar.training.config import OptimConfig
 from mvar.training.launch import TrainOutcome, launch, storage_location
-from mvar.training.loop import all_ranks_finite, batches
+from mvar.training.loop import batches, optimizer_step
 from mvar.training.memory import PeakTracker
 from mvar.training.optim import lr_factor, peak_lr
 from mvar.training.tokenizer_config import TokenizerLossConfig, TokenizerTrainConfig
@@ -283,18 +282,9 @@ def run_steps(w: Worker, ddp, loader, opt, sched, start: int, tracker) -> dict:
         torch.manual_seed(cfg.run.seed + 1_000_003 * w.rank + step)
         x, _ = next(data)
         out = ddp(x.to(w.device, non_blocking=True))
-        loss = out["loss"]
-        if cfg.run.fault_nan_at_step == step + 1:
-            loss = loss * float("nan")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf)
-        if not all_ranks_finite(w.device, loss.detach(), grad_norm.detach()):
-            log.error("rank %d: non-finite loss or gradient at step %d; stopping", w.rank, step + 1)
-            return {"status": "nonfinite", "step": step + 1, "loss": loss.item()}
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
+        lr, grad_norm, stopped = optimizer_step(w, opt, sched, params, out["loss"], cfg, step)
+        if stopped:
+            return stopped
         interval.add(out)
         done = step + 1
         if done % cfg.run.log_every == 0 or done == cfg.run.steps:
@@ -302,7 +292,7 @@ def run_steps(w: Worker, ddp, loader, opt, sched, start: int, tracker) -> dict:
             interval = Interval(time.perf_counter())
         if done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps:
             t = time.perf_counter()
-            report = {"step": done, "train/loss": loss.item()}
+            report = {"step": done, "train/loss": out["loss"].item()}
             if cfg.data.eval_shards:
                 report.update(validate(w))
                 tracker.log_metrics({k: v for k, v in report.items() if k.startswith("val/")}, done)
