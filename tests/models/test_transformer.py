@@ -71,7 +71,8 @@ def test_patterns_differ_where_the_masks_differ(tokenizer):
         out[variant] = randomize(build(variant))(labels, teacher).detach()
     assert torch.allclose(out["var"][:, :1], out["scale_markov"][:, :1])  # the start token sees itself only
     assert not torch.allclose(out["var"][:, 1:], out["scale_markov"][:, 1:])
-    assert torch.allclose(out["scale_markov"][:, :14], out["mvar"][:, :14], atol=1e-6)  # dense scales
+    # dense scales: the same attention, computed as one packed call vs per group (float32 rounding only)
+    torch.testing.assert_close(out["scale_markov"][:, :14], out["mvar"][:, :14], atol=2e-5, rtol=1e-5)
     assert not torch.allclose(out["scale_markov"][:, 14 + 9:], out["mvar"][:, 14 + 9:])  # 4x4 map with 3x3 windows
 
 
