@@ -63,6 +63,11 @@ def _advertise_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def is_local() -> bool:
+    """True when this process started the Ray it uses (so this machine is the whole cluster)."""
+    return _started_here
+
+
 def job_id() -> str:
     """The Ray job submission id (for the run's tags), '' outside a submitted job."""
     import json

@@ -173,10 +173,12 @@ def fit(cfg, worker_fn, loop_config: dict, storage: str):
     """Ray Train's TorchTrainer with the run's scaling, storage, checkpoint retention and failure budget."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from mvar.training.backend import torch_config
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     trainer = TorchTrainer(
-        worker_fn, train_loop_config=loop_config,
+        worker_fn, train_loop_config=loop_config, torch_config=torch_config(s),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=cfg.run.name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
