@@ -14,6 +14,7 @@ from typing import Any
 
 from mvar.data import storage
 from mvar.errors import UserError
+from mvar.files import one_line
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -102,15 +103,15 @@ def read_manifest(location: str) -> Manifest:
         raise DataError(f"shard directory '{location}' does not exist; {how_to_make(location)}")
     url = storage.join(location, MANIFEST_NAME)
     try:
-        text = storage.read_bytes(url).decode()
+        raw = storage.read_bytes(url)
     except FileNotFoundError as err:
         raise DataError(f"'{location}' has no {MANIFEST_NAME}: not a finished shard set "
                         f"(an interrupted pack finishes when rerun with the same command); "
                         f"{how_to_make(location)}") from err
     try:
-        manifest = Manifest.from_json(text)
-    except (ValueError, TypeError, KeyError) as err:
-        raise DataError(f"'{url}' is not a valid manifest: {err}") from err
+        manifest = Manifest.from_json(raw.decode())
+    except (ValueError, TypeError, KeyError, AttributeError) as err:  # UnicodeDecodeError is a ValueError
+        raise DataError(f"'{url}' is not a valid manifest (truncated or edited?): {one_line(err)}") from None
     _check_manifest(manifest, url)
     return manifest
 
