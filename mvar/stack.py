@@ -147,6 +147,7 @@ def _merged_env(spec: StackSpec, base: Mapping[str, str]) -> dict[str, str]:
 def _child_env(spec: StackSpec, service: str) -> dict[str, str]:
     """Environment of the servers (and so of every Ray worker and job driver), marked as this stack's."""
     env = _merged_env(spec, os.environ)
+    env.pop("MVAR_LOCAL_RAY", None)  # a local Ray's mark (mvar.cluster): its watchdog would end the stack with it
     env[OWNER_ENV], env[SERVICE_ENV] = spec.dir, service
     env.pop("RAY_ADDRESS", None)  # the head takes its addresses from flags
     # jobs run `python ...` from PATH: make that the interpreter that has ray and mvar installed
