@@ -60,9 +60,13 @@ def connect(num_cpus: int | None = None, num_gpus: int | None = None, env_vars: 
         return "cluster"
     _advertise_loopback()
     _start_watchdog()
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-             object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
-             runtime_env=runtime_env, logging_level=logging.WARNING)
+    try:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                 object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
+                 runtime_env=runtime_env, logging_level=logging.WARNING)
+    except BaseException:
+        _stop_watchdog()  # it ends whatever of the Ray had started
+        raise
     _started_here = True
     return "local"
 
