@@ -212,6 +212,20 @@ def test_an_edited_checkpoint_record_is_one_line_naming_it(inputs, tmp_path, cap
     assert_one_line_error(main, prog, argv, capsys, str(path))
 
 
+@pytest.mark.parametrize("edit", ["num_samples", "shard count", "tokens section"])
+def test_an_edited_token_manifest_is_one_line_naming_it(inputs, tmp_path, capsys, edit):
+    path, (main, prog, argv) = CASES["token shard manifest"](inputs, tmp_path)
+    data = json.loads(path.read_text())
+    if edit == "num_samples":
+        data["num_samples"] = "many"
+    elif edit == "shard count":
+        data["shards"][0]["num_samples"] = [8]
+    else:
+        del data["tokens"]["patch_nums"]
+    path.write_text(json.dumps(data))
+    assert_one_line_error(main, prog, argv, capsys, str(path))
+
+
 def test_an_edited_tokenizer_sha256_is_refused_with_both_digests(inputs, tmp_path, capsys):
     path, (main, prog, argv) = CASES["tokenizer.yaml"](inputs, tmp_path)
     recorded = yaml.safe_load(path.read_text())["sha256"]

@@ -64,10 +64,13 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
+        """Parsed and type-checked (a hand-edited or damaged file fails here, naming the key)."""
+        from mvar.config import from_dict
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         data.pop("num_classes", None)
-        data["shards"] = [ShardInfo(**s) for s in data["shards"]]
-        return cls(**data)
+        return from_dict(cls, data)
 
 
 def write_manifest(directory: str, manifest: Manifest) -> str:
@@ -111,7 +114,8 @@ def read_manifest(location: str) -> Manifest:
     try:
         manifest = Manifest.from_json(raw.decode())
     except (ValueError, TypeError, KeyError, AttributeError) as err:  # UnicodeDecodeError is a ValueError
-        raise DataError(f"'{url}' is not a valid manifest (truncated or edited?): {one_line(err)}") from None
+        raise DataError(f"'{url}' is not a valid manifest (truncated or edited?): "
+                        f"{one_line(err).replace('config key ', 'key ')}") from None
     _check_manifest(manifest, url)
     return manifest
 
@@ -122,9 +126,18 @@ def _check_manifest(manifest: Manifest, url: str) -> None:
     if not manifest.shards or manifest.num_samples == 0:
         raise DataError(f"'{url}' lists no samples; was the source empty? Repack from a tree "
                         f"with one folder of images per class")
+    if manifest.kind == "tokens" and not _token_meta_ok(manifest.tokens):
+        raise DataError(f"'{url}': its 'tokens' section lacks tokenizer_sha256, patch_nums or vocab_size "
+                        f"(has {sorted(manifest.tokens)}); remake it with `mvar data tokenize`")
     if manifest.format_version > FORMAT_VERSION:
         raise DataError(f"'{url}' has format_version {manifest.format_version}; this mvar "
                         f"reads up to {FORMAT_VERSION}: upgrade mvar")
+
+
+def _token_meta_ok(tokens: dict) -> bool:
+    patch_nums = tokens.get("patch_nums")
+    return (isinstance(tokens.get("tokenizer_sha256"), str) and isinstance(tokens.get("vocab_size"), int)
+            and isinstance(patch_nums, list) and all(isinstance(p, int) and p > 0 for p in patch_nums))
 
 
 def check_tokenizer(manifest: Manifest, location: str, fingerprint: str | None) -> None:
