@@ -41,7 +41,6 @@ READY_TIMEOUT_S = 180.0  # MLflow needs ~20 s to answer on 2 idle cores, a minut
 STOP_GRACE_S = 8.0
 AUTH_MODES = ("token", "disabled")
 OWNER_ENV, SERVICE_ENV = "MVAR_STACK_DIR", "MVAR_STACK_SERVICE"  # the marks of a stack's processes
-SERVICES = ("ray", "mlflow")
 
 
 @dataclass
@@ -546,6 +545,8 @@ def _check_ports(spec: StackSpec, names: list[str]) -> None:
               "mlflow": [("MLflow", "--mlflow-port", spec.mlflow_port)]}
     for name in names:
         for what, flag, port in wanted[name]:
+            if port_in_use(port) and _end_own_holder(spec, port):
+                time.sleep(0.5)  # the port is freed once the holder's socket is closed
             if port_in_use(port):
                 holder = port_holder(port)
                 who = f" (pid {holder}: {_describe_pid(holder)})" if holder else ""
@@ -553,10 +554,25 @@ def _check_ports(spec: StackSpec, names: list[str]) -> None:
                                 f"stop that process or choose another port with {flag}")
 
 
+def _end_own_holder(spec: StackSpec, port: int) -> bool:
+    """If a process of this stack (by its mark; e.g. one left from before stack.json was removed) holds
+    `port`, end every process of its service; True if it did."""
+    import psutil
+    holder = port_holder(port)
+    try:
+        env = psutil.Process(holder).environ() if holder else {}
+    except psutil.Error:
+        return False
+    if env.get(OWNER_ENV) != spec.dir or env.get(SERVICE_ENV) not in ("ray", "mlflow"):
+        return False
+    _terminate(marked_processes(spec.dir, env[SERVICE_ENV]), STOP_GRACE_S)
+    return True
+
+
 def _describe_pid(pid: int) -> str:
     import psutil
     try:
-        return " ".join(psutil.Process(pid).cmdline())[:80] or "?"
+        return " ".join(" ".join(psutil.Process(pid).cmdline()).split())[:80] or "?"  # one line
     except psutil.Error:
         return "?"
 
