@@ -3,9 +3,14 @@
 A model checkpoint is a directory:
     checkpoint.yaml   format version, model config, model name, tokenizer fingerprint, provenance
     model.pt          generator state dict (VAR's key names)
-    tokenizer/        a tokenizer checkpoint: tokenizer.yaml (config) + tokenizer.pt (state dict)
+    tokenizer/        a tokenizer checkpoint: tokenizer.yaml (config, sha256 of the weights) + tokenizer.pt
 Directories are written under a temporary name and renamed when complete, so
 a half-written checkpoint is never found under the final name.
+
+This module holds the one reader of each of these files (``read_checkpoint_meta``,
+``read_tokenizer_meta``, ``load_state_dict``, ``load_train_state``): a truncated, garbage or
+hand-edited file is a UserError naming it, and the tokenizer's weights must match the sha256 its
+tokenizer.yaml records (checked on every load and fingerprint).
 """
 from __future__ import annotations
 
@@ -17,9 +22,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from mvar.config import from_dict, to_dict
+from mvar.config import ConfigError, from_dict, to_dict
 from mvar.data.storage import sha256_stream
 from mvar.errors import UserError
+from mvar.files import load_torch, read_mapping
 from mvar.models.config import ModelConfig
 from mvar.models.transformer import NextScaleTransformer, check_state_dict
 from mvar.tokenizer import PATCH_NUMS_256, PATCH_NUMS_512, MultiScaleVQVAE, TokenizerConfig
@@ -36,12 +42,7 @@ def file_sha256(path: str | Path) -> str:
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a file, tensors only (never unpickles code)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file '{path}' does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated file, not a torch file ...
-        raise UserError(f"cannot read weights file '{path}': {err}") from err
+    obj = load_torch(path, "weights file")
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]  # a training checkpoint that wraps the state dict
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -98,18 +99,62 @@ def tokenizer_dir(path: str | Path) -> Path:
                     "make one with `mvar import-var` or the tokenizer training workflow")
 
 
+def read_tokenizer_meta(path: str | Path) -> tuple[Path, dict]:
+    """(tokenizer dir, content of its tokenizer.yaml), checked: format, a config mapping, a sha256."""
+    tdir = tokenizer_dir(path)
+    meta_file = tdir / "tokenizer.yaml"
+    meta = read_mapping(meta_file, "tokenizer file")
+    if meta.get("format") != TOKENIZER_FORMAT:
+        raise UserError(f"'{meta_file}' has format {meta.get('format')!r}, expected {TOKENIZER_FORMAT!r}")
+    if not isinstance(meta.get("config"), dict):
+        raise UserError(f"'{meta_file}' has no tokenizer config (a 'config' mapping)")
+    if not isinstance(meta.get("sha256"), str):
+        raise UserError(f"'{meta_file}' has no sha256 of tokenizer.pt")
+    return tdir, meta
+
+
+def read_tokenizer_config(path: str | Path) -> TokenizerConfig:
+    """The TokenizerConfig of a tokenizer or model checkpoint (its tokenizer.yaml)."""
+    tdir, meta = read_tokenizer_meta(path)
+    return _config_of(TokenizerConfig, meta["config"], tdir / "tokenizer.yaml")
+
+
+def _config_of(cls, data: dict, meta_file: Path):
+    try:
+        return from_dict(cls, data)
+    except ConfigError as err:
+        raise UserError(f"'{meta_file}': {err}") from None
+
+
 def tokenizer_fingerprint(path: str | Path) -> str:
-    """sha256 of the tokenizer weights: token shards and models record it."""
-    return file_sha256(tokenizer_dir(path) / "tokenizer.pt")
+    """sha256 of the tokenizer weights (token shards and models record it), checked against tokenizer.yaml."""
+    tdir, meta = read_tokenizer_meta(path)
+    return _verified_sha256(tdir, meta)
+
+
+def _verified_sha256(tdir: Path, meta: dict) -> str:
+    weights = tdir / "tokenizer.pt"
+    if not weights.is_file():
+        raise UserError(f"tokenizer weights '{weights}' do not exist")
+    digest = file_sha256(weights)
+    if digest != meta["sha256"]:
+        raise UserError(f"'{tdir / 'tokenizer.yaml'}' records sha256 {meta['sha256']} but '{weights}' has "
+                        f"sha256 {digest}: the weights or the record were changed after the checkpoint was written")
+    return digest
 
 
 def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> tuple[MultiScaleVQVAE, TokenizerConfig]:
-    tdir = tokenizer_dir(path)
-    meta = yaml.safe_load((tdir / "tokenizer.yaml").read_text())
-    cfg = from_dict(TokenizerConfig, meta["config"])
+    model, cfg, _ = _load_tokenizer(path, device)
+    return model, cfg
+
+
+def _load_tokenizer(path: str | Path, device) -> tuple[MultiScaleVQVAE, TokenizerConfig, str]:
+    tdir, meta = read_tokenizer_meta(path)
+    cfg = _config_of(TokenizerConfig, meta["config"], tdir / "tokenizer.yaml")
+    digest = _verified_sha256(tdir, meta)
     model = MultiScaleVQVAE(cfg)
     load_into(model, load_state_dict(tdir / "tokenizer.pt"), tdir / "tokenizer.pt")
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), cfg, digest
 
 
 # -- model checkpoints ----------------------------------------------------------
@@ -131,10 +176,27 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     if not meta_file.is_file():
         raise UserError(f"'{path}' is not a model checkpoint (no checkpoint.yaml); "
                         "make one with `mvar import-var` or a training run")
-    meta = yaml.safe_load(meta_file.read_text())
+    meta = read_mapping(meta_file, "checkpoint file")
     if meta.get("format") != FORMAT:
         raise UserError(f"'{meta_file}' has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta.get("model"), dict):
+        raise UserError(f"'{meta_file}' has no model config (a 'model' mapping)")
     return meta
+
+
+def read_model_config(path: str | Path, overrides: dict | None = None) -> ModelConfig:
+    """The generator config of a model checkpoint (its checkpoint.yaml), with ``overrides`` applied."""
+    meta = read_checkpoint_meta(path)
+    return _config_of(ModelConfig, {**meta["model"], **(overrides or {})}, Path(path) / "checkpoint.yaml")
+
+
+def load_train_state(path: str | Path) -> dict:
+    """The optimizer / scheduler / step file (train_state.pt) of a training checkpoint."""
+    state = load_torch(path, "train state file")
+    missing = [k for k in ("optimizer", "scheduler", "step") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UserError(f"train state file '{path}' lacks {', '.join(missing)}: not written by a training run")
+    return state
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", overrides: dict | None = None):
@@ -142,10 +204,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", overri
     that leave the parameters alone (``attention``, ``window_size``, ``attention_backend`` ...)."""
     path = Path(path)
     meta = read_checkpoint_meta(path)
-    tokenizer, tok_cfg = load_tokenizer(path, device)
-    if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != tokenizer_fingerprint(path):
-        raise UserError(f"checkpoint '{path}': its tokenizer weights do not match the recorded sha256")
-    cfg = from_dict(ModelConfig, {**meta["model"], **(overrides or {})})
+    tokenizer, tok_cfg, digest = _load_tokenizer(path, device)
+    if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != digest:
+        raise UserError(f"'{path / 'checkpoint.yaml'}' records tokenizer_sha256 {meta['tokenizer_sha256']} but "
+                        f"its tokenizer weights have sha256 {digest}")
+    cfg = _config_of(ModelConfig, {**meta["model"], **(overrides or {})}, path / "checkpoint.yaml")
     model = NextScaleTransformer(cfg, tok_cfg.vocab_size, tok_cfg.z_channels, tuple(tok_cfg.patch_nums))
     load_into(model, load_state_dict(path / "model.pt"), path / "model.pt")
     return model.to(device).eval(), tokenizer, cfg, tok_cfg

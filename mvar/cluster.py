@@ -4,16 +4,32 @@
 (or with RAY_ADDRESS set) it joins that cluster; otherwise it starts a local
 Ray bound to loopback, sized by ``num_cpus`` (default: every core), with a
 capped object store and no dashboard.
+
+A local Ray must not outlive its driver. Ray fate-shares the processes the driver starts itself
+(GCS, raylet, dashboard, log monitor die with it), but the raylet's own children, the dashboard
+agent and the runtime-env agent, see the raylet go and then block for a minute or more reporting
+it to the GCS that is gone too. So a small watchdog process, in a session of its own (a signal to
+the driver's process group does not reach it), keeps a list of the local Ray's processes while the
+driver lives and ends them all as soon as the driver is gone, however it went. The Ray processes
+are the ones carrying ``MVAR_LOCAL_RAY=<mark>`` in their environment (inherited from the driver:
+GCS, raylet, workers) and their children (the agents, whose process titles hide their environment).
 """
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+import time
 
 log = logging.getLogger(__name__)
 
 LOCAL_OBJECT_STORE_BYTES = 500 * 1024 * 1024  # shards stream from disk; Ray objects stay small
 _started_here = False  # True when connect() started the local Ray this process uses
+LOCAL_MARK_ENV = "MVAR_LOCAL_RAY"  # marks every process of a local Ray started by connect()
+WATCH_INTERVAL_S = 0.5
+SNAPSHOT_EVERY_S = 2.0  # how often the watchdog lists the local Ray's processes while the driver lives
+_watchdog: subprocess.Popen | None = None
 
 
 # what the job supervisor of `ray job submit` sets for the entrypoint: the job config, whose
@@ -43,9 +59,14 @@ def connect(num_cpus: int | None = None, num_gpus: int | None = None, env_vars: 
                  runtime_env=runtime_env, log_to_driver=True)
         return "cluster"
     _advertise_loopback()
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-             object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
-             runtime_env=runtime_env, logging_level=logging.WARNING)
+    _start_watchdog()
+    try:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                 object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
+                 runtime_env=runtime_env, logging_level=logging.WARNING)
+    except BaseException:
+        _stop_watchdog()  # it ends whatever of the Ray had started
+        raise
     _started_here = True
     return "local"
 
@@ -61,6 +82,11 @@ def _advertise_loopback() -> None:
     """
     from ray._private import ray_constants
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def is_local() -> bool:
+    """True when this process started the Ray it uses (so this machine is the whole cluster)."""
+    return _started_here
 
 
 def job_id() -> str:
@@ -84,3 +110,117 @@ def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()
     _started_here = False
+    _stop_watchdog()
+
+
+# --------------------------------------------------------------------------- the local Ray's watchdog
+
+def _start_watchdog() -> None:
+    """Mark this process's environment (so the local Ray inherits it) and watch this process."""
+    import secrets
+    global _watchdog
+    _stop_watchdog()
+    mark = f"{os.getpid()}-{secrets.token_hex(6)}"
+    env = {k: v for k, v in os.environ.items() if k != LOCAL_MARK_ENV}
+    _watchdog = subprocess.Popen([sys.executable, "-m", "mvar.cluster", "watch", str(os.getpid()), mark],
+                                 env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    os.environ[LOCAL_MARK_ENV] = mark
+
+
+def _stop_watchdog() -> None:
+    """After a clean shutdown: the watchdog ends what may be left of the local Ray, then itself."""
+    global _watchdog
+    os.environ.pop(LOCAL_MARK_ENV, None)
+    if _watchdog is None:
+        return
+    _watchdog.terminate()  # its SIGTERM handler sweeps and exits
+    try:
+        _watchdog.wait(15)
+    except subprocess.TimeoutExpired:
+        _watchdog.kill()
+        _watchdog.wait()
+    _watchdog = None
+
+
+def _has_mark(proc, mark: str) -> bool:
+    import psutil
+    try:
+        return proc.environ().get(LOCAL_MARK_ENV) == mark
+    except (psutil.Error, OSError):
+        return False
+
+
+def _alive(proc) -> bool:
+    import psutil
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE  # is_running: same start time
+    except psutil.Error:
+        return False
+
+
+def _with_children(procs) -> dict:
+    import psutil
+    found = {p.pid: p for p in procs}
+    for proc in procs:
+        try:
+            found.update({c.pid: c for c in proc.children(recursive=True)})
+        except psutil.Error:
+            continue
+    return found
+
+
+def ray_processes(driver, mark: str) -> dict:
+    """The local Ray's processes below a live driver: the marked ones and their children."""
+    import psutil
+    try:
+        below = driver.children(recursive=True)
+    except psutil.Error:
+        return {}
+    return _with_children([p for p in below if _has_mark(p, mark)])
+
+
+def end_processes(procs: dict, mark: str, grace_s: float = 3.0) -> int:
+    """End what is alive of `procs`, every process still carrying the mark, and their children:
+    SIGTERM, then SIGKILL after `grace_s`. Returns how many there were."""
+    import psutil
+    marked = [p for p in psutil.process_iter() if p.pid != os.getpid() and _has_mark(p, mark)]
+    targets = [p for p in _with_children([*procs.values(), *marked]).values() if p.pid != os.getpid() and _alive(p)]
+    for proc in targets:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, left = psutil.wait_procs(targets, timeout=grace_s)
+    for proc in left:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    return len(targets)
+
+
+def _watch(driver_pid: int, mark: str) -> None:
+    """The watchdog: list the local Ray's processes while the driver lives; when it is gone (or on
+    SIGTERM, after a clean shutdown) end what is left of them."""
+    import signal
+
+    import psutil
+    stop: list[bool] = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    known: dict = {}
+    try:
+        driver = psutil.Process(driver_pid)
+    except psutil.Error:
+        driver = None
+    last = 0.0
+    while not stop and driver is not None and _alive(driver):
+        if time.monotonic() - last >= SNAPSHOT_EVERY_S:
+            known.update(ray_processes(driver, mark))
+            known = {pid: p for pid, p in known.items() if _alive(p)}
+            last = time.monotonic()
+        time.sleep(WATCH_INTERVAL_S)
+    end_processes(known, mark)
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "watch":
+    _watch(int(sys.argv[2]), sys.argv[3])

@@ -19,11 +19,13 @@ from typing import Any, Iterable, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from mvar.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A configuration key is unknown, mistyped or out of range."""
+class ConfigError(UserError, ValueError):
+    """A configuration key is unknown, mistyped or out of range (a UserError: one handler catches both)."""
 
 
 def _type_name(tp: Any) -> str:
@@ -178,14 +180,9 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
-    return data
+    """A config file's mapping; ConfigError naming the file when it is missing, unreadable or not YAML."""
+    from mvar.files import read_mapping
+    return read_mapping(path, "config file", ConfigError)
 
 
 def from_dict(cls: type[T], data: dict | None = None) -> T:

@@ -8,6 +8,12 @@ so `status`, `down` and :func:`stack_env` need no flags), ``env.sh`` (the client
 Several Ray heads may run on one machine (other people's tests, other stacks), so `down` never runs
 ``ray stop`` (which stops every Ray process of the machine): it ends only the processes of this
 head, found by the session id `up` started it in and by its private temp directory.
+
+Every process a stack starts carries ``MVAR_STACK_DIR`` / ``MVAR_STACK_SERVICE`` in its environment,
+which its children inherit: so the stack owns the whole tree of each server even when a parent dies
+(``mlflow server`` is a parent whose uvicorn child serves the port and outlives it). `status` reports
+such a survivor, `up` adopts one that still answers and ends one that does not, `down` stops them all;
+only a port held by a process without the marker is someone else's and refused.
 """
 from __future__ import annotations
 
@@ -16,7 +22,6 @@ import hashlib
 import json
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +40,7 @@ RAY_START_TIMEOUT_S = 120.0  # `ray start` takes ~10 s alone, more when the mach
 READY_TIMEOUT_S = 180.0  # MLflow needs ~20 s to answer on 2 idle cores, a minute when busy
 STOP_GRACE_S = 8.0
 AUTH_MODES = ("token", "disabled")
+OWNER_ENV, SERVICE_ENV = "MVAR_STACK_DIR", "MVAR_STACK_SERVICE"  # the marks of a stack's processes
 
 
 @dataclass
@@ -79,6 +85,7 @@ class ServiceStatus:
     address: str
     pid: int | None
     note: str = ""
+    leftover: bool = False  # processes of this stack that cannot serve (`up` ends them, so does `down`)
 
 
 # --------------------------------------------------------------------------- state and environment
@@ -136,9 +143,11 @@ def _merged_env(spec: StackSpec, base: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def _child_env(spec: StackSpec) -> dict[str, str]:
-    """Environment of the servers (and so of every Ray worker and job driver)."""
+def _child_env(spec: StackSpec, service: str) -> dict[str, str]:
+    """Environment of the servers (and so of every Ray worker and job driver), marked as this stack's."""
     env = _merged_env(spec, os.environ)
+    env.pop("MVAR_LOCAL_RAY", None)  # a local Ray's mark (mvar.cluster): its watchdog would end the stack with it
+    env[OWNER_ENV], env[SERVICE_ENV] = spec.dir, service
     env.pop("RAY_ADDRESS", None)  # the head takes its addresses from flags
     # jobs run `python ...` from PATH: make that the interpreter that has ray and mvar installed
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -231,12 +240,34 @@ def _refers_to(cmdline: list[str], directory: str) -> bool:
     return any(a == directory or a.endswith("=" + directory) or directory + "/" in a for a in cmdline)
 
 
-def head_processes(spec: StackSpec) -> list:
-    """Live processes of this stack's Ray head: its session and temp dir, plus their descendants."""
+def _self_and_parents() -> set[int]:
     import psutil
+    return {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+
+
+def marked_processes(spec_dir: str | os.PathLike, service: str) -> list:
+    """Live processes that the stack in `spec_dir` started for `service`, or that those started."""
+    import psutil
+    directory, own, found = str(_resolve_dir(spec_dir)), _self_and_parents(), []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid in own or not _alive(proc):
+                continue
+            env = proc.environ()
+        except (psutil.Error, OSError):
+            continue
+        if env.get(OWNER_ENV) == directory and env.get(SERVICE_ENV) == service:
+            found.append(proc)
+    return found
+
+
+def head_processes(spec: StackSpec) -> list:
+    """Live processes of this stack's Ray head: marked ones, its session and temp dir, and their descendants."""
+    import psutil
+    found = {p.pid: p for p in marked_processes(spec.dir, "ray")} if spec.dir else {}
     if not spec.temp_dir:
-        return []
-    own = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+        return list(found.values())
+    own = _self_and_parents()
     by_dir, by_session = {}, {}
     for proc in psutil.process_iter(["cmdline"]):
         try:
@@ -250,7 +281,7 @@ def head_processes(spec: StackSpec) -> list:
             continue
     # trust the recorded session id only while one of its processes still uses our temp dir
     # (after a reboot the number may belong to someone else's session)
-    found = dict(by_dir)
+    found.update(by_dir)
     if by_session.keys() & by_dir.keys() and spec.ray_session_id != os.getsid(0):
         found.update(by_session)
     for proc in list(found.values()):
@@ -319,7 +350,7 @@ def _read_pid(path: Path) -> int | None:
 
 
 def _mlflow_pid(spec_dir: Path) -> int | None:
-    """The pid in mlflow.pid if that process is still our MLflow server (its own process group)."""
+    """The pid in mlflow.pid if that process is still our MLflow server's parent (its own process group)."""
     import psutil
     pid = _read_pid(spec_dir / MLFLOW_PID_FILE)
     if pid is None:
@@ -332,33 +363,46 @@ def _mlflow_pid(spec_dir: Path) -> int | None:
     return pid if ours else None
 
 
-def _group_alive(pgid: int) -> bool:
+def mlflow_processes(spec_dir: Path) -> list:
+    """Every live process of this stack's MLflow server: the marked ones and the parent's process group."""
     import psutil
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == pgid and _alive(proc):
-                return True
-        except (psutil.Error, OSError):
-            continue
-    return False
+    found = {p.pid: p for p in marked_processes(spec_dir, "mlflow")}
+    leader = _mlflow_pid(spec_dir)
+    if leader is not None:
+        for proc in psutil.process_iter():
+            try:
+                if os.getpgid(proc.pid) == leader and _alive(proc):
+                    found.setdefault(proc.pid, proc)
+            except (psutil.Error, OSError):
+                continue
+    return list(found.values())
+
+
+def _listener_pid(procs: list, port: int) -> int | None:
+    """Which of `procs` listens on `port` (the process that actually serves)."""
+    holder = port_holder(port)
+    return holder if holder in {p.pid for p in procs} else None
+
+
+def port_holder(port: int) -> int | None:
+    """The pid of the process listening on TCP `port` (any address), None if none or not visible to us."""
+    import psutil
+    for conn in psutil.net_connections("inet"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return conn.pid
+    return None
 
 
 def _stop_mlflow(spec_dir: Path) -> str:
-    pid = _mlflow_pid(spec_dir)
-    if pid is None:
+    procs = mlflow_processes(spec_dir)
+    if not procs:
         return "mlflow: not running"
-    # the server runs uvicorn/gunicorn workers in its process group: signal the whole group
-    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while _group_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not _group_alive(pid):
-            break
-    return f"mlflow: stopped (pid {pid})"
+    # the whole tree at once (as the process-group signal did), parent or not: uvicorn stops cleanly on SIGTERM
+    _terminate(procs, STOP_GRACE_S)
+    left = mlflow_processes(spec_dir)
+    if left:
+        raise UserError(f"mlflow: could not stop pids {[p.pid for p in left]}")
+    return f"mlflow: stopped (pids {sorted(p.pid for p in procs)})"
 
 
 # --------------------------------------------------------------------------- starting
@@ -400,7 +444,7 @@ def _start_ray(spec: StackSpec) -> subprocess.Popen:
     with open(spec.path / "logs" / "ray-start.log", "w") as log:
         # cwd=DIR: a job's entrypoint runs in the head's cwd, where a folder named like a package
         # (e.g. /tmp/ray) would shadow the real one
-        return subprocess.Popen(_ray_command(spec), cwd=spec.path, env=_child_env(spec), stdout=log,
+        return subprocess.Popen(_ray_command(spec), cwd=spec.path, env=_child_env(spec, "ray"), stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -412,7 +456,7 @@ def _start_mlflow(spec: StackSpec) -> int:
            # one uvicorn process (requests run in its threads): the default 4 took twice as long to
            # start on 2 busy cores, and one writer suits SQLite
            "--workers", "1"]
-    env = _child_env(spec)
+    env = _child_env(spec, "mlflow")
     # MLflow's job runner (GenAI evaluation jobs, not needed to track runs) adds 7 huey processes
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     with open(d / "logs" / "mlflow.log", "w") as log:
@@ -463,14 +507,36 @@ def status(directory: str | os.PathLike = DEFAULT_DIR) -> list[ServiceStatus]:
     if spec is None:
         return [ServiceStatus("ray", False, "", None, "never started here"),
                 ServiceStatus("mlflow", False, "", None, "never started here")]
-    ray_pid = _gcs_pid(spec)
-    ray_ok = ray_pid is not None and _ray_answers(spec)
-    ray_note = "" if ray_ok else ("processes up but the jobs API does not answer" if ray_pid else "")
-    mlflow_pid = _mlflow_pid(spec.path)
-    mlflow_ok = mlflow_pid is not None and _mlflow_answers(spec)
-    mlflow_note = "" if mlflow_ok or mlflow_pid is None else "process up but /health does not answer"
-    return [ServiceStatus("ray", ray_ok, f"{spec.dashboard_url} (GCS {HOST}:{spec.ray_port})", ray_pid, ray_note),
-            ServiceStatus("mlflow", mlflow_ok, spec.mlflow_url, mlflow_pid, mlflow_note)]
+    return [_ray_status(spec), _mlflow_status(spec)]
+
+
+def _ray_status(spec: StackSpec) -> ServiceStatus:
+    address = f"{spec.dashboard_url} (GCS {HOST}:{spec.ray_port})"
+    procs = head_processes(spec)
+    gcs = [p.pid for p in procs if _proc_name(p) == "gcs_server"]
+    if not procs:
+        return ServiceStatus("ray", False, address, None)
+    if not gcs:
+        return ServiceStatus("ray", False, address, None, f"{len(procs)} processes of this head left without "
+                             "its GCS (`up` ends them, so does `down`)", leftover=True)
+    ok = _ray_answers(spec)
+    return ServiceStatus("ray", ok, address, gcs[0], "" if ok else "processes up but the jobs API does not answer")
+
+
+def _mlflow_status(spec: StackSpec) -> ServiceStatus:
+    procs = mlflow_processes(spec.path)
+    if not procs:
+        return ServiceStatus("mlflow", False, spec.mlflow_url, None)
+    parent, serving = _mlflow_pid(spec.path), _listener_pid(procs, spec.mlflow_port)
+    ok = serving is not None and _mlflow_answers(spec)
+    if parent is not None:
+        return ServiceStatus("mlflow", ok, spec.mlflow_url, parent,
+                             "" if ok else "process up but /health does not answer")
+    gone = f"its parent pid {_read_pid(spec.path / MLFLOW_PID_FILE)} is gone"
+    if ok:  # the uvicorn worker outlived `mlflow server`: it still serves, and it is ours
+        return ServiceStatus("mlflow", True, spec.mlflow_url, serving, f"{gone}; its server process still serves")
+    return ServiceStatus("mlflow", False, spec.mlflow_url, None, f"{gone}; {len(procs)} processes of it left, "
+                         "not answering (`up` ends them, so does `down`)", leftover=True)
 
 
 def _check_ports(spec: StackSpec, names: list[str]) -> None:
@@ -479,9 +545,46 @@ def _check_ports(spec: StackSpec, names: list[str]) -> None:
               "mlflow": [("MLflow", "--mlflow-port", spec.mlflow_port)]}
     for name in names:
         for what, flag, port in wanted[name]:
+            if port_in_use(port) and _end_own_holder(spec, port):
+                time.sleep(0.5)  # the port is freed once the holder's socket is closed
             if port_in_use(port):
-                raise UserError(f"port {port} ({what}) on {HOST} is already in use by another process: "
+                holder = port_holder(port)
+                who = f" (pid {holder}: {_describe_pid(holder)})" if holder else ""
+                raise UserError(f"port {port} ({what}) on {HOST} is already in use by another process{who}: "
                                 f"stop that process or choose another port with {flag}")
+
+
+def _end_own_holder(spec: StackSpec, port: int) -> bool:
+    """If a process of this stack (by its mark; e.g. one left from before stack.json was removed) holds
+    `port`, end every process of its service; True if it did."""
+    import psutil
+    holder = port_holder(port)
+    try:
+        env = psutil.Process(holder).environ() if holder else {}
+    except psutil.Error:
+        return False
+    if env.get(OWNER_ENV) != spec.dir or env.get(SERVICE_ENV) not in ("ray", "mlflow"):
+        return False
+    _terminate(marked_processes(spec.dir, env[SERVICE_ENV]), STOP_GRACE_S)
+    return True
+
+
+def _describe_pid(pid: int) -> str:
+    import psutil
+    try:
+        return " ".join(" ".join(psutil.Process(pid).cmdline()).split())[:80] or "?"  # one line
+    except psutil.Error:
+        return "?"
+
+
+def _end_leftovers(spec: StackSpec, services: list[ServiceStatus]) -> list[str]:
+    """Stop this stack's processes that cannot serve (a head without GCS, an MLflow tree not answering)."""
+    lines = []
+    for s in services:
+        if s.leftover:
+            lines.append(f"ended leftovers of {s.name}: " + (_stop_ray(spec) if s.name == "ray"
+                                                                else _stop_mlflow(spec.path)))
+    return lines
 
 
 def up(spec: StackSpec) -> list[str]:
@@ -492,13 +595,14 @@ def up(spec: StackSpec) -> list[str]:
     notes: list[str] = []
     if previous is not None:
         services = status(spec.dir)
-        running = {s.name for s in services if s.pid}
+        notes = _end_leftovers(previous, services)
+        running = {s.name for s in services if s.pid and not s.leftover}
         if running == {"ray", "mlflow"}:
             # processes of both are there: at most still starting (e.g. a concurrent `up`)
             _wait_ready(previous, [s.name for s in services if not s.running])
             return [f"stack already up in {spec.dir}"] + _settings_note(spec, previous) + _describe(previous)
         if running:  # a half-up stack: finish it with the settings its running half uses
-            notes, spec = _settings_note(spec, previous), previous
+            notes, spec = notes + _settings_note(spec, previous), previous
     todo = [n for n in ("ray", "mlflow") if n not in running]
     _check_ports(spec, todo)  # before starting anything
     (spec.path / "logs").mkdir(parents=True, exist_ok=True)

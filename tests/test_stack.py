@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -92,26 +93,34 @@ def test_jobs_api_refuses_requests_without_the_token(up_stack):
     assert err.value.code == 401
 
 
-def test_every_server_listens_on_loopback_only(up_stack):
-    import psutil
+def test_every_server_listens_on_loopback_only(up_stack, listeners):
     spec = stack.load_spec(up_stack[0])
-    mlflow_pid = stack._mlflow_pid(spec.path)
-    procs = stack.head_processes(spec) + [p for p in psutil.process_iter() if _pgid(p.pid) == mlflow_pid]
-    listening = []
-    for proc in procs:
-        try:
-            listening += [c.laddr for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN]
-        except psutil.Error:
-            continue
-    assert {a.port for a in listening} >= {spec.ray_port, spec.dashboard_port, spec.mlflow_port}
-    assert {a.ip for a in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}
+    procs = stack.head_processes(spec) + stack.mlflow_processes(spec.path)
+    watch = listeners.Watch(lambda: [p.pid for p in procs])
+    watch.sample()
+    assert {port for _, _, port in watch.seen} >= {spec.ray_port, spec.dashboard_port, spec.mlflow_port}
+    watch.assert_listeners_on("127.0.0.1", expect=("gcs_server", "raylet", "dashboard", "uvicorn"))
 
 
-def _pgid(pid: int) -> int | None:
+def test_mlflow_refuses_a_foreign_host_and_origin(up_stack):
+    """MLflow 3's own checks stay on: a request naming another host (DNS rebinding) or a cross-site
+    browser request gets 403 while the same request from here is served."""
+    spec = stack.load_spec(up_stack[0])
+    url = spec.mlflow_url + "/api/2.0/mlflow/experiments/search?max_results=1"
+    assert stack._http_status(url) == 200
+    assert stack._http_status(url, {"Host": "evil.example.com"}) == 403
+    assert _post_status(spec.mlflow_url + "/api/2.0/mlflow/experiments/create",
+                        {"Origin": "http://evil.example.com"}) == 403
+
+
+def _post_status(url: str, headers: dict) -> int:
+    req = urllib.request.Request(url, data=b'{"name": "x-origin"}', method="POST",
+                                 headers={"Content-Type": "application/json", **headers})
     try:
-        return os.getpgid(pid)
-    except OSError:
-        return None
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
 
 
 def test_mlflow_server_logs_a_run(up_stack):
@@ -148,10 +157,63 @@ def test_a_driver_connects_to_the_gcs_with_the_stack_env(up_stack, tmp_path):
     assert run.returncode == 0 and "answer 42" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
 
 
+def _wait_gone(pid: int, timeout_s: float = 30.0) -> None:
+    import psutil
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"pid {pid} still alive after {timeout_s} s")
+
+
+def test_a_killed_mlflow_parent_leaves_a_server_the_stack_still_owns(up_stack, capsys):
+    """`mlflow server` is a parent with a uvicorn child that serves the port: with the parent SIGKILLed the
+    child keeps serving; the stack still owns it (status running, up does not refuse its port, down stops it:
+    test_down_stops_only_this_stack)."""
+    d, argv = up_stack
+    spec = stack.load_spec(d)
+    parent = int((d / "mlflow.pid").read_text())
+    os.kill(parent, signal.SIGKILL)
+    _wait_gone(parent)
+    [mlflow] = [s for s in stack.status(d) if s.name == "mlflow"]
+    assert mlflow.running and mlflow.pid not in (None, parent), mlflow
+    assert f"parent pid {parent}" in mlflow.note
+    capsys.readouterr()
+    assert main(["stack", "status", "--dir", str(d)]) == 0
+    assert main(argv) == 0
+    assert "already up" in capsys.readouterr().out
+    assert stack._mlflow_answers(spec)
+
+
+def test_a_killed_gcs_leaves_processes_that_up_cleans_up(up_stack, capsys):
+    """The GCS SIGKILLed: raylet, dashboard and agents of the head linger (and hold its ports) for a while;
+    status says not running, and `up` ends them before it starts a new head on the same ports."""
+    d, argv = up_stack
+    spec = stack.load_spec(d)
+    gcs = [p for p in stack.head_processes(spec) if stack._proc_name(p) == "gcs_server"]
+    assert len(gcs) == 1
+    before = {p.pid for p in stack.head_processes(spec)}
+    gcs[0].kill()
+    _wait_gone(gcs[0].pid)
+    [ray] = [s for s in stack.status(d) if s.name == "ray"]
+    assert not ray.running
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "started: ray" in out and "mlflow" not in out.split("started:")[1].split(")")[0]
+    assert not before & {p.pid for p in stack.head_processes(stack.load_spec(d))}, "an old head process survived"
+    assert all(s.running for s in stack.status(d))
+
+
 def test_down_stops_only_this_stack(up_stack, capsys):
     d, _ = up_stack
     spec = stack.load_spec(d)
-    mlflow_pid = stack._mlflow_pid(spec.path)
+    mlflow_procs = stack.mlflow_processes(spec.path)  # after test_a_killed_mlflow_parent_...: the orphan only
+    assert mlflow_procs
     # a stand-in for someone else's Ray head: a process whose command line looks like one
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "gcs_server",
                               "--temp-dir=/tmp/ray", "--port=6379"], start_new_session=True)
@@ -161,8 +223,8 @@ def test_down_stops_only_this_stack(up_stack, capsys):
     finally:
         other.kill()
         other.wait()
-    assert stack.head_processes(spec) == []
-    assert mlflow_pid is not None and not stack._group_alive(mlflow_pid)
+    assert stack.head_processes(spec) == [] and stack.mlflow_processes(spec.path) == []
+    assert not any(p.is_running() and p.status() != "zombie" for p in mlflow_procs)
     assert not (d / "mlflow.pid").exists() and not (d / "ray.pid").exists()
     capsys.readouterr()
     assert main(["stack", "status", "--dir", str(d)]) == 1

@@ -14,6 +14,7 @@ from typing import Any
 
 from mvar.data import storage
 from mvar.errors import UserError
+from mvar.files import one_line
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -63,10 +64,13 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
+        """Parsed and type-checked (a hand-edited or damaged file fails here, naming the key)."""
+        from mvar.config import from_dict
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         data.pop("num_classes", None)
-        data["shards"] = [ShardInfo(**s) for s in data["shards"]]
-        return cls(**data)
+        return from_dict(cls, data)
 
 
 def write_manifest(directory: str, manifest: Manifest) -> str:
@@ -102,15 +106,16 @@ def read_manifest(location: str) -> Manifest:
         raise DataError(f"shard directory '{location}' does not exist; {how_to_make(location)}")
     url = storage.join(location, MANIFEST_NAME)
     try:
-        text = storage.read_bytes(url).decode()
+        raw = storage.read_bytes(url)
     except FileNotFoundError as err:
         raise DataError(f"'{location}' has no {MANIFEST_NAME}: not a finished shard set "
                         f"(an interrupted pack finishes when rerun with the same command); "
                         f"{how_to_make(location)}") from err
     try:
-        manifest = Manifest.from_json(text)
-    except (ValueError, TypeError, KeyError) as err:
-        raise DataError(f"'{url}' is not a valid manifest: {err}") from err
+        manifest = Manifest.from_json(raw.decode())
+    except (ValueError, TypeError, KeyError, AttributeError) as err:  # UnicodeDecodeError is a ValueError
+        raise DataError(f"'{url}' is not a valid manifest (truncated or edited?): "
+                        f"{one_line(err).replace('config key ', 'key ')}") from None
     _check_manifest(manifest, url)
     return manifest
 
@@ -121,9 +126,18 @@ def _check_manifest(manifest: Manifest, url: str) -> None:
     if not manifest.shards or manifest.num_samples == 0:
         raise DataError(f"'{url}' lists no samples; was the source empty? Repack from a tree "
                         f"with one folder of images per class")
+    if manifest.kind == "tokens" and not _token_meta_ok(manifest.tokens):
+        raise DataError(f"'{url}': its 'tokens' section lacks tokenizer_sha256, patch_nums or vocab_size "
+                        f"(has {sorted(manifest.tokens)}); remake it with `mvar data tokenize`")
     if manifest.format_version > FORMAT_VERSION:
         raise DataError(f"'{url}' has format_version {manifest.format_version}; this mvar "
                         f"reads up to {FORMAT_VERSION}: upgrade mvar")
+
+
+def _token_meta_ok(tokens: dict) -> bool:
+    patch_nums = tokens.get("patch_nums")
+    return (isinstance(tokens.get("tokenizer_sha256"), str) and isinstance(tokens.get("vocab_size"), int)
+            and isinstance(patch_nums, list) and all(isinstance(p, int) and p > 0 for p in patch_nums))
 
 
 def check_tokenizer(manifest: Manifest, location: str, fingerprint: str | None) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 from mvar.data.manifest import MANIFEST_NAME, ShardInfo, fsync_dir
 from mvar.data.tario import Sample, ShardWriter, remove_stale_temps, shard_name
 from mvar.errors import UserError
+from mvar.files import read_json_mapping
 
 STATE_DIR = ".mvar-data"
 
@@ -49,8 +50,11 @@ class ShardSetWriter:
     def _check_plan(self) -> None:
         path = os.path.join(self.state_dir, "plan.json")
         if os.path.exists(path):
-            with open(path) as fh:
-                old = json.load(fh)
+            try:
+                old = read_json_mapping(path, "job state file")
+            except UserError as err:
+                self.close()
+                raise UserError(f"{err}; delete '{self.state_dir}' (and the shards beside it) to start over") from None
             if old != json.loads(json.dumps(self.plan)):
                 changed = sorted(k for k in set(old) | set(self.plan) if old.get(k) != self.plan.get(k))
                 self.close()
@@ -95,9 +99,13 @@ class ShardSetWriter:
         """(shard info, stats) of every shard, all of which must be done."""
         out = []
         for index in range(num_shards):
-            with open(self._record_path(index)) as fh:
-                record = json.load(fh)
-            out.append((ShardInfo(**record["shard"]), record["stats"]))
+            path = self._record_path(index)
+            record = read_json_mapping(path, "shard record")
+            try:
+                out.append((ShardInfo(**record["shard"]), dict(record["stats"])))
+            except (KeyError, TypeError, ValueError) as err:
+                raise UserError(f"shard record '{path}' is not one this job wrote ({err!r}); delete it and "
+                                f"{shard_name(index)} beside it, then rerun to write that shard again") from None
         return out
 
     def close(self) -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from mvar.checkpoint import file_sha256, read_checkpoint_meta, tokenizer_dir
+from mvar.checkpoint import read_tokenizer_config as checkpoint_tokenizer_config
 from mvar.config import ConfigError, from_dict
 from mvar.data.manifest import Manifest, write_manifest
 from mvar.data.writer import ShardSetWriter
@@ -80,10 +80,7 @@ def read_tokenizer_config(checkpoint: str) -> TokenizerConfig:
         tdir = tokenizer_dir(checkpoint)
     except UserError as err:
         raise UserError(f"checkpoint '{checkpoint}' has no tokenizer: {err}") from None
-    meta = yaml.safe_load((tdir / "tokenizer.yaml").read_text()) or {}
-    if "config" not in meta:
-        raise UserError(f"'{tdir / 'tokenizer.yaml'}' has no tokenizer config")
-    return from_dict(TokenizerConfig, meta["config"])
+    return checkpoint_tokenizer_config(tdir)
 
 
 def model_config(meta: dict, overrides: dict, tok_cfg: TokenizerConfig, checkpoint: str) -> ModelConfig:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mvar.errors import UserError
+from mvar.files import NPZ_ERRORS, one_line
 from mvar.metrics.images import batched_tensors, iter_images, open_image_set
 from mvar.metrics.inception import (
     FEATURE_EXTRACTOR,
@@ -87,7 +88,7 @@ def is_reference_file(path: str) -> bool:
     try:
         with np.load(path) as data:
             return "format" in data.files
-    except (OSError, ValueError):
+    except NPZ_ERRORS:
         return False
 
 
@@ -105,8 +106,9 @@ def load_reference(path: str | Path) -> Reference:
                              source=str(data["source"]))
     except KeyError as err:
         raise UserError(f"'{path}' is not a reference made by `mvar eval make-ref` (no {err})") from err
-    except (ValueError, OSError) as err:
-        raise UserError(f"cannot read reference statistics '{path}': {err}") from err
+    except NPZ_ERRORS as err:
+        raise UserError(f"cannot read reference statistics '{path}' (truncated or not an .npz?): "
+                        f"{one_line(err)}") from None
 
 
 def check_reference(ref: Reference, where: str, image_size: int, weights: FeatureWeights, prc_k: int) -> None:

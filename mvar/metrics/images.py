@@ -19,6 +19,7 @@ from mvar.data.manifest import read_manifest
 from mvar.data.samples import IMAGE_EXTS
 from mvar.data.tario import iter_tar_samples
 from mvar.errors import UserError
+from mvar.files import NPZ_ERRORS, one_line
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,8 @@ def npz_array_shape(path: str, name: str) -> tuple[int, ...]:
             shape, _, _ = read_header(fh)
     except KeyError:
         raise UserError(f"'{path}' has no array '{name}'") from None
-    except (zipfile.BadZipFile, ValueError, OSError) as err:
-        raise UserError(f"'{path}' is not a readable .npz file: {err}") from err
+    except NPZ_ERRORS as err:
+        raise UserError(f"'{path}' is not a readable .npz file: {one_line(err)}") from None
     return tuple(shape)
 
 
@@ -78,8 +79,11 @@ def iter_shard_images(location: str) -> Iterator[tuple[np.ndarray, int]]:
 def iter_images(location: str) -> Iterator[np.ndarray]:
     """uint8 (S, S, 3) images of a shard set or an `.npz`."""
     if is_npz(location):
-        with np.load(location) as data:
-            arr = data["arr_0"]
+        try:
+            with np.load(location) as data:
+                arr = data["arr_0"]
+        except NPZ_ERRORS as err:
+            raise UserError(f"'{location}' is not a readable .npz of images (arr_0): {one_line(err)}") from None
         yield from arr
     else:
         yield from (image for image, _ in iter_shard_images(location))

@@ -20,6 +20,7 @@ import torch
 
 from mvar.data.storage import sha256_stream
 from mvar.errors import UserError
+from mvar.files import check_torch_file
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
 FID_LAYER = "2048"               # pool features: FID and precision/recall
@@ -62,6 +63,7 @@ def resolve_weights(path: str = "", download: bool = True) -> FeatureWeights:
         if not Path(path).is_file():
             raise UserError(f"{WEIGHTS_KEY}: file '{path}' does not exist (make stand-in weights for tests with "
                             "`mvar eval standin-weights --out FILE`, or copy the official Inception weights)")
+        check_torch_file(path, WEIGHTS_KEY)
         return FeatureWeights(str(Path(path).resolve()), file_sha256(path))
     cached = official_cache_path()
     if not cached.is_file():

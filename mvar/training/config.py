@@ -96,9 +96,12 @@ class ScalingSettings:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0   # fractional values let 2 workers share a small machine
     gpus_per_worker: float = 1.0
+    socket_ifname: str = ""        # network interface of gloo/NCCL sockets; '' = the one of the node's address
 
     def validate(self, prefix: str = "") -> None:
         check(self.num_workers >= 1, prefix + "num_workers", "must be >= 1")
+        check("," not in self.socket_ifname and " " not in self.socket_ifname, prefix + "socket_ifname",
+              f"must name one interface (e.g. eth0), got '{self.socket_ifname}'")
         check(self.cpus_per_worker > 0, prefix + "cpus_per_worker", "must be > 0")
         check(self.gpus_per_worker > 0, prefix + "gpus_per_worker", "must be > 0")
 

@@ -13,14 +13,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from mvar import cluster, tracking
-from mvar.config import dump_yaml, flatten, from_dict, to_dict
+from mvar.config import dump_yaml, flatten, to_dict
 from mvar.data.loader import open_shard_set
 from mvar.data.storage import is_local
 from mvar.errors import UserError
-from mvar.models.config import ModelConfig, split_name
+from mvar.models.config import split_name
 from mvar.tokenizer import TokenizerConfig
 from mvar.training.config import TrainConfig
 
@@ -51,12 +49,10 @@ def storage_location(path: str) -> str:
 
 
 def _check_tokenizer(cfg: TrainConfig) -> tuple[TokenizerConfig, str]:
-    from mvar.checkpoint import tokenizer_dir, tokenizer_fingerprint
-    tdir = tokenizer_dir(cfg.tokenizer)
-    meta = yaml.safe_load((tdir / "tokenizer.yaml").read_text())
-    tok_cfg = from_dict(TokenizerConfig, meta["config"])
+    from mvar.checkpoint import read_tokenizer_config, tokenizer_fingerprint
+    tok_cfg = read_tokenizer_config(cfg.tokenizer)
     cfg.model.check_scales(tuple(tok_cfg.patch_nums))
-    return tok_cfg, tokenizer_fingerprint(tdir)
+    return tok_cfg, tokenizer_fingerprint(cfg.tokenizer)
 
 
 def _check_shards(cfg: TrainConfig, tok_cfg: TokenizerConfig, sha: str) -> None:
@@ -78,9 +74,8 @@ def _check_shards(cfg: TrainConfig, tok_cfg: TokenizerConfig, sha: str) -> None:
 def _check_init_from(cfg: TrainConfig) -> None:
     if not cfg.init_from:
         return
-    from mvar.checkpoint import read_checkpoint_meta
-    meta = read_checkpoint_meta(cfg.init_from)
-    theirs = from_dict(ModelConfig, meta["model"])
+    from mvar.checkpoint import read_model_config
+    theirs = read_model_config(cfg.init_from)
     for attr in ("depth", "width", "heads", "num_classes"):
         if getattr(theirs, attr) != getattr(cfg.model, attr):
             raise UserError(f"init_from: '{cfg.init_from}' has {attr} {getattr(theirs, attr)}, "
@@ -173,10 +168,12 @@ def fit(cfg, worker_fn, loop_config: dict, storage: str):
     """Ray Train's TorchTrainer with the run's scaling, storage, checkpoint retention and failure budget."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from mvar.training.backend import torch_config
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     trainer = TorchTrainer(
-        worker_fn, train_loop_config=loop_config,
+        worker_fn, train_loop_config=loop_config, torch_config=torch_config(s),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=cfg.run.name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),

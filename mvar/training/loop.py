@@ -29,6 +29,7 @@ from mvar.checkpoint import (
     load_into,
     load_state_dict,
     load_tokenizer,
+    load_train_state,
     save_checkpoint,
     tokenizer_fingerprint,
 )
@@ -77,7 +78,7 @@ def build_model(cfg: TrainConfig, tok_cfg, device: torch.device) -> NextScaleTra
 def restore(ckpt_dir: Path, model, opt, sched) -> int:
     """Load a training checkpoint into model, optimizer and scheduler; returns its step."""
     load_into(model, load_state_dict(ckpt_dir / "model.pt"), ckpt_dir / "model.pt")
-    state = torch.load(ckpt_dir / TRAIN_STATE, map_location="cpu", weights_only=True)
+    state = load_train_state(ckpt_dir / TRAIN_STATE)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     return int(state["step"])

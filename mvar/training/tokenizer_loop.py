@@ -38,6 +38,8 @@ from mvar.checkpoint import (
     load_into,
     load_state_dict,
     load_tokenizer,
+    load_train_state,
+    read_tokenizer_config,
     save_tokenizer,
     tokenizer_dir,
 )
@@ -160,7 +162,7 @@ def setup(config: dict) -> Worker:
 def restore(ckpt_dir: Path, vae: nn.Module, opt, sched) -> int:
     """Load a training checkpoint into tokenizer, optimizer and scheduler; returns its step."""
     load_into(vae, load_state_dict(ckpt_dir / "tokenizer.pt"), ckpt_dir / "tokenizer.pt")
-    state = torch.load(ckpt_dir / TRAIN_STATE, map_location="cpu", weights_only=True)
+    state = load_train_state(ckpt_dir / TRAIN_STATE)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     return int(state["step"])
@@ -322,10 +324,10 @@ def _check_init_from(cfg: TokenizerTrainConfig) -> None:
     if not cfg.init_from:
         return
     try:
-        meta = yaml.safe_load((tokenizer_dir(cfg.init_from) / "tokenizer.yaml").read_text())
+        theirs = read_tokenizer_config(cfg.init_from)
     except UserError as err:
         raise UserError(f"init_from: {err}") from None
-    theirs, ours = from_dict(TokenizerConfig, meta["config"]), cfg.tokenizer
+    ours = cfg.tokenizer
     for attr in SHAPE_FIELDS:
         a, b = getattr(theirs, attr), getattr(ours, attr)
         if a != b:

@@ -16,12 +16,17 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray (127.0.0.1, 2 CPUs) for the module; evaluations join it instead of starting their own."""
+def local_ray(listeners):
+    """One local Ray (127.0.0.1, 2 CPUs) for the module; evaluations join it instead of starting their own.
+    Yields a watch of the listening sockets of this process and all below it (the Ray and its workers)."""
     from mvar import cluster
     cluster.connect(num_cpus=2)
-    yield
-    cluster.shutdown()
+    try:
+        with listeners.of_descendants() as watch:
+            yield watch
+    finally:
+        cluster.shutdown()
+    watch.assert_listeners_on("127.0.0.1")
 
 
 def test_workflow_evaluates_a_training_run_on_two_ray_workers_with_the_same_images(eval_inputs, tmp_path, local_ray):
@@ -49,3 +54,5 @@ def test_workflow_evaluates_a_training_run_on_two_ray_workers_with_the_same_imag
         remote = workers.call(quality_metrics, cfg.eval, 64, tmp_path / "ray", tmp_path / "ray" / SETTING / "samples")
     driver = json.loads((tmp_path / "ray" / SETTING / "metrics.json").read_text())
     assert remote == pytest.approx({k: v for k, v in driver.items() if k.startswith("eval/")}, rel=1e-3)
+    # the sampling and metrics workers listen on loopback only
+    local_ray.assert_listeners_on("127.0.0.1", expect=("ray::",))

@@ -86,12 +86,20 @@ def sweep_inputs(tmp_path_factory) -> SweepInputs:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray (127.0.0.1, 2 CPUs) for the module; sweeps run in a subprocess join it."""
+def local_ray(listeners):
+    """One local Ray (127.0.0.1, 2 CPUs) for the module; sweeps run in a subprocess join it.
+
+    The listening sockets of this process and all below it (the Ray, sweep drivers, their trials'
+    training workers and evaluation) are sampled while the module runs: all must be on 127.0.0.1.
+    """
     from mvar import cluster
     cluster.connect(num_cpus=2)
-    yield
-    cluster.shutdown()
+    try:
+        with listeners.of_descendants() as watch:
+            yield watch
+    finally:
+        cluster.shutdown()
+    watch.assert_listeners_on("127.0.0.1")
 
 
 # -- PostgreSQL --------------------------------------------------------------------------

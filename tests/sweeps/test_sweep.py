@@ -101,7 +101,9 @@ def k_depth(sweep_inputs) -> Sweep:
     return sweep
 
 
-def test_three_trial_sweep_end_to_end(k_depth, sweep_inputs):
+def test_three_trial_sweep_end_to_end(k_depth, sweep_inputs, local_ray):
+    # the sweep's driver subprocess and its trials' training workers listened on loopback only
+    local_ray.assert_listeners_on("127.0.0.1", expect=("sweeps.run", "RayTrainWorker"))
     study = k_depth.study()
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 3 and study.metric_names == ["eval/fid", "infer/peak_mem_mb"]

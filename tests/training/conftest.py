@@ -53,9 +53,17 @@ def tiny_inputs(tmp_path_factory) -> TinyInputs:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray (127.0.0.1, 2 CPUs) shared by a test module's in-process training runs."""
+def local_ray(listeners):
+    """One local Ray (127.0.0.1, 2 CPUs) shared by a test module's in-process training runs.
+
+    Yields a watch of the listening sockets of this process and all below it (the Ray, its training
+    workers), sampled while the module runs: at the end every one must be on 127.0.0.1.
+    """
     from mvar import cluster
     cluster.connect(num_cpus=2)
-    yield
-    cluster.shutdown()
+    try:
+        with listeners.of_descendants() as watch:
+            yield watch
+    finally:
+        cluster.shutdown()
+    watch.assert_listeners_on("127.0.0.1")

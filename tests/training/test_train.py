@@ -15,7 +15,7 @@ def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 @pytest.mark.parametrize("variant", ["var", "mvar"])
-def test_tiny_model_trains_and_the_run_holds_everything(tiny_inputs, variant):
+def test_tiny_model_trains_and_the_run_holds_everything(tiny_inputs, variant, local_ray):
     cfg = load_train_config(f"workflows/configs/{variant}_tiny_local.yaml", tiny_inputs.overrides(
         f"{variant}-fit", **{"run.steps": 40, "run.checkpoint_every": 20, "run.log_every": 2,
                              "data.eval_shards": tiny_inputs.eval_tokens}))
@@ -40,6 +40,8 @@ def test_tiny_model_trains_and_the_run_holds_everything(tiny_inputs, variant):
     assert meta["train"]["step"] == 40 and meta["train"]["mlflow_run_id"] == run_id
     _, _, mcfg, _ = load_checkpoint(outcome.checkpoint)
     assert mcfg.attention == variant
+    # 2 workers: rank 0's rendezvous store and both ranks' gloo sockets listen on loopback only
+    local_ray.assert_listeners_on("127.0.0.1", expect=("RayTrainWorker", "gcs_server", "raylet"))
 
 
 def test_rerun_of_a_finished_run_continues_the_same_mlflow_run(tiny_inputs):

@@ -34,7 +34,7 @@ def running_stack(tmp_path_factory):
             shutil.rmtree(spec.temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_trains_and_logs_to_the_stack(tiny_inputs, running_stack):
+def test_ray_job_submit_trains_and_logs_to_the_stack(tiny_inputs, running_stack, listeners):
     env = stack.stack_env(running_stack, os.environ)
     submission = f"mvar-test-{uuid.uuid4().hex[:8]}"
     # tracking.uri left empty: the job takes MLFLOW_TRACKING_URI from the head (the stack's server)
@@ -43,8 +43,12 @@ def test_ray_job_submit_trains_and_logs_to_the_stack(tiny_inputs, running_stack)
     cmd = [RAY, "job", "submit", "--address", env["RAY_ADDRESS"], "--submission-id", submission,
            "--working-dir", str(REPO), "--", "python", "-m", "workflows.train",
            "--config", "workflows/configs/var_tiny_local.yaml", *overrides]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    spec = stack.load_spec(running_stack)
+    # the head's processes (its job driver and the 2 training workers among them), sampled during the job
+    with listeners.Watch(lambda: [p.pid for p in stack.head_processes(spec)], interval_s=1.0) as watch:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    watch.assert_listeners_on("127.0.0.1", expect=("RayTrainWorker", "workflows.train"))
     assert "done: 6 steps" in done.stdout
     c = tracking.client(env["MLFLOW_TRACKING_URI"])
     runs = c.search_runs([c.get_experiment_by_name("tests").experiment_id],

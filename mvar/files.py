@@ -1,0 +1,103 @@
+"""Reading the project's files: every failure to read or parse one becomes one line naming the file.
+
+A truncated, garbage or hand-edited file must never reach the user as a parser traceback. Each
+format has one reader here (YAML, JSON, torch pickles of tensors, .npz); the modules that own a
+file's layout (``mvar.checkpoint``, ``mvar.data.manifest`` ...) call them and check the content.
+"""
+from __future__ import annotations
+
+import json
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+from mvar.errors import UserError
+
+# what numpy raises on a truncated, garbage or non-npz file
+NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def _text(path: Path, what: str, error: type[Exception]) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise error(f"{what} '{path}' does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"cannot read {what} '{path}': {one_line(err)}") from None
+
+
+def one_line(err: BaseException) -> str:
+    """A parser's message on one line (YAML's span several, with a caret drawing)."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def read_yaml(path: str | Path, what: str = "YAML file", error: type[Exception] = UserError) -> Any:
+    """The parsed content of a YAML file (None when empty)."""
+    import yaml
+    path = Path(path)
+    text = _text(path, what, error)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise error(f"{what} '{path}' is not valid YAML: {one_line(err)}") from None
+
+
+def read_mapping(path: str | Path, what: str = "YAML file", error: type[Exception] = UserError) -> dict:
+    """A YAML file that must hold a mapping at the top level (an empty file is an empty mapping)."""
+    data = read_yaml(path, what, error)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{what} '{path}' must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_json(text: str | bytes, where: str, what: str = "JSON file") -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise UserError(f"{what} '{where}' is not valid JSON: {one_line(err)}") from None
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    path = Path(path)
+    return parse_json(_text(path, what, UserError), str(path), what)
+
+
+def read_json_mapping(path: str | Path, what: str = "JSON file") -> dict:
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        raise UserError(f"{what} '{path}' must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_torch(path: str | Path, what: str = "weights file") -> Any:
+    """``torch.load`` of tensors and plain containers only (never unpickles code)."""
+    import torch
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} '{path}' does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, garbage, not a torch file, pickled code ...
+        raise UserError(f"cannot read {what} '{path}' (truncated or not a torch file?): {one_line(err)}") from None
+
+
+def check_torch_file(path: str | Path, what: str = "weights file") -> None:
+    """Refuse a truncated or garbage torch file without loading its tensors (for files another library
+    loads later): a zip-format file must have an intact directory with a pickle in it; other files
+    (torch's legacy format) are loaded once."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):  # also false for a zip cut short: its directory is at the end
+        load_torch(path, what)
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if not any(n.endswith("data.pkl") for n in zf.namelist()):
+                raise UserError(f"{what} '{path}' is a zip file but not one written by torch.save")
+    except zipfile.BadZipFile as err:
+        raise UserError(f"cannot read {what} '{path}': {one_line(err)}") from None

@@ -1,0 +1,77 @@
+"""The local Ray of `mvar.cluster.connect()`: a driver killed with SIGKILL leaves no Ray process behind."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = """
+import time
+from mvar import cluster
+cluster.connect(num_cpus=1)
+print("READY", flush=True)
+time.sleep(600)
+"""
+AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _names(procs: list[psutil.Process]) -> set[str]:
+    out = set()
+    for p in procs:
+        try:
+            out.add(" ".join(p.cmdline()).strip() or p.name())
+        except psutil.Error:
+            pass
+    return out
+
+
+def _tree_when_agents_are_up(driver: subprocess.Popen, timeout_s: float = 120) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        tree = psutil.Process(driver.pid).children(recursive=True)
+        if all(any(a in n for n in _names(tree)) for a in AGENTS):
+            return tree
+        assert driver.poll() is None, driver.stdout.read()[-3000:]
+        time.sleep(0.5)
+    raise AssertionError(f"the local Ray's agents did not start; tree: {_names(tree)}")
+
+
+@pytest.mark.slow
+def test_a_sigkilled_driver_leaves_no_ray_process_behind(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    tree: list[psutil.Process] = []
+    try:
+        for line in driver.stdout:  # Ray's start-up warnings come first
+            if line.strip() == "READY":
+                break
+        assert driver.poll() is None
+        tree = _tree_when_agents_are_up(driver)  # GCS, raylet, dashboard agent, runtime env agent, workers ...
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(10)
+        deadline = time.monotonic() + 30  # Ray's own agents linger 60 s and more, waiting for the dead GCS
+        while any(_alive(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = [p for p in tree if _alive(p)]
+        assert not left, f"outlived the driver: {_names(left)}"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        for p in tree:  # whatever the outcome, nothing of this test stays
+            if _alive(p):
+                p.kill()
