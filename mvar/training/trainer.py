@@ -172,7 +172,10 @@ class Stepper:
         return out
 
     def load_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(state["optimizer"])
+        scales = [g.get("wd_scale", 1.0) for g in self.opt.param_groups]
+        self.opt.load_state_dict(state["optimizer"])  # takes the saved groups' settings ...
+        for group, scale in zip(self.opt.param_groups, scales):
+            group["wd_scale"] = scale  # ... but which group is decayed is this run's (older states lack it)
         self.sched.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
