@@ -39,6 +39,9 @@ class RayHooks(Hooks):
         if self.rank != 0:
             ray.train.report(report, checkpoint=None, checkpoint_dir_name=name)
             return
+        # the metrics of every step up to this one reach MLflow before the checkpoint exists: a run
+        # resumed from it (after a worker was killed) would not compute those steps again
+        self.tracker.flush()
         n = len(self.loader)
         meta = {"epoch": step // n, "batch_in_epoch": step % n, "steps_per_epoch": n,
                 "mlflow_run_id": self.run_id, "run_name": self.run_name}
