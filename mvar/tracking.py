@@ -157,6 +157,7 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_dir: str | None = None) -> None: ...
     def log_text(self, text: str, name: str) -> None: ...
+    def flush(self, timeout_s: float | None = None) -> bool: return True
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -216,6 +217,15 @@ class MlflowTracker(NullTracker):
             self._monitor.start()
         except Exception as err:  # noqa: BLE001 - system metrics are a convenience, never fatal
             log.warning("system metrics not started: %s", err)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything queued so far is sent (at most ``timeout_s``, default flush_timeout_s)."""
+        sent = threading.Event()
+        self._submit(sent.set)
+        if sent.wait(self.cfg.flush_timeout_s if timeout_s is None else timeout_s):
+            return True
+        log.warning("tracking: %d operations still queued; going on without waiting", self._queue.qsize())
+        return False
 
     def close(self, status: str = "FINISHED") -> None:
         """Flush the queue (bounded wait), stop the sampler, and mark the run ``status`` (or leave it)."""

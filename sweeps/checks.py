@@ -84,7 +84,7 @@ def check_space(study: StudyConfig, overrides: list[str], patch_nums: tuple[int,
         try:
             cfg = load_train_config(study.base_config, overrides + [override(k, v) for k, v in point.items()])
             if patch_nums:
-                cfg.model.check_scales(patch_nums)
+                cfg.check_scales(patch_nums)
         except ConfigError as err:
             where = ", ".join(f"{k}={v!r}" for k, v in point.items())
             raise ConfigError(f"search_space: the trial with {where} would not run: {err}") from None

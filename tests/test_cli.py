@@ -44,6 +44,23 @@ def test_sample_writes_a_reproducible_grid(imported, tmp_path):
     assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
 
 
+def test_sample_defaults_come_from_the_checkpoint_and_flags_win(imported, tmp_path, capsys):
+    import shutil
+
+    import yaml
+    own = tmp_path / "own"
+    shutil.copytree(imported, own)
+    meta = yaml.safe_load((own / "checkpoint.yaml").read_text())
+    (own / "checkpoint.yaml").write_text(yaml.safe_dump({**meta, "sampling": {"cfg": 0.5, "top_k": 3, "top_p": 0.5}}))
+    args = ["sample", "--checkpoint", str(own), "--classes", "1", "--out", str(tmp_path / "a.png")]
+    assert main(args) == 0
+    assert "cfg 0.5, top-k 3, top-p 0.5," in capsys.readouterr().out
+    assert main(args + ["--cfg", "1.5"]) == 0
+    assert "cfg 1.5, top-k 3, top-p 0.5," in capsys.readouterr().out
+    assert main(["sample", "--checkpoint", str(imported), "--classes", "1", "--out", str(tmp_path / "b.png")]) == 0
+    assert "cfg 1.5, top-k 900, top-p 0.96," in capsys.readouterr().out  # imported weights: VAR's FID setting
+
+
 def test_bad_input_is_one_clear_line(imported, ref_dir, tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(imported), "--classes", "1,99", "--out", str(tmp_path / "x.png")]) == 2
     assert "ids [99] are outside [0, 9]" in capsys.readouterr().err

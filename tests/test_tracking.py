@@ -76,6 +76,25 @@ def test_a_server_that_is_gone_does_not_raise(monkeypatch):
     assert t.failures >= 1
 
 
+def test_flush_returns_once_everything_queued_is_sent_and_gives_up_after_its_timeout(cfg, monkeypatch):
+    run_id = tracking.start_run(cfg, "r3")
+    t = MlflowTracker(run_id, cfg)
+    for step in range(1, 6):
+        t.log_metrics({"train/loss": 1.0}, step)
+    assert t.flush()
+    assert tracking.last_logged_step(run_id, "train/loss", cfg.uri) == 5  # sent before flush returned
+    t.close()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    gone = MlflowTracker("0" * 32, TrackingConfig(uri=f"http://127.0.0.1:{_free_port()}", system_metrics=False,
+                                                  retry_s=30.0, flush_timeout_s=1.0))
+    gone.log_metrics({"train/loss": 1.0}, 1)
+    start = time.monotonic()
+    assert not gone.flush()  # the server is not there: a bounded wait, then training goes on
+    assert time.monotonic() - start < 5.0
+    gone.close()
+
+
 def test_unreachable_store_is_a_clear_error_before_work(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")

@@ -19,9 +19,10 @@ def register(subparsers) -> None:
     p.add_argument("--classes", type=_classes, default=None, help="class ids, e.g. 1,2,3 (default: random)")
     p.add_argument("--num", type=int, default=8, help="number of images when --classes is not given")
     p.add_argument("--per-class", type=int, default=1, help="images per class id")
-    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance at the last scale (0: off)")
-    p.add_argument("--top-k", type=int, default=900)
-    p.add_argument("--top-p", type=float, default=0.96)
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance at the last scale (0: off; default: the checkpoint's, else 1.5)")
+    p.add_argument("--top-k", type=int, default=None, help="default: the checkpoint's, else 900")
+    p.add_argument("--top-p", type=float, default=None, help="default: the checkpoint's, else 0.96")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention", choices=["var", "scale_markov", "mvar"], default=None,
                    help="override the checkpoint's attention pattern (same parameters)")
@@ -35,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from torchvision.utils import save_image
 
-    from mvar.checkpoint import load_checkpoint
+    from mvar.checkpoint import load_checkpoint, read_checkpoint_meta
     from mvar.errors import UserError
+    from mvar.evaluation.config import SamplingDefaults
     from mvar.sampling import make_generator, sample_images
 
     overrides = {k: v for k, v in (("attention", args.attention), ("window_size", args.window_size)) if v is not None}
@@ -49,13 +51,17 @@ def run(args: argparse.Namespace) -> int:
         labels = torch.tensor(args.classes, device=device).repeat_interleave(args.per_class)
     else:
         labels = None
+    own = SamplingDefaults.of_checkpoint(read_checkpoint_meta(args.checkpoint))  # the command line wins
+    guidance, top_k, top_p = (own.cfg if args.cfg is None else args.cfg, own.top_k if args.top_k is None
+                              else args.top_k, own.top_p if args.top_p is None else args.top_p)
     gen = make_generator(args.seed, device)
-    imgs = sample_images(model, tokenizer, labels, batch_size=args.num, cfg=args.cfg, top_k=args.top_k,
-                         top_p=args.top_p, generator=gen)
+    imgs = sample_images(model, tokenizer, labels, batch_size=args.num, cfg=guidance, top_k=top_k,
+                         top_p=top_p, generator=gen)
     if args.classes is None:
         nrow = math.ceil(math.sqrt(len(imgs)))
     else:  # one row per class, or the classes side by side (8 a row) with one image each
         nrow = args.per_class if args.per_class > 1 else min(len(imgs), 8)
     save_image(imgs.float().cpu(), args.out, nrow=nrow, padding=2)
-    print(f"wrote {args.out}: {len(imgs)} images, attention {cfg.attention}, cfg {args.cfg}, seed {args.seed}")
+    print(f"wrote {args.out}: {len(imgs)} images, attention {cfg.attention}, cfg {guidance:g}, top-k {top_k}, "
+          f"top-p {top_p:g}, seed {args.seed}")
     return 0

@@ -1,6 +1,7 @@
 """EvalConfig (the `eval.*` keys) and the evaluation run config that nests it with tracking."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -11,14 +12,37 @@ from mvar.tracking import TrackingConfig
 
 
 @dataclass
+class SamplingDefaults:
+    """A model's own sampling settings: a training run's `sampling.*` keys, stored in its checkpoints'
+    checkpoint.yaml; `mvar sample` and `mvar eval` use them unless told otherwise."""
+
+    cfg: float = 1.5               # guidance at the last scale (VAR's FID setting)
+    top_k: int = 900
+    top_p: float = 0.96
+
+    def validate(self, prefix: str = "") -> None:
+        check(self.cfg >= 0, prefix + "cfg", "guidance must be >= 0 (0 turns CFG off)")
+        check(self.top_k >= 0, prefix + "top_k", "must be >= 0 (0 = no top-k)")
+        check(0 <= self.top_p <= 1, prefix + "top_p", "must lie in [0, 1] (0 = no nucleus filtering)")
+
+    @classmethod
+    def of_checkpoint(cls, meta: dict) -> "SamplingDefaults":
+        """From a checkpoint.yaml's `sampling` (absent in imported or older checkpoints: the defaults)."""
+        stored = meta.get("sampling") or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in stored.items() if k in known})
+
+
+@dataclass
 class EvalConfig:
     # -- what is sampled: num_per_class x len(classes) images, classes interleaved (i % C)
     num_per_class: int = 50
     classes: list[int] = field(default_factory=list)   # class ids; [] = every class of the model
-    # each combination of cfg x top_k x top_p is one setting (a child run when there are several)
-    cfg: list[float] = field(default_factory=lambda: [1.5])
-    top_k: list[int] = field(default_factory=lambda: [900])
-    top_p: list[float] = field(default_factory=lambda: [0.96])
+    # each combination of cfg x top_k x top_p is one setting (a child run when there are several);
+    # [] = the checkpoint's own (its training run's `sampling.*`, else 1.5 / 900 / 0.96)
+    cfg: list[float] = field(default_factory=list)
+    top_k: list[int] = field(default_factory=list)
+    top_p: list[float] = field(default_factory=list)
     seed: int = 0                    # batch b uses a generator seeded from (seed, b): same images on any worker count
     batch_size: int = 32             # images per generation batch (part of the randomness: keep it to reproduce)
     attention: str = ""              # '' = the checkpoint's; var | scale_markov | mvar (same weights)
@@ -43,10 +67,16 @@ class EvalConfig:
     grid_per_class: int = 4          # ... and rows (samples of each)
     write_npz: bool = True           # samples.npz (arr_0 uint8 (N, H, W, 3)) for ADM's evaluator
 
-    def settings(self) -> list[SamplingConfig]:
-        """Every (cfg, top_k, top_p) combination, in order."""
+    def with_defaults(self, defaults: SamplingDefaults) -> "EvalConfig":
+        """A copy whose empty cfg / top_k / top_p lists take ``defaults`` (the checkpoint's)."""
+        return dataclasses.replace(self, cfg=self.cfg or [defaults.cfg], top_k=self.top_k or [defaults.top_k],
+                                   top_p=self.top_p or [defaults.top_p])
+
+    def settings(self, defaults: SamplingDefaults | None = None) -> list[SamplingConfig]:
+        """Every (cfg, top_k, top_p) combination, in order; empty lists take ``defaults`` (the checkpoint's)."""
+        full = self.with_defaults(defaults or SamplingDefaults())
         return [SamplingConfig(cfg=c, top_k=k, top_p=p, seed=self.seed)
-                for c, k, p in itertools.product(self.cfg, self.top_k, self.top_p)]
+                for c, k, p in itertools.product(full.cfg, full.top_k, full.top_p)]
 
     @property
     def shard_size(self) -> int:
@@ -61,8 +91,6 @@ class EvalConfig:
         check(self.num_per_class >= 1, p + "num_per_class", "must be >= 1")
         check(all(c >= 0 for c in self.classes), p + "classes", "class ids must be >= 0")
         check(len(set(self.classes)) == len(self.classes), p + "classes", "lists a class id twice")
-        for key in ("cfg", "top_k", "top_p"):
-            check(len(getattr(self, key)) >= 1, p + key, "needs at least one value")
         check(all(c >= 0 for c in self.cfg), p + "cfg", "guidance must be >= 0 (0 turns CFG off)")
         check(all(k >= 0 for k in self.top_k), p + "top_k", "must be >= 0 (0 = no top-k)")
         check(all(0 <= t <= 1 for t in self.top_p), p + "top_p", "must lie in [0, 1] (0 = no nucleus filtering)")

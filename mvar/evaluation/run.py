@@ -26,7 +26,7 @@ from mvar.data.manifest import Manifest, write_manifest
 from mvar.data.writer import ShardSetWriter
 from mvar.errors import UserError
 from mvar.evaluation import runs
-from mvar.evaluation.config import EvalConfig, EvaluateConfig
+from mvar.evaluation.config import EvalConfig, EvaluateConfig, SamplingDefaults
 from mvar.evaluation.plan import SamplePlan, setting_name, split_contiguous
 from mvar.evaluation.sampler import SampleJob
 from mvar.evaluation.workers import Workers
@@ -59,6 +59,7 @@ class Prepared:
     out_root: Path
     step: int
     model_sha256: str
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)  # the checkpoint's, for empty eval.cfg ...
     weights: object = None        # FeatureWeights when metrics are on
     reference: object = None      # Reference (a make-ref file) or ImageSet (computed when first needed)
 
@@ -162,7 +163,8 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
     out_root = Path(ecfg.out_dir).resolve() if ecfg.out_dir else default_out(checkpoint)
     prep = Prepared(cfg, checkpoint, overrides, model_cfg, tok_cfg.image_size, plan, out_root,
                     step=int((meta.get("train") or {}).get("step", 0)),
-                    model_sha256=file_sha256(Path(checkpoint) / "model.pt"))
+                    model_sha256=file_sha256(Path(checkpoint) / "model.pt"),
+                    sampling=SamplingDefaults.of_checkpoint(meta))
     if ecfg.metrics:
         prep.weights, prep.reference = prepare_reference(ecfg, tok_cfg.image_size)
     return prep
@@ -342,7 +344,7 @@ def evaluate(cfg: EvaluateConfig) -> list[SettingResult]:
     prep = prepare(cfg)
     if cfg.track:
         cfg.tracking.uri = tracking.resolve_uri(cfg.tracking.uri)
-    settings = cfg.eval.settings()
+    settings = cfg.eval.settings(prep.sampling)
     params = [setting_params(prep, s) for s in settings]
     run_ids, owned = resolve_runs(prep, params, [setting_name(s) for s in settings]) if cfg.track \
         else ([""] * len(settings), [])

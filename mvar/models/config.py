@@ -27,6 +27,11 @@ class ModelConfig:
     window_size: int = 7                   # k of the k x k window (mvar only)
     markov_from_scale: int = 8             # first 0-based scale with windowed attention (mvar only)
     attention_backend: Literal["auto", "reference", "flex", "natten"] = "auto"
+    # initialisation (the authors' --ini, --hd, --aln, --alng); loaded weights replace it
+    init_std: float = -1.0                 # std of the truncated normals; < 0 = sqrt(1 / (3 * width))
+    init_head: float = 0.02                # head weight scaled by this
+    init_adaln: float = 0.5                # AdaLN scale/shift weights scaled by this
+    init_adaln_gamma: float = 1e-3         # AdaLN residual-gate weights scaled by this (MVAR runs; VAR d24 1e-4)
 
     @property
     def width(self) -> int:
@@ -55,6 +60,9 @@ class ModelConfig:
         for name in ("drop_rate", "attn_drop_rate", "cond_drop_rate"):
             check(0.0 <= getattr(self, name) < 1.0, p + name, "must lie in [0, 1)")
         check(0.0 <= self.drop_path < 1.0, p + "drop_path_rate", "must lie in [0, 1)")
+        check(self.init_std != 0, p + "init_std", "must be > 0, or < 0 for sqrt(1 / (3 * width))")
+        for name in ("init_head", "init_adaln", "init_adaln_gamma"):
+            check(getattr(self, name) >= 0, p + name, "must be >= 0")
 
     def check_scales(self, patch_nums: tuple[int, ...], prefix: str = "model.") -> None:
         """Checks that need the tokenizer's scales."""

@@ -157,21 +157,24 @@ class NextScaleTransformer(nn.Module):
         self.blocks = nn.ModuleList(AdaLNBlock(cfg, rates[i]) for i in range(cfg.depth))
         self.head_nm = AdaLNHead(C, cfg.norm_eps)
         self.head = nn.Linear(C, vocab_size)
-        self.init_weights()
+        self.init_weights(cfg.init_std, cfg.init_head, cfg.init_adaln, cfg.init_adaln_gamma)
 
     # -- construction -------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self, init_std: float | None = None, init_head: float = 0.02,
-                     init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5) -> None:
-        """VAR's initialisation: small truncated normals, AdaLN gates near zero, depth-scaled outputs."""
-        std = init_std if init_std is not None else math.sqrt(1 / self.C / 3)
+    def init_weights(self, init_std: float = -1.0, init_head: float = 0.02,
+                     init_adaln: float = 0.5, init_adaln_gamma: float = 1e-3) -> None:
+        """VAR's initialisation: truncated normals of ``init_std`` (< 0: sqrt(1 / 3C)) for every linear and
+        embedding weight and the position tables, zero biases, the head scaled by ``init_head``, AdaLN
+        scale/shift weights by ``init_adaln`` and the residual gates by ``init_adaln_gamma`` (so that
+        every block starts near the identity), and the residual projections divided by sqrt(2 depth)."""
+        std = init_std if init_std > 0 else math.sqrt(1 / self.C / 3)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(m.weight, std=std)
                 if getattr(m, "bias", None) is not None:
                     m.bias.zero_()
         for p in (self.pos_start, self.pos_1LC):
-            nn.init.trunc_normal_(p, std=std)
+            nn.init.trunc_normal_(p, std=math.sqrt(1 / self.C / 3))  # VAR: not affected by init_std
         self.head.weight.mul_(init_head)
         self.head.bias.zero_()
         self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
@@ -181,7 +184,7 @@ class NextScaleTransformer(nn.Module):
             block.ffn.fc2.weight.div_(math.sqrt(2 * len(self.blocks)))
             ada = block.ada_lin[-1]
             ada.weight[2 * self.C:].mul_(init_adaln)       # scales and shifts
-            ada.weight[:2 * self.C].mul_(init_adaln_gamma)  # residual gates start near zero
+            ada.weight[:2 * self.C].mul_(init_adaln_gamma)  # residual gates
             ada.bias.zero_()
 
     def load_official_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:

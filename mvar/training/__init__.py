@@ -1,9 +1,11 @@
-"""Training on Ray Train: the run config, the per-worker loop and the driver that launches it.
+"""Training: the run config, a trainer core in plain PyTorch, and the Ray Train driver around it.
 
     from mvar.training import load_train_config, train
     outcome = train(load_train_config("workflows/configs/mvar_tiny_local.yaml", ["run.steps=20"]))
 
-Imports ray and mlflow (unlike `mvar.models`); workflows/train.py is the entry point.
+`trainer` (Trainer, TrainTask, Hooks) runs without Ray or MLflow; `loop` (GeneratorTask) and
+`tokenizer_loop` (TokenizerTask) are its tasks; `ray_worker` adapts it to Ray Train; `launch`
+checks the inputs and runs it. workflows/train.py is the entry point.
 """
 from mvar.training.config import TrainConfig, load_train_config
 from mvar.training.launch import TrainingFailed, TrainOutcome, train

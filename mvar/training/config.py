@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from mvar.config import (
     ConfigError,
@@ -22,6 +22,7 @@ from mvar.config import (
     to_dict,
 )
 from mvar.data.config import DataConfig
+from mvar.evaluation.config import SamplingDefaults
 from mvar.models.config import ModelConfig, named_model
 from mvar.tracking import TrackingConfig
 
@@ -32,7 +33,10 @@ class RunSettings:
 
     name: str = ""                 # '' = the config file's stem: rerunning the same command resumes it
     storage_path: str = "out/runs"  # Ray Train storage (absolute, a shared path or s3://... on a cluster)
-    steps: int = 1000              # optimizer steps in all
+    steps: int = 1000              # optimizer steps in all (0 when run.epochs gives them)
+    # passes over data.shards instead of run.steps: ceil(epochs * samples / global batch) steps, from the
+    # manifest, resolved before Ray starts (exclusive with run.steps)
+    epochs: float = 0.0
     checkpoint_every: int = 500    # steps between checkpoints (the last step always writes one)
     keep_checkpoints: int = 2
     log_every: int = 10            # steps between metric logs
@@ -41,7 +45,8 @@ class RunSettings:
     fault_nan_at_step: int = 0     # testing aid: make the loss NaN at this step (0 = never)
 
     def validate(self, prefix: str = "") -> None:
-        check(self.steps >= 1, prefix + "steps", "must be >= 1")
+        check(self.epochs >= 0, prefix + "epochs", "must be >= 0 (0 = use run.steps)")
+        check(self.steps >= 1 or self.epochs > 0, prefix + "steps", "must be >= 1 (or set run.epochs)")
         check(self.checkpoint_every >= 1, prefix + "checkpoint_every", "must be >= 1")
         check(self.keep_checkpoints >= 1, prefix + "keep_checkpoints", "must be >= 1")
         check(self.log_every >= 1, prefix + "log_every", "must be >= 1")
@@ -50,26 +55,46 @@ class RunSettings:
         check("/" not in self.name, prefix + "name", f"must be a plain name, got '{self.name}'")
 
 
+# The authors' no-weight-decay keys (VAR's and MVAR's train.py): a parameter whose name CONTAINS one is
+# not decayed, besides 1-D tensors and biases. 'gamma'/'beta' name no parameter of this model.
+AUTHORS_NO_DECAY_KEYS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC",
+                         "pos_start", "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias",
+                         "scale_mul")
+
+
 @dataclass
 class OptimConfig:
-    """AdamW with VAR's parameter groups, linear warm-up then linear decay."""
+    """AdamW with the authors' parameter groups and their `lin0` schedule (VAR's and MVAR's train.py)."""
 
-    base_lr: float = 1e-4          # per 256 images of global batch (VAR's rule)
-    lr: float = 0.0                # absolute peak lr; 0 = base_lr * global_batch / 256
+    base_lr: float = 1e-4          # per 256 images of global batch (VAR's rule, --tblr)
+    lr: float = 0.0                # absolute peak lr (--tlr); 0 = base_lr * global_batch / 256
     betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.05     # not on 1-D params, biases and embeddings
-    warmup_steps: int = 0
-    warmup_start_ratio: float = 0.005
-    end_ratio: float = 0.01        # lr at the last step, relative to the peak
-    grad_clip: float = 2.0         # 0 = no clipping
+    eps: float = 1e-8
+    weight_decay: float = 0.05     # --twd; not on 1-D params, biases and names containing no_decay_keys
+    weight_decay_end: Optional[float] = None  # --twde: cosine to this at the last step; null = constant
+    no_decay_keys: list[str] = field(default_factory=lambda: list(AUTHORS_NO_DECAY_KEYS))
+    warmup_steps: int = 0          # linear warm-up steps (--wp, in steps); 0 = warmup_ratio x run.steps
+    warmup_ratio: float = 0.0      # warm-up as a fraction of run.steps (the authors' default: 1/50 of the epochs)
+    warmup_start_ratio: float = 0.005  # --wp0
+    hold_ratio: float = 0.05       # after warm-up: the peak for this fraction of the remaining steps (lin0)
+    end_ratio: float = 0.1         # --wpe: lr at the last step, relative to the peak
+    grad_clip: float = 2.0         # --tclip, on the total 2-norm; 0 = no clipping
 
     def validate(self, prefix: str = "") -> None:
         check(self.base_lr > 0, prefix + "base_lr", "must be > 0")
         check(self.lr >= 0, prefix + "lr", "must be >= 0 (0 = scaled from base_lr)")
         check(all(0 <= b < 1 for b in self.betas), prefix + "betas", "must lie in [0, 1)")
+        check(self.eps > 0, prefix + "eps", "must be > 0")
         check(self.weight_decay >= 0, prefix + "weight_decay", "must be >= 0")
+        check(self.weight_decay_end is None or self.weight_decay_end >= 0, prefix + "weight_decay_end",
+              "must be >= 0, or null for a constant weight decay")
+        check(all(bool(k) for k in self.no_decay_keys), prefix + "no_decay_keys", "must not hold an empty key")
         check(self.warmup_steps >= 0, prefix + "warmup_steps", "must be >= 0")
+        check(0 <= self.warmup_ratio < 1, prefix + "warmup_ratio", "must lie in [0, 1)")
+        check(not (self.warmup_steps and self.warmup_ratio), prefix + "warmup_ratio",
+              "set optim.warmup_steps or optim.warmup_ratio, not both")
         check(0 < self.warmup_start_ratio <= 1, prefix + "warmup_start_ratio", "must lie in (0, 1]")
+        check(0 <= self.hold_ratio < 1, prefix + "hold_ratio", f"must lie in [0, 1), got {self.hold_ratio}")
         check(0 <= self.end_ratio <= 1, prefix + "end_ratio", "must lie in [0, 1]")
         check(self.grad_clip >= 0, prefix + "grad_clip", "must be >= 0")
 
@@ -78,14 +103,21 @@ class OptimConfig:
 class LoopConfig:
     """The `train.*` keys: what one step covers and in which precision."""
 
-    # full: all scales (VAR); cycle: MVAR's 8:1:1 scale cycle; packed: all scales at once, Markov mask
+    # full: all scales (VAR); cycle: the MVAR authors' scale cycle; packed: all scales at once, Markov mask
     scale_schedule: Literal["auto", "full", "cycle", "packed"] = "auto"  # auto: full for var, else cycle
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    # cycle: this many steps on the dense scales (< model.markov_from_scale), then one on each later scale
+    cycle_ratio: int = 8           # MVAR's --ratio_k (8 with 10 scales: the paper's 8:1:1)
+    # auto: bf16 autocast on GPU, fp32 on CPU; fp16: autocast + GradScaler (the authors' --fp16=1, GPU only)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    tf32: bool = True              # TF32 matmuls and convolutions on CUDA (the authors' --tf32)
 
     def schedule_for(self, attention: str) -> str:
         if self.scale_schedule != "auto":
             return self.scale_schedule
         return "full" if attention == "var" else "cycle"
+
+    def validate(self, prefix: str = "") -> None:
+        check(self.cycle_ratio >= 1, prefix + "cycle_ratio", f"must be >= 1, got {self.cycle_ratio}")
 
 
 @dataclass
@@ -118,6 +150,8 @@ class TrainConfig:
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     run: RunSettings = field(default_factory=RunSettings)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # stored in every checkpoint: the defaults of `mvar sample` and `mvar eval` for this model
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     def validate(self, prefix: str = "") -> None:
         check(bool(self.tokenizer), prefix + "tokenizer",
@@ -126,6 +160,18 @@ class TrainConfig:
         schedule = self.train.schedule_for(self.model.attention)
         check(not (self.model.attention == "var" and schedule != "full"), prefix + "train.scale_schedule",
               f"attention 'var' trains on full sequences only, got '{schedule}'")
+        check(schedule != "cycle" or self.model.markov_from_scale >= 1, prefix + "model.markov_from_scale",
+              "is 0: the scale cycle (train.scale_schedule) needs at least one dense scale before it")
+        check(self.train.precision != "fp16" or self.scaling.use_gpu, prefix + "train.precision",
+              "fp16 (autocast + GradScaler) is for CUDA; set scaling.use_gpu=true, or train.precision=auto")
+
+    def check_scales(self, patch_nums: tuple[int, ...], prefix: str = "") -> None:
+        """Checks that need the tokenizer's scales (run by the driver before Ray starts)."""
+        self.model.check_scales(patch_nums, prefix + "model.")
+        if self.train.schedule_for(self.model.attention) == "cycle":
+            check(self.model.markov_from_scale < len(patch_nums), prefix + "model.markov_from_scale",
+                  f"is {self.model.markov_from_scale}: the scale cycle needs at least one scale at or after it, "
+                  f"but the tokenizer has {len(patch_nums)} scales (0..{len(patch_nums) - 1})")
 
     @property
     def variant(self) -> str:
@@ -143,10 +189,30 @@ def _apply_model_name(data: dict) -> dict:
     return {**data, "model": merge(base, data.get("model") or {})}
 
 
+def check_length_keys(layers: Iterable[dict]) -> dict:
+    """Merge config layers (YAML, then overrides): a later layer's run.steps replaces an earlier run.epochs
+    and the other way round; both in one layer is refused, naming the keys."""
+    out: dict = {}
+    for layer in layers:
+        run = layer.get("run") or {}
+        if isinstance(run, dict) and "steps" in run and run.get("epochs"):
+            raise ConfigError("config keys 'run.steps' and 'run.epochs' are exclusive: set one of them")
+        if isinstance(run, dict) and isinstance(out.get("run"), dict):
+            if "steps" in run:
+                out["run"].pop("epochs", None)
+            if run.get("epochs"):
+                out["run"].pop("steps", None)
+        out = merge(out, layer)
+    run = out.get("run") or {}
+    if isinstance(run, dict) and run.get("epochs"):
+        out["run"] = {**run, "steps": 0}  # resolved from the manifest by the driver
+    return out
+
+
 def load_train_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> TrainConfig:
     """Defaults -> `model_name` registry entry -> YAML -> overrides; a missing run name is the file's stem."""
-    data = read_yaml(path) if path else {}
-    data = _apply_model_name(merge(data, parse_overrides(overrides)))
+    data = check_length_keys([read_yaml(path) if path else {}, parse_overrides(overrides)])
+    data = _apply_model_name(data)
     cfg = from_dict(TrainConfig, data)
     if not cfg.run.name:
         cfg.run = dataclasses.replace(cfg.run, name=Path(path).stem if path else "train")

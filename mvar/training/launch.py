@@ -8,10 +8,13 @@ the id, so a resumed run continues the same MLflow run.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
 
 from mvar import cluster, tracking
 from mvar.config import dump_yaml, flatten, to_dict
@@ -51,11 +54,24 @@ def storage_location(path: str) -> str:
 def _check_tokenizer(cfg: TrainConfig) -> tuple[TokenizerConfig, str]:
     from mvar.checkpoint import read_tokenizer_config, tokenizer_fingerprint
     tok_cfg = read_tokenizer_config(cfg.tokenizer)
-    cfg.model.check_scales(tuple(tok_cfg.patch_nums))
+    cfg.check_scales(tuple(tok_cfg.patch_nums))
     return tok_cfg, tokenizer_fingerprint(cfg.tokenizer)
 
 
-def _check_shards(cfg: TrainConfig, tok_cfg: TokenizerConfig, sha: str) -> None:
+def resolve_epochs(cfg, num_samples: int) -> None:
+    """``run.epochs`` -> ``run.steps`` = ceil(epochs x samples / global batch), in place (before Ray starts)."""
+    if not cfg.run.epochs:
+        return
+    global_batch = cfg.data.batch_size * cfg.scaling.num_workers
+    steps = math.ceil(cfg.run.epochs * num_samples / global_batch)
+    cfg.run = dataclasses.replace(cfg.run, steps=steps)
+    print(f"run.epochs {cfg.run.epochs:g} of {num_samples} samples at {global_batch} a step "
+          f"(data.batch_size x scaling.num_workers): run.steps {steps}", flush=True)
+
+
+def _check_shards(cfg: TrainConfig, tok_cfg: TokenizerConfig, sha: str) -> int:
+    """Checks both shard sets against the tokenizer and model; returns the training set's sample count."""
+    samples = 0
     for key, location in (("data.shards", cfg.data.shards), ("data.eval_shards", cfg.data.eval_shards)):
         if not location:
             continue
@@ -69,6 +85,9 @@ def _check_shards(cfg: TrainConfig, tok_cfg: TokenizerConfig, sha: str) -> None:
         if manifest.num_classes > cfg.model.num_classes:
             raise UserError(f"{key}: '{location}' has {manifest.num_classes} classes but model.num_classes "
                             f"is {cfg.model.num_classes}")
+        if key == "data.shards":
+            samples = manifest.num_samples
+    return samples
 
 
 def _check_init_from(cfg: TrainConfig) -> None:
@@ -106,7 +125,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     """Every check on the run's inputs; raises UserError naming the key before anything starts."""
     check_paths_in_job(cfg, JOB_PATH_KEYS)
     tok_cfg, sha = _check_tokenizer(cfg)
-    _check_shards(cfg, tok_cfg, sha)
+    resolve_epochs(cfg, _check_shards(cfg, tok_cfg, sha))
     _check_init_from(cfg)
     return Prepared(tok_cfg=tok_cfg, tokenizer_sha256=sha)
 

@@ -26,7 +26,7 @@ from mvar.config import (
 from mvar.data.config import DataConfig
 from mvar.tokenizer import TokenizerConfig
 from mvar.tracking import TrackingConfig
-from mvar.training.config import OptimConfig, RunSettings, ScalingSettings
+from mvar.training.config import OptimConfig, RunSettings, ScalingSettings, check_length_keys
 
 
 @dataclass
@@ -36,6 +36,8 @@ class TokenizerOptimConfig(OptimConfig):
 
     base_lr: float = 2e-4
     weight_decay: float = 0.0
+    # besides 1-D tensors and biases: the codebook (decay would shrink the codes)
+    no_decay_keys: list[str] = field(default_factory=lambda: ["quantize.embedding.weight"])
     grad_clip: float = 1.0
 
 
@@ -71,6 +73,7 @@ class TokenizerLoopConfig:
     """The `train.*` keys of the tokenizer trainer."""
 
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    tf32: bool = True              # TF32 matmuls and convolutions on CUDA
 
 
 @dataclass
@@ -116,8 +119,8 @@ def _apply_tokenizer_name(data: dict) -> dict:
 def load_tokenizer_train_config(path: str | Path | None = None,
                                 overrides: Iterable[str] = ()) -> TokenizerTrainConfig:
     """Defaults -> registry entry -> YAML -> overrides; a missing run name is the file's stem."""
-    data = read_yaml(path) if path else {}
-    data = _apply_tokenizer_name(merge(data, parse_overrides(overrides)))
+    data = check_length_keys([read_yaml(path) if path else {}, parse_overrides(overrides)])
+    data = _apply_tokenizer_name(data)
     cfg = from_dict(TokenizerTrainConfig, data)
     if not cfg.run.name:
         cfg.run = dataclasses.replace(cfg.run, name=Path(path).stem if path else "train_tokenizer")

@@ -1,18 +1,15 @@
-"""Training the multi-scale tokenizer on Ray Train: the per-worker loop and the driver around it.
+"""Training the multi-scale tokenizer: its task for the trainer core, and the driver around it.
 
-Each rank builds the tokenizer (from `init_from` when given), restores the
-latest Ray Train checkpoint if there is one (weights, optimizer, scheduler,
-step; the data position is the step), wraps the training objective in DDP
-and steps through its share of the image shards. The objective is L1 + L2
+``TokenizerTask`` plugs into `mvar.training.trainer` (the same loop, optimizer step,
+checkpoints and resume as the generator's; `mvar.training.ray_worker` runs it on Ray
+Train, with the objective wrapped in DDP). The objective is L1 + L2
 reconstruction, the multi-scale VQ loss, and a VGG16 perceptual term when
 `losses.perceptual_weight` > 0 (weights from a local file only). Encoder and
 decoder run under bf16 autocast on GPU; the quantizer always runs in float32
 so that code choice does not depend on the precision.
 
-Collectives per step: DDP's gradient all-reduce and one 1-element all-reduce
-(a NaN/inf on any rank stops every rank at the same step); at log steps the
-code histograms; at checkpoints `ray.train.report` on every rank (rank 0
-attaches the checkpoint) and the validation sums.
+Collectives besides the core's: DDP's gradient all-reduce, the code histograms at
+log steps and the validation sums at checkpoints.
 
 The driver (`train_tokenizer`) checks every input before Ray starts, runs
 `mvar.training.launch.launch`, then writes the final tokenizer checkpoint to
@@ -22,9 +19,6 @@ The driver (`train_tokenizer`) checks every input before Ray starts, runs
 from __future__ import annotations
 
 import logging
-import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,34 +26,27 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from mvar.checkpoint import (
     load_into,
     load_state_dict,
     load_tokenizer,
-    load_train_state,
     read_tokenizer_config,
     save_tokenizer,
     tokenizer_dir,
 )
-from mvar.config import from_dict
-from mvar.data import build_eval_loader, build_train_loader
+from mvar.data import build_eval_loader
 from mvar.data.storage import is_local
 from mvar.errors import UserError
-from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
+from mvar.tokenizer import MultiScaleVQVAE
 from mvar.tokenizer.perceptual import VGGPerceptual, load_perceptual
-from mvar.tracking import MlflowTracker, NullTracker
-from mvar.training.config import OptimConfig
-from mvar.training.launch import TrainOutcome, launch, storage_location
-from mvar.training.loop import batches, optimizer_step
-from mvar.training.memory import PeakTracker
-from mvar.training.optim import lr_factor, peak_lr
+from mvar.training.launch import TrainOutcome, launch, resolve_epochs, storage_location
+from mvar.training.optim import param_groups
 from mvar.training.tokenizer_config import TokenizerLossConfig, TokenizerTrainConfig
+from mvar.training.trainer import TrainTask, maybe_ddp, resolve_precision
 
 log = logging.getLogger(__name__)
 
-TRAIN_STATE = "train_state.pt"
 LOSS_KEYS = ("loss", "recon_l1", "recon_l2", "vq_loss", "perceptual")
 # the tokenizer fields that fix the parameters' shapes: init_from must agree on them
 SHAPE_FIELDS = ("vocab_size", "z_channels", "ch", "ch_mult", "num_res_blocks", "share_quant_resi")
@@ -110,31 +97,6 @@ def usage(hits_2V: torch.Tensor, prefix: str) -> dict[str, float]:
     return {f"{prefix}/codebook_usage": used[0], f"{prefix}/codebook_usage_last": used[1]}
 
 
-def build_optimizer(vae: nn.Module, cfg: OptimConfig, global_batch: int, total_steps: int, fused: bool = False):
-    """(AdamW, LambdaLR): no weight decay on 1-D params, biases and the codebook; the generator's lr schedule."""
-    decay, no_decay = [], []
-    for name, p in vae.named_parameters():
-        skip = p.ndim < 2 or name.endswith(".bias") or name == "quantize.embedding.weight"
-        (no_decay if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=peak_lr(cfg, global_batch), betas=tuple(cfg.betas), fused=fused or None)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total_steps, cfg))
-    return opt, sched
-
-
-@dataclass
-class Worker:
-    """What one rank holds while it trains."""
-
-    cfg: TokenizerTrainConfig
-    rank: int
-    world: int
-    device: torch.device
-    vae: MultiScaleVQVAE
-    objective: TokenizerObjective
-    run_id: str
-
-
 def build_objective(cfg: TokenizerTrainConfig, device: torch.device) -> TokenizerObjective:
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     vae = MultiScaleVQVAE(cfg.tokenizer)
@@ -144,169 +106,88 @@ def build_objective(cfg: TokenizerTrainConfig, device: torch.device) -> Tokenize
     perceptual = None
     if cfg.losses.perceptual:
         perceptual = load_perceptual(cfg.losses.perceptual_weights, cfg.losses.perceptual_layers)
-    bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+    bf16 = resolve_precision(cfg.train.precision, device) == "bf16"
     return TokenizerObjective(vae, cfg.losses, perceptual, bf16).to(device)
 
 
-def setup(config: dict) -> Worker:
-    import ray.train
-    import ray.train.torch
-    cfg = from_dict(TokenizerTrainConfig, config["train"])
-    ctx = ray.train.get_context()
-    device = ray.train.torch.get_device()
-    objective = build_objective(cfg, device)
-    return Worker(cfg=cfg, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
-                  vae=objective.vae, objective=objective, run_id=config.get("run_id", ""))
+class TokenizerTask(TrainTask):
+    """The autoencoder's reconstruction + VQ (+ perceptual) objective on image batches.
+
+    A later GAN loss or codebook upkeep fits here: a second optimizer in ``state``/``load_state``
+    and its step in ``after_step``."""
+
+    def __init__(self, cfg: TokenizerTrainConfig, objective: TokenizerObjective, device: torch.device,
+                 rank: int = 0, world: int = 1):
+        self.cfg, self.objective, self.forward = cfg, objective, objective
+        self.vae = self.module = objective.vae
+        self.device, self.rank, self.world = device, rank, world
+        self.last_indices: list[torch.Tensor] = []
+
+    def param_groups(self) -> list[dict]:
+        return param_groups(self.vae.named_parameters(), self.cfg.optim.no_decay_keys)
+
+    def distribute(self) -> None:
+        # scales that share a phi leave the other phis unused (fewer scales than share_quant_resi)
+        q = self.vae.quantize
+        self.forward = maybe_ddp(self.objective, len(set(q.phi_of_scale)) < len(q.quant_resi.qresi_ls))
+
+    def loss(self, batch, step: int):
+        out = self.forward(batch[0].to(self.device, non_blocking=True))
+        self.last_indices = out["indices"]
+        keys = [k for k in LOSS_KEYS if k != "perceptual" or self.cfg.losses.perceptual]
+        return out["loss"], {f"train/{k}": out[k].detach() for k in keys}
+
+    def interval_metrics(self) -> dict[str, float]:
+        return usage(code_hits(self.last_indices, self.cfg.tokenizer.vocab_size), "train")  # all-reduce
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Reconstruction through the discrete path that `tokenize` and sampling use (indices -> image)."""
+        if not self.cfg.data.eval_shards:
+            return {}
+        loader = build_eval_loader(self.cfg.data, self.rank, self.world)
+        self.vae.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # on the device: NCCL has no CPU tensors
+        hits = torch.zeros(2, self.cfg.tokenizer.vocab_size, device=self.device)
+        for x, _, _ in loader:  # ranks may differ by one batch: no collective inside this loop
+            x = x.to(self.device, non_blocking=True)
+            idx = self.vae.img_to_idx(x)
+            err = (self.vae.idx_to_img(idx).float() - x).double()
+            sums += torch.stack([err.abs().mean((1, 2, 3)).sum(), err.square().mean((1, 2, 3)).sum(),
+                                 err.new_tensor(x.shape[0])])
+            hits += code_hits(idx, self.cfg.tokenizer.vocab_size)
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        self.vae.train()
+        n = sums[2].clamp(min=1)
+        return {"val/recon_l1": (sums[0] / n).item(), "val/recon_l2": (sums[1] / n).item(), **usage(hits, "val")}
+
+    def save_weights(self, out: Path, meta: dict) -> Path:
+        """A tokenizer checkpoint directory (what `load_tokenizer` reads) plus train.yaml."""
+        save_tokenizer(out, self.vae, self.cfg.tokenizer)
+        (out / "train.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+        return out
+
+    def load_weights(self, ckpt_dir: Path) -> None:
+        load_into(self.vae, load_state_dict(ckpt_dir / "tokenizer.pt"), ckpt_dir / "tokenizer.pt")
 
 
-def restore(ckpt_dir: Path, vae: nn.Module, opt, sched) -> int:
-    """Load a training checkpoint into tokenizer, optimizer and scheduler; returns its step."""
-    load_into(vae, load_state_dict(ckpt_dir / "tokenizer.pt"), ckpt_dir / "tokenizer.pt")
-    state = load_train_state(ckpt_dir / TRAIN_STATE)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    return int(state["step"])
-
-
-def write_checkpoint(out: Path, vae: MultiScaleVQVAE, tok_cfg: TokenizerConfig, opt, sched, step: int,
-                     run_id: str = "", run_name: str = "") -> Path:
-    """A tokenizer checkpoint directory (what `load_tokenizer` reads) plus the train state that `restore` reads."""
-    save_tokenizer(out, vae, tok_cfg)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                "mlflow_run_id": run_id}, out / TRAIN_STATE)
-    (out / "train.yaml").write_text(yaml.safe_dump(
-        {"step": step, "mlflow_run_id": run_id, "run_name": run_name}, sort_keys=False))
-    return out
-
-
-def save(w: Worker, opt, sched, step: int, metrics: dict) -> None:
-    """Every rank reports; rank 0 attaches a tokenizer checkpoint (+ train state) that Ray Train persists."""
-    import ray.train
-    name = f"step_{step:08d}"
-    if w.rank != 0:
-        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
-        return
-    with tempfile.TemporaryDirectory(prefix="mvar-tok-ckpt-") as tmp:
-        out = write_checkpoint(Path(tmp) / "ckpt", w.vae, w.cfg.tokenizer, opt, sched, step, w.run_id, w.cfg.run.name)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(out)), checkpoint_dir_name=name)
-
-
-@torch.no_grad()
-def validate(w: Worker) -> dict[str, float]:
-    """Reconstruction through the discrete path that `tokenize` and sampling use (indices -> image, clamped)."""
-    loader = build_eval_loader(w.cfg.data, w.rank, w.world)
-    w.vae.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=w.device)  # on the device: NCCL has no CPU tensors
-    hits = torch.zeros(2, w.cfg.tokenizer.vocab_size, device=w.device)
-    for x, _, _ in loader:  # ranks may differ by one batch: no collective inside this loop
-        x = x.to(w.device, non_blocking=True)
-        idx = w.vae.img_to_idx(x)
-        recon = w.vae.idx_to_img(idx).float()
-        err = (recon - x).double()
-        sums += torch.stack([err.abs().mean((1, 2, 3)).sum(), err.square().mean((1, 2, 3)).sum(),
-                             err.new_tensor(x.shape[0])])
-        hits += code_hits(idx, w.cfg.tokenizer.vocab_size)
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    w.vae.train()
-    n = sums[2].clamp(min=1)
-    return {"val/recon_l1": (sums[0] / n).item(), "val/recon_l2": (sums[1] / n).item(), **usage(hits, "val")}
-
-
-def make_tracker(w: Worker, start_step: int):
-    """Rank 0 logs into the driver's MLflow run; a resumed run logs only the steps after the last logged one."""
-    if w.rank != 0 or not w.run_id:
-        return NullTracker()
-    tracker = MlflowTracker(w.run_id, w.cfg.tracking, skip_logged=True)
-    tracker.start_system_metrics()
-    if not start_step:
-        tracker.log_metrics({"model/params_m": sum(p.numel() for p in w.vae.parameters()) / 1e6}, 0)
-    return tracker
+def build_task(cfg: TokenizerTrainConfig, device: torch.device, rank: int, world: int) -> TokenizerTask:
+    return TokenizerTask(cfg, build_objective(cfg, device), device, rank, world)
 
 
 def train_worker(config: dict) -> dict:
     """Ray Train's train_loop_per_worker. Returns {'status': 'completed' | 'nonfinite', 'step': ...}."""
-    import ray.train
-    w = setup(config)
-    cfg = w.cfg
-    loader = build_train_loader(cfg.data, w.rank, w.world)
-    opt, sched = build_optimizer(w.vae, cfg.optim, cfg.data.batch_size * w.world, cfg.run.steps,
-                                 fused=w.device.type == "cuda")
-    start = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            start = restore(Path(d), w.vae, opt, sched)
-        log.info("rank %d: resumed at step %d from %s", w.rank, start, ckpt.path)
-    # scales that share a phi leave the other phis unused (fewer scales than share_quant_resi)
-    unused = len(set(w.vae.quantize.phi_of_scale)) < len(w.vae.quantize.quant_resi.qresi_ls)
-    ddp = DistributedDataParallel(w.objective, find_unused_parameters=unused) if dist.is_initialized() \
-        else w.objective
-    tracker = make_tracker(w, start)
-    try:
-        return run_steps(w, ddp, loader, opt, sched, start, tracker)
-    finally:
-        tracker.close(status="")  # the driver marks the run finished or failed
-
-
-@dataclass
-class Interval:
-    """Sums over the steps since the last log (rank 0's values)."""
-
-    t0: float
-    steps: int = 0
-    sums: torch.Tensor | None = None
-
-    def add(self, out: dict) -> None:
-        values = torch.stack([out[k].detach().float() for k in LOSS_KEYS])
-        self.sums = values if self.sums is None else self.sums + values
-        self.steps += 1
-
-
-def log_step(w: Worker, tracker, interval: Interval, out: dict, done: int, lr: float, grad_norm, peak) -> None:
-    cfg = w.cfg
-    step_s = (time.perf_counter() - interval.t0) / interval.steps
-    means = (interval.sums / interval.steps).tolist()
-    metrics = {f"train/{k}": v for k, v in zip(LOSS_KEYS, means) if k != "perceptual" or cfg.losses.perceptual}
-    metrics.update({"train/lr": lr, "train/grad_norm": grad_norm.item(), "perf/step_s": step_s,
-                    "perf/images_per_s": cfg.data.batch_size * w.world / step_s,
-                    "perf/peak_mem_mb": peak.read_and_reset()})
-    metrics.update(usage(code_hits(out["indices"], cfg.tokenizer.vocab_size), "train"))
-    tracker.log_metrics(metrics, done)
-
-
-def run_steps(w: Worker, ddp, loader, opt, sched, start: int, tracker) -> dict:
-    cfg, params = w.cfg, [p for p in w.vae.parameters() if p.requires_grad]
-    data = batches(loader, start)
-    peak = PeakTracker(w.device)
-    interval = Interval(time.perf_counter())
-    for step in range(start, cfg.run.steps):
-        torch.manual_seed(cfg.run.seed + 1_000_003 * w.rank + step)
-        x, _ = next(data)
-        out = ddp(x.to(w.device, non_blocking=True))
-        lr, grad_norm, stopped = optimizer_step(w, opt, sched, params, out["loss"], cfg, step)
-        if stopped:
-            return stopped
-        interval.add(out)
-        done = step + 1
-        if done % cfg.run.log_every == 0 or done == cfg.run.steps:
-            log_step(w, tracker, interval, out, done, lr, grad_norm, peak)
-            interval = Interval(time.perf_counter())
-        if done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps:
-            t = time.perf_counter()
-            report = {"step": done, "train/loss": out["loss"].item()}
-            if cfg.data.eval_shards:
-                report.update(validate(w))
-                tracker.log_metrics({k: v for k, v in report.items() if k.startswith("val/")}, done)
-            save(w, opt, sched, done, report)
-            interval.t0 += time.perf_counter() - t  # checkpoint time is not step time
-    return {"status": "completed", "step": cfg.run.steps}
+    from mvar.training.ray_worker import run_worker
+    return run_worker(config, TokenizerTrainConfig, build_task)
 
 
 # -- the driver -------------------------------------------------------------------
 
-def _check_shards(cfg: TokenizerTrainConfig) -> None:
+def _check_shards(cfg: TokenizerTrainConfig) -> int:
+    """Both image shard sets against the tokenizer; returns the training set's sample count."""
     from mvar.data.loader import open_shard_set
+    samples = 0
     for key, location in (("data.shards", cfg.data.shards), ("data.eval_shards", cfg.data.eval_shards)):
         if not location:
             continue
@@ -318,6 +199,9 @@ def _check_shards(cfg: TokenizerTrainConfig) -> None:
             raise UserError(f"{key}: '{location}' holds {manifest.image_size} px images but the tokenizer takes "
                             f"{cfg.tokenizer.image_size} px (tokenizer.image_size); repack with "
                             f"`mvar data pack --image-size {cfg.tokenizer.image_size}` or pick another tokenizer_name")
+        if key == "data.shards":
+            samples = manifest.num_samples
+    return samples
 
 
 def _check_init_from(cfg: TokenizerTrainConfig) -> None:
@@ -349,7 +233,7 @@ def _check_output(cfg: TokenizerTrainConfig, storage: str) -> None:
 
 def prepare(cfg: TokenizerTrainConfig) -> None:
     """Every check on the run's inputs; raises UserError naming the key before anything starts."""
-    _check_shards(cfg)
+    resolve_epochs(cfg, _check_shards(cfg))
     if cfg.losses.perceptual:
         load_perceptual(cfg.losses.perceptual_weights, cfg.losses.perceptual_layers)  # the file exists and fits
     _check_init_from(cfg)

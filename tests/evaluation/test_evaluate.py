@@ -192,3 +192,23 @@ def test_relative_paths_are_refused_inside_a_ray_job(eval_inputs, tmp_path, monk
         evaluate(eval_inputs.config(tmp_path / "o", out_dir="rel/out"))
     with pytest.raises(UserError, match="'tracking.uri': not set"):
         evaluate(eval_inputs.config(tmp_path / "o", track=True, tracking={"uri": ""}))
+
+
+def test_the_checkpoints_sampling_defaults_fill_what_is_not_given(eval_inputs, tmp_path):
+    """A training run stores its `sampling.*` in checkpoint.yaml; eval.cfg / top_k / top_p left empty take them."""
+    import yaml
+
+    from mvar.evaluation.run import prepare
+    from mvar.sampling import SamplingConfig
+    own = tmp_path / "own"
+    shutil.copytree(eval_inputs.checkpoint, own)
+    meta = yaml.safe_load((own / "checkpoint.yaml").read_text())
+    (own / "checkpoint.yaml").write_text(yaml.safe_dump({**meta, "sampling": {"cfg": 2.7, "top_k": 1200,
+                                                                              "top_p": 0.99}}))
+    cfg = eval_inputs.config(tmp_path / "ev", checkpoint=str(own), metrics=False)
+    assert cfg.eval.settings(prepare(cfg).sampling) == [SamplingConfig(cfg=2.7, top_k=1200, top_p=0.99)]
+    cfg = eval_inputs.config(tmp_path / "ev", checkpoint=str(own), metrics=False, cfg=[0.0, 1.5])
+    assert [(s.cfg, s.top_k, s.top_p) for s in cfg.eval.settings(prepare(cfg).sampling)] == [
+        (0.0, 1200, 0.99), (1.5, 1200, 0.99)]
+    plain = eval_inputs.config(tmp_path / "ev", metrics=False)  # no `sampling` in it: the defaults
+    assert plain.eval.settings(prepare(plain).sampling) == [SamplingConfig()]

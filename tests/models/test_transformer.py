@@ -118,6 +118,39 @@ def test_markov_cycle_is_eight_one_one():
     assert scales_for_step("packed", 4, 3) == (0, 1, 2, 3) == scales_for_step("full", 4, 0)
 
 
+@pytest.mark.parametrize("num_scales, split, ratio", [(10, 8, 8), (10, 7, 2), (4, 1, 1), (6, 3, 5)])
+def test_cycle_dense_steps_then_each_windowed_scale_alone(num_scales, split, ratio):
+    period = ratio + num_scales - split
+    got = [scales_for_step("cycle", num_scales, step, split, ratio) for step in range(2 * period)]
+    assert got[:period] == got[period:]  # it repeats
+    assert got[:ratio] == [tuple(range(split))] * ratio
+    assert got[ratio:period] == [(s,) for s in range(split, num_scales)]
+    assert sorted({s for scales in got for s in scales}) == list(range(num_scales))  # every scale trains
+
+
+def test_cycle_without_dense_or_windowed_scales_is_refused():
+    for split in (0, 4):
+        with pytest.raises(ValueError, match="leaves no dense or no windowed scale"):
+            markov_cycle(4, split)
+    with pytest.raises(ValueError, match="cycle_ratio"):
+        markov_cycle(4, 2, 0)
+
+
+def test_loss_weights_every_token_by_one_over_all_tokens(tokenizer):
+    """A step on some scales back-propagates its tokens' share of the full-sequence loss, whose
+    value is the plain mean over all tokens; the logged token mean is the step's own mean."""
+    model = build("mvar")
+    labels, idx, teacher = teacher_batch(tokenizer, B=2)
+    full = next_scale_loss(model, labels, idx, teacher)
+    torch.testing.assert_close(full.loss, full.token_mean)
+    parts = [next_scale_loss(model, labels, idx, teacher, scales) for scales in ((0, 1), (2,), (3,))]
+    torch.testing.assert_close(sum(p.loss for p in parts), full.loss)
+    last = parts[-1]
+    n = TOK.patch_nums[-1] ** 2
+    torch.testing.assert_close(last.loss, last.token_mean * n / model.L)
+    assert last.per_token_Bl.shape == last.correct_Bl.shape == (2, n)
+
+
 @pytest.mark.parametrize("variant, schedule", [("var", "full"), ("mvar", "cycle"), ("mvar", "packed")])
 def test_a_few_steps_fit_one_batch(variant, schedule, tokenizer):
     torch.manual_seed(0)

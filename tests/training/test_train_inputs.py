@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import glob
+import math
+import re
 
 import pytest
 
@@ -78,11 +80,61 @@ def test_model_name_fills_the_model_section_and_yaml_wins(tmp_path):
 @pytest.mark.parametrize("path", sorted(p for p in glob.glob("workflows/configs/*.yaml") if "tokenizer" not in p))
 def test_every_shipped_training_config_resolves(path):
     cfg = load_train_config(path)
-    assert cfg.model.attention in ("var", "scale_markov", "mvar") and cfg.run.steps > 0
+    assert cfg.model.attention in ("var", "scale_markov", "mvar") and (cfg.run.steps > 0 or cfg.run.epochs > 0)
     if "_in256" in path or "_ft_" in path:
         assert cfg.scaling.use_gpu and cfg.scaling.num_workers == 8
         assert cfg.train.schedule_for(cfg.model.attention) == ("full" if cfg.model.attention == "var" else "cycle")
         assert cfg.tokenizer.startswith("/") and cfg.run.storage_path.startswith("/")
+        assert cfg.run.epochs > 0 and cfg.run.steps == 0  # the authors' epochs, turned into steps by prepare
+
+
+# the authors' settings in a recipe: every such line names its source ([M5], [Vd] ... in the file's header)
+SOURCED = {"model": None, "optim": None, "train": None, "sampling": None, "data": ("batch_size",),
+           "run": ("epochs",)}
+
+
+@pytest.mark.parametrize("path", sorted(p for p in glob.glob("workflows/configs/*_in256.yaml") + glob.glob(
+    "workflows/configs/*_ft_from_var.yaml") if "tokenizer" not in p))
+def test_every_recipe_number_names_its_source(path):
+    text = open(path).read()
+    defined = set(re.findall(r"^#.*?(\[[A-Z][a-z0-9]?\]) =", text, re.M))  # [M5] = MVAR README ... in the header
+    section, section_tag = None, None
+    for line in text.splitlines():
+        tag = re.search(r"# (\[\w+\])", line)
+        if line and not line.startswith((" ", "#")):  # a top-level key or section
+            section, section_tag = line.split(":")[0], tag
+            assert section != "model_name" or tag, line
+            continue
+        key = line.strip().split(":")[0]
+        keys = SOURCED.get(section, ())
+        if line.startswith("  ") and not line.strip().startswith("#") and (keys is None or key in keys):
+            found = tag or section_tag
+            assert found, f"{path}: '{line.strip()}' names no source"
+            assert found.group(1) in defined, f"{path}: {found.group(1)} is not defined in the header"
+
+
+def test_epochs_become_steps_from_the_manifest_before_ray(tiny_inputs):
+    from mvar.data.manifest import read_manifest
+    cfg = load_train_config(LOCAL, tiny_inputs.overrides("epochs", **{"run.epochs": 2.5}))
+    assert cfg.run.steps == 0
+    prepare(cfg)
+    samples = read_manifest(tiny_inputs.tokens).num_samples
+    assert cfg.run.steps == math.ceil(2.5 * samples / (cfg.data.batch_size * cfg.scaling.num_workers))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.attention=scale_markov model.markov_from_scale=4", "'model.markov_from_scale': is 4: the scale cycle"),
+    ("train.cycle_ratio=0", "'train.cycle_ratio': must be >= 1"),
+    ("optim.hold_ratio=1.0", "'optim.hold_ratio': must lie in [0, 1)"),
+    ("run.epochs=2", "'run.steps' and 'run.epochs' are exclusive"),
+])
+def test_cycle_schedule_and_length_errors_name_the_key_before_ray(tiny_inputs, capsys, override, message):
+    extra = override.split()
+    if "run.epochs" in override:
+        extra.append("run.steps=5")  # both on the command line
+    rc = main(["--config", LOCAL, *tiny_inputs.overrides("bad"), *extra])
+    assert rc == 2
+    assert message in capsys.readouterr().err
 
 
 def test_relative_paths_are_refused_inside_a_ray_job(tiny_inputs, monkeypatch):

@@ -1,6 +1,7 @@
 """workflows.train_tokenizer: config, loss terms, the perceptual net, bad input before Ray, and a real Ray Train run."""
 from __future__ import annotations
 
+import dataclasses
 import socket
 
 import pytest
@@ -159,27 +160,31 @@ def test_perceptual_weights_formats_and_mismatches(tmp_path):
 
 
 def test_checkpoint_restores_weights_optimizer_scheduler_and_step(tmp_path):
-    from mvar.training.tokenizer_loop import build_optimizer, restore, write_checkpoint
-    cfg = load_tokenizer_train_config(None, SMALL)
+    """Through the trainer core, without Ray: a checkpoint is a tokenizer directory plus the train state."""
+    from mvar.training.tokenizer_loop import build_task
+    from mvar.training.trainer import LocalCheckpoints, Trainer
+    cfg = load_tokenizer_train_config(None, [*SMALL, "run.steps=4", "run.checkpoint_every=2", "data.batch_size=1"])
+    cpu = torch.device("cpu")
     torch.manual_seed(0)
-    vae = MultiScaleVQVAE(cfg.tokenizer)
-    opt, sched = build_optimizer(vae, cfg.optim, 16, 100)
-    for _ in range(2):
-        opt.zero_grad()
-        vae.losses(torch.rand(1, 3, 32, 32) * 2 - 1).total.backward()
-        opt.step()
-        sched.step()
-    ckpt = write_checkpoint(tmp_path / "ckpt", vae, cfg.tokenizer, opt, sched, 2, "run-id", "name")
+    data = [(torch.rand(1, 3, 32, 32) * 2 - 1, torch.zeros(1, dtype=torch.long)) for _ in range(4)]
+    task = build_task(cfg, cpu, 0, 1)
+    trainer = Trainer(task, cfg, cpu)
+    hooks = LocalCheckpoints(tmp_path)
+    assert trainer.run(iter(data), 0, hooks)["status"] == "completed"
+    ckpt = tmp_path / "step_00000002"
     assert load_tokenizer(ckpt)[1] == cfg.tokenizer  # a checkpoint is a tokenizer directory as it is
-    torch.manual_seed(1)
-    fresh = MultiScaleVQVAE(cfg.tokenizer)
-    opt2, sched2 = build_optimizer(fresh, cfg.optim, 16, 100)
-    assert restore(ckpt, fresh, opt2, sched2) == 2
-    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), fresh.state_dict().values()))
-    assert sched2.last_epoch == 2 and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
-    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
-    names = {id(p): n for n, p in vae.named_parameters()}
-    assert "quantize.embedding.weight" in {names[id(p)] for p in opt.param_groups[1]["params"]}  # no decay
+    resumed = Trainer(build_task(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=1)), cpu, 0, 1),
+                      cfg, cpu)
+    assert resumed.restore(ckpt) == 2
+    assert resumed.stepper.sched.last_epoch == 2
+    resumed.run(iter(data[2:]), 2, LocalCheckpoints(tmp_path / "again"))
+    done = tmp_path / "again" / "step_00000004"
+    for a, b in zip(load_tokenizer(tmp_path / "step_00000004")[0].state_dict().values(),
+                    load_tokenizer(done)[0].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # resuming at step 2 = running straight through
+    names = {id(p): n for n, p in task.vae.named_parameters()}
+    undecayed = {names[id(p)] for g in trainer.optimizer.param_groups if g["wd_scale"] == 0 for p in g["params"]}
+    assert "quantize.embedding.weight" in undecayed and "decoder.conv_out.weight" not in undecayed
 
 
 # -- bad input: refused before Ray starts ---------------------------------------------
