@@ -23,20 +23,14 @@ import torch
 import yaml
 
 from mvar.config import ConfigError, from_dict, to_dict
-from mvar.data.storage import sha256_stream
 from mvar.errors import UserError
-from mvar.files import load_torch, read_mapping
+from mvar.files import file_sha256, load_torch, read_mapping
 from mvar.models.config import ModelConfig
 from mvar.models.transformer import NextScaleTransformer, check_state_dict
 from mvar.tokenizer import PATCH_NUMS_256, PATCH_NUMS_512, MultiScaleVQVAE, TokenizerConfig
 
 FORMAT = "mvar-checkpoint/1"
 TOKENIZER_FORMAT = "mvar-tokenizer/1"
-
-
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as fh:
-        return sha256_stream(fh)
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

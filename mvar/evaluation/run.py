@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mvar.checkpoint import file_sha256, read_checkpoint_meta, tokenizer_dir
+from mvar.checkpoint import read_checkpoint_meta, tokenizer_dir
 from mvar.checkpoint import read_tokenizer_config as checkpoint_tokenizer_config
 from mvar.config import ConfigError, from_dict
 from mvar.data.manifest import Manifest, write_manifest
@@ -30,6 +30,7 @@ from mvar.evaluation.config import EvalConfig, EvaluateConfig, SamplingDefaults
 from mvar.evaluation.plan import SamplePlan, setting_name, split_contiguous
 from mvar.evaluation.sampler import SampleJob
 from mvar.evaluation.workers import Workers
+from mvar.files import file_sha256
 from mvar.metrics.images import (
     ImageSet,
     is_npz,
