@@ -26,7 +26,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mvar.checkpoint import import_var, read_checkpoint_meta
+    from mvar.checkpoint import read_checkpoint_meta
+    from mvar.var_weights import import_var
 
     out = import_var(args.vae, args.var, args.out, patch_nums=args.patch_nums, overwrite=args.overwrite,
                      attention=args.attention, window_size=args.window_size,
