@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,20 +101,14 @@ def _check_init_from(cfg: TrainConfig) -> None:
 
 
 def check_paths_in_job(cfg, keys: tuple[str, ...]) -> None:
-    """Inside `ray job submit` the working directory is a temporary copy: relative locations would
-    read from it (data is not uploaded) or write into it (deleted with the job)."""
-    if not cluster.in_ray_job():
-        return
+    """The run's locations under ``keys`` (dotted config keys) and its tracking store, checked for a Ray job."""
+    paths = {}
     for key in keys:
         value = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        if value and is_local(value) and not Path(value).is_absolute():
-            raise UserError(f"config key '{key}': '{value}' is relative, but a Ray job runs in a temporary copy "
-                            f"of the working directory; pass an absolute path ({key}=/abs/path/...)")
-    if not cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise UserError("config key 'tracking.uri': not set and no MLFLOW_TRACKING_URI in the job's environment; "
-                        "the default SQLite store would be deleted with the job's working directory")
+        paths[key] = value
+    cluster.check_job_paths(paths, cfg.tracking.uri)
 
 
 JOB_PATH_KEYS = ("tokenizer", "init_from", "data.shards", "data.eval_shards", "run.storage_path")

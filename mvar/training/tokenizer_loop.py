@@ -40,7 +40,13 @@ from mvar.data.storage import is_local
 from mvar.errors import UserError
 from mvar.tokenizer import MultiScaleVQVAE
 from mvar.tokenizer.perceptual import VGGPerceptual, load_perceptual
-from mvar.training.launch import TrainOutcome, launch, resolve_epochs, storage_location
+from mvar.training.launch import (
+    TrainOutcome,
+    check_paths_in_job,
+    launch,
+    resolve_epochs,
+    storage_location,
+)
 from mvar.training.optim import param_groups
 from mvar.training.tokenizer_config import TokenizerLossConfig, TokenizerTrainConfig
 from mvar.training.trainer import TrainTask, maybe_ddp, resolve_precision
@@ -221,6 +227,10 @@ def _check_init_from(cfg: TokenizerTrainConfig) -> None:
                         f"{list(theirs.patch_nums)}), this run's tokenizer has {len(ours.patch_nums)}")
 
 
+JOB_PATH_KEYS = ("init_from", "output", "data.shards", "data.eval_shards", "run.storage_path",
+                 "losses.perceptual_weights")
+
+
 def _check_output(cfg: TokenizerTrainConfig, storage: str) -> None:
     out = cfg.output_dir(storage)
     if not is_local(out):
@@ -233,6 +243,7 @@ def _check_output(cfg: TokenizerTrainConfig, storage: str) -> None:
 
 def prepare(cfg: TokenizerTrainConfig) -> None:
     """Every check on the run's inputs; raises UserError naming the key before anything starts."""
+    check_paths_in_job(cfg, JOB_PATH_KEYS)
     resolve_epochs(cfg, _check_shards(cfg))
     if cfg.losses.perceptual:
         load_perceptual(cfg.losses.perceptual_weights, cfg.losses.perceptual_layers)  # the file exists and fits

@@ -229,6 +229,15 @@ def test_init_from_and_output_are_checked_before_ray(tiny_inputs, tmp_path):
     prepare(load_tokenizer_train_config(LOCAL, overrides(tiny_inputs, "good", init_from=tiny_inputs.tokenizer)))
 
 
+@pytest.mark.usefixtures("no_ray_started")
+def test_relative_paths_are_refused_inside_a_ray_job(tiny_inputs, monkeypatch):
+    """The generator's job-path check (mvar.cluster.check_job_paths) also guards the tokenizer's run."""
+    monkeypatch.setattr("mvar.cluster.in_ray_job", lambda: True)
+    cfg = load_tokenizer_train_config(LOCAL, overrides(tiny_inputs, "bad", output="out/tok"))
+    with pytest.raises(UserError, match="'output': 'out/tok' is relative, but a Ray job"):
+        prepare(cfg)
+
+
 # -- a real run -------------------------------------------------------------------------
 
 def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
