@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from mvar.models.config import PATTERNS
+
 # (column, MLflow metric, lower is better?)
 COLUMNS = [
     ("infer s/batch", "infer/latency_s", True),
@@ -28,7 +30,7 @@ COLUMNS = [
     ("precision", "eval/precision", False),
     ("recall", "eval/recall", False),
 ]
-VARIANT_ORDER = {"var": 0, "scale_markov": 1, "mvar": 2}
+VARIANT_ORDER = {variant: i for i, variant in enumerate(PATTERNS)}
 
 
 @dataclass

@@ -9,6 +9,7 @@ import sys
 from dataclasses import asdict
 
 from mvar.errors import UserError
+from mvar.models.config import BACKENDS, PATTERNS, SIZES
 
 COLUMNS = [  # (header, key, format)
     ("variant", "variant", "{}"),
@@ -29,7 +30,7 @@ def register(subparsers) -> None:
                                           "FLOPs, training step time and peak memory for each variant, each in "
                                           "its own process. VAR trains on full sequences; scale_markov and mvar on "
                                           "the 8:1:1 scale cycle (averaged) and packed.")
-    p.add_argument("--variants", default="var,scale_markov,mvar")
+    p.add_argument("--variants", default=",".join(PATTERNS))
     p.add_argument("--size", default="d8", help="tiny, d4, d8, d16, d20, d24, d30")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--resolution", type=int, default=256)
@@ -37,7 +38,7 @@ def register(subparsers) -> None:
     p.add_argument("--cfg", type=float, default=1.5, help="guidance; 0 turns CFG (and the doubled batch) off")
     p.add_argument("--repeats", type=int, default=3, help="measured repetitions per phase (median time, max peak)")
     p.add_argument("--window-size", type=int, default=None)
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "flex", "natten"])
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--no-train", action="store_true", help="inference only")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the results as JSON to this file")
@@ -71,10 +72,9 @@ def run(args: argparse.Namespace) -> int:
     from mvar.bench import BenchSpec
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in ("var", "scale_markov", "mvar")]
+    bad = [v for v in variants if v not in PATTERNS]
     if bad:
-        raise UserError(f"--variants: unknown {bad}; known: var, scale_markov, mvar")
-    from mvar.models.config import SIZES
+        raise UserError(f"--variants: unknown {bad}; known: {', '.join(PATTERNS)}")
     if args.size not in SIZES:
         raise UserError(f"--size: unknown '{args.size}'; known: {', '.join(SIZES)}")
     results = []

@@ -15,6 +15,8 @@ import json
 import logging
 import sys
 
+from mvar.models.config import PATTERNS
+
 # flag -> config key; values are parsed by the config loader (lists as a,b,c)
 FLAG_KEYS = {
     "num_per_class": "eval.num_per_class", "classes": "eval.classes", "cfg": "eval.cfg", "top_k": "eval.top_k",
@@ -49,7 +51,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", help="top-p, one value or several")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int, help="images per generation batch (default 32)")
-    p.add_argument("--attention", choices=["var", "scale_markov", "mvar"], help="override the checkpoint's pattern")
+    p.add_argument("--attention", choices=PATTERNS, help="override the checkpoint's pattern")
     p.add_argument("--window-size", type=int)
     p.add_argument("--feature-extractor-weights", help="local Inception weights file (no download)")
     p.add_argument("--num-workers", type=int, help="Ray workers (0: in this process)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from mvar.models.config import PATTERNS
+
 
 def _classes(text: str) -> list[int]:
     try:
@@ -24,7 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=None, help="default: the checkpoint's, else 900")
     p.add_argument("--top-p", type=float, default=None, help="default: the checkpoint's, else 0.96")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attention", choices=["var", "scale_markov", "mvar"], default=None,
+    p.add_argument("--attention", choices=PATTERNS, default=None,
                    help="override the checkpoint's attention pattern (same parameters)")
     p.add_argument("--window-size", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
