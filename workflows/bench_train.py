@@ -48,11 +48,10 @@ def measure(out: Path, variant: str, workers: int, steps: int, batch: int, tok: 
         f"run.storage_path={out / 'runs'}", f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
         "tracking.experiment=bench-train", "tracking.system_metrics=false"])
     outcome = train(cfg)
-    c = tracking.client(cfg.tracking.uri)
+    store = tracking.Store(cfg.tracking.uri)
 
     def median(key: str) -> float:
-        hist = sorted((m.step, m.value) for m in c.get_metric_history(outcome.run_id, key))
-        return statistics.median(v for s, v in hist if s > steps // 4)
+        return statistics.median(v for s, v in store.history(outcome.run_id, key) if s > steps // 4)
     return {"variant": variant, "workers": workers, "batch_per_worker": batch, "steps": steps,
             "images_per_s": median("perf/images_per_s"), "step_s": median("perf/step_s"),
             "peak_mem_mb": median("perf/peak_mem_mb"), "run_id": outcome.run_id}

@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from mvar import cluster, tracking
 from mvar.config import dump_yaml, flatten, to_dict
 from mvar.data.loader import open_shard_set
@@ -22,6 +21,7 @@ from mvar.data.storage import is_local
 from mvar.errors import UserError
 from mvar.models.config import split_name
 from mvar.tokenizer import TokenizerConfig
+from mvar.tracking import Store
 from mvar.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -148,27 +148,22 @@ def model_tags(cfg: TrainConfig) -> dict[str, str]:
     return {"mvar.variant": cfg.variant, "mvar.model": f"{cfg.variant}-{size}", "mvar.size": size}
 
 
-def attach_run(cfg, storage: str, tags: dict[str, str]) -> tuple[str, bool]:
+def attach_run(cfg, store: Store, storage: str, tags: dict[str, str]) -> tuple[str, bool]:
     """(MLflow run id, resumed?): the run of an earlier attempt of this run name and storage, else a new one."""
-    key = run_key(cfg, storage)
-    uri = tracking.resolve_uri(cfg.tracking.uri)
-    exp = tracking.experiment_id(cfg.tracking.experiment, uri)
-    found = tracking.client(uri).search_runs([exp], filter_string=f"tags.`mvar.run_key` = '{key}'",
-                                             order_by=["attributes.start_time DESC"], max_results=1)
-    if found:
-        return found[0].info.run_id, True
-    tags = {"mvar.run_key": key, "mvar.ray_job_id": cluster.job_id() or "none", "mvar.storage": storage, **tags}
-    return tracking.start_run(cfg.tracking, cfg.run.name, tags=tags), False
+    tags = {"mvar.ray_job_id": cluster.job_id() or "none", "mvar.storage": storage, **tags}
+    return store.find_or_create(cfg.tracking.experiment, {"mvar.run_key": run_key(cfg, storage)},
+                                cfg.tracking.run_name or cfg.run.name, tags)
 
 
-def log_config(cfg, run_id: str, resumed: bool) -> None:
-    c = tracking.client(cfg.tracking.uri)
+def log_config(cfg, store: Store, run_id: str, resumed: bool) -> None:
+    """A new run gets the config as params and config.yaml; a resumed one counts the resume."""
     if resumed:
-        logged = c.get_run(run_id).data.params
-        changed = {k: (logged[k], str(v)) for k, v in flatten(cfg).items() if k in logged and logged[k] != str(v)}
+        run = store.get(run_id)
+        changed = {k: (run.params[k], str(v)) for k, v in flatten(cfg).items()
+                   if k in run.params and run.params[k] != str(v)}
         if changed:
             log.warning("resuming with changed config (MLflow keeps the first values): %s", changed)
-        c.set_tag(run_id, "mvar.resumes", str(int(c.get_run(run_id).data.tags.get("mvar.resumes", "0")) + 1))
+        store.set_tags(run_id, {"mvar.resumes": int(run.tags.get("mvar.resumes", "0")) + 1})
         return
     t = tracking.MlflowTracker(run_id, cfg.tracking)
     t.log_params(to_dict(cfg))
@@ -193,20 +188,19 @@ def fit(cfg, worker_fn, loop_config: dict, storage: str):
     return trainer.fit()
 
 
-def finish(cfg, run_id: str, result) -> TrainOutcome:
-    c = tracking.client(cfg.tracking.uri)
+def finish(store: Store, run_id: str, result) -> TrainOutcome:
     ret = getattr(result, "return_value", None) or {}
     checkpoint = result.checkpoint.path if result.checkpoint is not None else ""
     if checkpoint:
-        c.set_tag(run_id, "mvar.checkpoint", checkpoint)
+        store.set_tags(run_id, {tracking.CHECKPOINT_TAG: checkpoint})
     status = ret.get("status", "completed")
     step = int(ret.get("step", 0))
     if status == "nonfinite":
-        c.set_tag(run_id, "mvar.stopped", f"non-finite loss at step {step}")
-        c.set_terminated(run_id, "FAILED")
+        store.set_tags(run_id, {"mvar.stopped": f"non-finite loss at step {step}"})
+        store.terminate(run_id, "FAILED")
         raise TrainingFailed(f"training stopped at step {step}: the loss or a gradient is NaN/inf (try a lower "
                              f"optim.lr or optim.grad_clip); last good checkpoint: {checkpoint or 'none'}")
-    c.set_terminated(run_id, "FINISHED")
+    store.terminate(run_id, "FINISHED")
     return TrainOutcome(run_id=run_id, checkpoint=checkpoint, step=step, status=status)
 
 
@@ -217,10 +211,10 @@ def launch(cfg, worker_fn, loop_config: dict, tags: dict[str, str]) -> TrainOutc
     receives ``loop_config`` plus ``train`` (the config as a dict) and ``run_id``.
     """
     storage = storage_location(cfg.run.storage_path)
-    uri = tracking.resolve_uri(cfg.tracking.uri)
-    cfg.tracking.uri = uri  # workers on other nodes must log to the same absolute store
-    run_id, resumed = attach_run(cfg, storage, tags)
-    log_config(cfg, run_id, resumed)
+    store = Store(cfg.tracking.uri)
+    uri = cfg.tracking.uri = store.uri  # workers on other nodes must log to the same absolute store
+    run_id, resumed = attach_run(cfg, store, storage, tags)
+    log_config(cfg, store, run_id, resumed)
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}; "
           f"checkpoints under {run_key(cfg, storage)}", flush=True)
     where = cluster.connect(env_vars={"MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0",
@@ -231,10 +225,10 @@ def launch(cfg, worker_fn, loop_config: dict, tags: dict[str, str]) -> TrainOutc
     except Exception as err:
         from ray.train import TrainingFailedError
         if isinstance(err, TrainingFailedError):
-            tracking.client(uri).set_terminated(run_id, "FAILED")
+            store.terminate(run_id, "FAILED")
             raise TrainingFailed(f"training failed after {cfg.run.max_failures} retries: {err}") from err
         raise
-    return finish(cfg, run_id, result)
+    return finish(store, run_id, result)
 
 
 def train(cfg: TrainConfig) -> TrainOutcome:

@@ -270,7 +270,6 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> tuple[TrainOutcome, Path]:
     tags = {"mvar.task": "tokenizer", "mvar.model": f"tokenizer-{cfg.tokenizer_name or 'custom'}"}
     outcome = launch(cfg, train_worker, {}, tags)
     out = write_output(cfg, outcome, storage_location(cfg.run.storage_path))
-    c = tracking.client(cfg.tracking.uri)
-    c.set_tag(outcome.run_id, "mvar.tokenizer", str(out))
-    c.set_tag(outcome.run_id, "mvar.tokenizer_sha256", tokenizer_fingerprint(out))
+    tracking.Store(cfg.tracking.uri).set_tags(outcome.run_id, {"mvar.tokenizer": str(out),
+                                                              "mvar.tokenizer_sha256": tokenizer_fingerprint(out)})
     return outcome, out
