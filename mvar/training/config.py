@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Protocol
 
 from mvar.config import (
     ConfigError,
@@ -136,6 +136,29 @@ class ScalingSettings:
               f"must name one interface (e.g. eth0), got '{self.socket_ifname}'")
         check(self.cpus_per_worker > 0, prefix + "cpus_per_worker", "must be > 0")
         check(self.gpus_per_worker > 0, prefix + "gpus_per_worker", "must be > 0")
+
+
+class LoopSettings(Protocol):
+    """The `train.*` keys every trainer has."""
+
+    precision: str
+    tf32: bool
+
+
+class RunConfig(Protocol):
+    """What the trainer core, its Ray adapter and the driver (`launch`) read of a run config, typed:
+    `TrainConfig` and `TokenizerTrainConfig` both fit it. Read-only where the two differ in type."""
+
+    run: RunSettings
+    scaling: ScalingSettings
+    tracking: TrackingConfig
+    data: DataConfig
+
+    @property
+    def optim(self) -> OptimConfig: ...
+
+    @property
+    def train(self) -> LoopSettings: ...
 
 
 @dataclass

@@ -22,7 +22,7 @@ from mvar.errors import UserError
 from mvar.models.config import split_name
 from mvar.tokenizer import TokenizerConfig
 from mvar.tracking import Store
-from mvar.training.config import TrainConfig
+from mvar.training.config import RunConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _check_tokenizer(cfg: TrainConfig) -> tuple[TokenizerConfig, str]:
     return tok_cfg, tokenizer_fingerprint(cfg.tokenizer)
 
 
-def resolve_epochs(cfg, num_samples: int) -> None:
+def resolve_epochs(cfg: RunConfig, num_samples: int) -> None:
     """``run.epochs`` -> ``run.steps`` = ceil(epochs x samples / global batch), in place (before Ray starts)."""
     if not cfg.run.epochs:
         return
@@ -100,7 +100,7 @@ def _check_init_from(cfg: TrainConfig) -> None:
                             f"this run's model has {getattr(cfg.model, attr)}")
 
 
-def check_paths_in_job(cfg, keys: tuple[str, ...]) -> None:
+def check_paths_in_job(cfg: RunConfig, keys: tuple[str, ...]) -> None:
     """The run's locations under ``keys`` (dotted config keys) and its tracking store, checked for a Ray job."""
     paths = {}
     for key in keys:
@@ -123,7 +123,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     return Prepared(tok_cfg=tok_cfg, tokenizer_sha256=sha)
 
 
-def check_resources(cfg, where: str) -> None:
+def check_resources(cfg: RunConfig, where: str) -> None:
     """On a local Ray a worker that asks for more than the machine has waits forever: refuse instead."""
     have = cluster.cluster_resources()
     s = cfg.scaling
@@ -139,7 +139,7 @@ def check_resources(cfg, where: str) -> None:
             log.warning("%s (waiting for the cluster to grow)", msg)
 
 
-def run_key(cfg, storage: str) -> str:
+def run_key(cfg: RunConfig, storage: str) -> str:
     return f"{storage.rstrip('/')}/{cfg.run.name}"
 
 
@@ -148,14 +148,14 @@ def model_tags(cfg: TrainConfig) -> dict[str, str]:
     return {"mvar.variant": cfg.variant, "mvar.model": f"{cfg.variant}-{size}", "mvar.size": size}
 
 
-def attach_run(cfg, store: Store, storage: str, tags: dict[str, str]) -> tuple[str, bool]:
+def attach_run(cfg: RunConfig, store: Store, storage: str, tags: dict[str, str]) -> tuple[str, bool]:
     """(MLflow run id, resumed?): the run of an earlier attempt of this run name and storage, else a new one."""
     tags = {"mvar.ray_job_id": cluster.job_id() or "none", "mvar.storage": storage, **tags}
     return store.find_or_create(cfg.tracking.experiment, {"mvar.run_key": run_key(cfg, storage)},
                                 cfg.tracking.run_name or cfg.run.name, tags)
 
 
-def log_config(cfg, store: Store, run_id: str, resumed: bool) -> None:
+def log_config(cfg: RunConfig, store: Store, run_id: str, resumed: bool) -> None:
     """A new run gets the config as params and config.yaml; a resumed one counts the resume."""
     if resumed:
         run = store.get(run_id)
@@ -171,7 +171,7 @@ def log_config(cfg, store: Store, run_id: str, resumed: bool) -> None:
     t.close(status="")
 
 
-def fit(cfg, worker_fn, loop_config: dict, storage: str):
+def fit(cfg: RunConfig, worker_fn, loop_config: dict, storage: str):
     """Ray Train's TorchTrainer with the run's scaling, storage, checkpoint retention and failure budget."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -204,11 +204,10 @@ def finish(store: Store, run_id: str, result) -> TrainOutcome:
     return TrainOutcome(run_id=run_id, checkpoint=checkpoint, step=step, status=status)
 
 
-def launch(cfg, worker_fn, loop_config: dict, tags: dict[str, str]) -> TrainOutcome:
+def launch(cfg: RunConfig, worker_fn, loop_config: dict, tags: dict[str, str]) -> TrainOutcome:
     """Attach the MLflow run, start or join Ray, fit, record the final checkpoint.
 
-    ``cfg`` is any run config with ``run``, ``scaling`` and ``tracking`` sections; ``worker_fn``
-    receives ``loop_config`` plus ``train`` (the config as a dict) and ``run_id``.
+    ``worker_fn`` receives ``loop_config`` plus ``train`` (the config as a dict) and ``run_id``.
     """
     storage = storage_location(cfg.run.storage_path)
     store = Store(cfg.tracking.uri)

@@ -16,6 +16,7 @@ from pathlib import Path
 from mvar.config import from_dict
 from mvar.data import build_train_loader
 from mvar.tracking import MlflowTracker, NullTracker
+from mvar.training.config import RunConfig
 from mvar.training.trainer import Hooks, Trainer, TrainTask, batches, enable_tf32
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class RayHooks(Hooks):
                              checkpoint_dir_name=name)
 
 
-def make_tracker(cfg, rank: int, run_id: str, task: TrainTask, start: int):
+def make_tracker(cfg: RunConfig, rank: int, run_id: str, task: TrainTask, start: int):
     if rank != 0 or not run_id:
         return NullTracker()
     # a restarted run (also one killed before its first checkpoint) skips, per key, the steps already logged
