@@ -109,10 +109,16 @@ def split_name(name: str) -> tuple[str, str]:
     return variant, size
 
 
+def named_fields(name: str) -> dict:
+    """``mvar-d16`` -> {'attention': 'mvar', 'depth': 16}: the keys the registry sets (a run config's
+    `model_name` puts them under its `model` keys, which are validated once with the rest)."""
+    variant, size = split_name(name)
+    return {"attention": variant, **SIZES[size]}
+
+
 def named_model(name: str, **overrides) -> ModelConfig:
     """``mvar-d16`` -> ModelConfig(attention='mvar', depth=16, ...)."""
-    variant, size = split_name(name)
-    cfg = replace(ModelConfig(attention=variant, **SIZES[size]), **overrides)
+    cfg = replace(ModelConfig(**named_fields(name)), **overrides)
     cfg.validate()
     return cfg
 

@@ -19,11 +19,10 @@ from mvar.config import (
     merge,
     parse_overrides,
     read_yaml,
-    to_dict,
 )
 from mvar.data.config import DataConfig
 from mvar.evaluation.config import SamplingDefaults
-from mvar.models.config import ModelConfig, named_model
+from mvar.models.config import ModelConfig, named_fields
 from mvar.tracking import TrackingConfig
 
 
@@ -206,7 +205,7 @@ def _apply_model_name(data: dict) -> dict:
     if not name:
         return data
     try:
-        base = to_dict(named_model(name))
+        base = named_fields(name)
     except KeyError as err:
         raise ConfigError(f"config key 'model_name': {err.args[0]}") from None
     return {**data, "model": merge(base, data.get("model") or {})}

@@ -207,7 +207,8 @@ def finish(store: Store, run_id: str, result) -> TrainOutcome:
 def launch(cfg: RunConfig, worker_fn, loop_config: dict, tags: dict[str, str]) -> TrainOutcome:
     """Attach the MLflow run, start or join Ray, fit, record the final checkpoint.
 
-    ``worker_fn`` receives ``loop_config`` plus ``train`` (the config as a dict) and ``run_id``.
+    ``worker_fn`` receives ``loop_config`` plus ``train`` (the config itself: Ray's pickling is its one
+    serialisation, and the worker does not validate it again) and ``run_id``.
     """
     storage = storage_location(cfg.run.storage_path)
     store = Store(cfg.tracking.uri)
@@ -220,7 +221,7 @@ def launch(cfg: RunConfig, worker_fn, loop_config: dict, tags: dict[str, str]) -
                                       "MLFLOW_DISABLE_TELEMETRY": "true"})
     check_resources(cfg, where)
     try:
-        result = fit(cfg, worker_fn, {**loop_config, "train": to_dict(cfg), "run_id": run_id}, storage)
+        result = fit(cfg, worker_fn, {**loop_config, "train": cfg, "run_id": run_id}, storage)
     except Exception as err:
         from ray.train import TrainingFailedError
         if isinstance(err, TrainingFailedError):

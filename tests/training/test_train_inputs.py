@@ -148,3 +148,24 @@ def test_relative_paths_are_refused_inside_a_ray_job(tiny_inputs, monkeypatch):
         prepare(cfg)
     from mvar import cluster
     assert cluster.job_id() == "raysubmit_1"
+
+
+def test_a_config_is_validated_once_at_load_and_crosses_to_the_workers_as_itself(monkeypatch, tmp_path):
+    """The registry entry of `model_name` is merged as plain keys (no ModelConfig built and validated on the
+    way), and the driver hands Ray Train the loaded config object, not a dict the worker rebuilds."""
+    from mvar.models.config import ModelConfig
+    from mvar.training import launch
+    calls = []
+    validate = ModelConfig.validate
+    monkeypatch.setattr(ModelConfig, "validate", lambda self, prefix="": calls.append(prefix) or validate(self, prefix))
+    cfg = load_train_config(LOCAL, [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    assert calls == ["model."] and cfg.model.attention == "mvar" and cfg.model.depth == 2
+    seen = {}
+    monkeypatch.setattr(launch, "fit", lambda cfg, fn, loop_config, storage: seen.update(loop_config) or 1 / 0)
+    monkeypatch.setattr(launch, "attach_run", lambda *a: ("run-1", False))
+    monkeypatch.setattr(launch, "log_config", lambda *a: None)
+    monkeypatch.setattr(launch.cluster, "connect", lambda **kw: "local")  # Ray's side: the slow tests run it
+    monkeypatch.setattr(launch, "check_resources", lambda *a: None)
+    with pytest.raises(ZeroDivisionError):
+        launch.launch(cfg, None, {}, {})
+    assert seen["train"] is cfg and seen["run_id"] == "run-1" and calls == ["model."]
