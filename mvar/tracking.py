@@ -164,6 +164,12 @@ class Store:
             raise UserError(f"MLflow tracking store '{self.uri}' does not answer ({type(err).__name__}: {err}); "
                             "start it (`mvar stack up`) or set tracking.uri / MLFLOW_TRACKING_URI") from err
 
+    def check(self, experiment: str) -> None:
+        """The store answers (a UserError naming it if not), and nothing is made in it: a SQLite store is a
+        file MLflow creates on first use (its folder exists: ``resolve_uri`` made it), a server is asked."""
+        if not self.uri.startswith("sqlite:"):
+            self.experiment_id(experiment, create=False)
+
     def experiment_name(self, experiment_id: str) -> str:
         return self.client.get_experiment(experiment_id).name
 

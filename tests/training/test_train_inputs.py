@@ -169,3 +169,23 @@ def test_a_config_is_validated_once_at_load_and_crosses_to_the_workers_as_itself
     with pytest.raises(ZeroDivisionError):
         launch.launch(cfg, None, {}, {})
     assert seen["train"] is cfg and seen["run_id"] == "run-1" and calls == ["model."]
+
+
+def test_check_runs_every_check_of_the_run_prints_ok_and_makes_nothing(tiny_inputs, tmp_path, capsys, monkeypatch):
+    from mvar.cli import main as mvar_main
+    store = tmp_path / "mlflow.db"
+    argv = ["--config", LOCAL, *tiny_inputs.overrides("checked", **{"tracking.uri": f"sqlite:///{store}"}), "--check"]
+    assert main(argv) == 0 and mvar_main(["train", *argv]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0] == out[1] and out[0].startswith("OK: run 'checked'")
+    assert not store.exists() and not (tiny_inputs.root / "runs" / "checked").exists()
+    assert main([*argv, f"tokenizer={tmp_path}"]) == 2
+    assert "is not a tokenizer checkpoint" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main([*argv, f"tracking.uri=http://127.0.0.1:{port}"]) == 2
+    assert "does not answer" in capsys.readouterr().err
