@@ -60,18 +60,19 @@ def standalone(prog: str, description: str, configure: Callable[[argparse.Argume
     return parser
 
 
-def add_config_arguments(p: argparse.ArgumentParser, example: str, config_help: str = "",
-                         overrides: bool = True) -> None:
-    """`--config`, the `key.sub=value` overrides (unless a sub-command action takes them), `--print-config`
-    and `--check`."""
-    p.add_argument("--config", default=None, help=config_help or f"YAML run config, e.g. {example}")
+def add_config_arguments(p: argparse.ArgumentParser, config_help: str, overrides: bool = True,
+                         overrides_help: str = "", check_help: str = "") -> None:
+    """`--config` (unless ``config_help`` is empty: a command whose config is a positional), the
+    `key.sub=value` overrides (unless a sub-command action takes them), `--print-config` and `--check`."""
+    if config_help:
+        p.add_argument("--config", default=None, help=config_help)
     if overrides:
         p.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value",
-                       help="config overrides applied after the file and the flags, anywhere on the line, e.g. "
-                            "run.steps=100 (every key: docs/config.md)")
+                       help=overrides_help or "config overrides applied after the file and the flags, anywhere "
+                                              "on the line, e.g. run.steps=100 (every key: docs/config.md)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--check", action="store_true",
-                   help="check the config and every input the run would check before it starts, print OK, exit")
+    p.add_argument("--check", action="store_true", help=check_help or "check the config and every input the run "
+                   "would check before it starts, print OK, exit")
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None, name: str = "") -> int:

@@ -97,7 +97,7 @@ def add_eval_arguments(p: argparse.ArgumentParser, overrides: bool = True) -> No
                    help=f"no MLflow ({_key('track')}=false)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="deprecated spelling of a key.sub=value override (repeatable)")
-    add_config_arguments(p, "", "YAML file with an EvaluateConfig (eval:, tracking:, checkpoint:, run_id:)",
+    add_config_arguments(p, "YAML file with an EvaluateConfig (eval:, tracking:, checkpoint:, run_id:)",
                          overrides=overrides)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from mvar.commands import add_config_arguments
+
 DESCRIPTION = "Run an Optuna study whose trials are training + evaluation runs on Ray."
 
 
@@ -29,12 +31,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "end with (default: the study file's)")
     p.add_argument("--n-parallel", type=int, help="shorthand of study.n_parallel: trials at once, 0 = what Ray "
                    "fits (default: the study file's)")
-    p.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value",
-                   help="key.sub=value for the base training config of every trial; study.key=value for the "
-                        "study file (anywhere on the line)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved study config and exit")
-    p.add_argument("--check", action="store_true",
-                   help="check the study file, its inputs and the storage, print OK, run nothing")
+    add_config_arguments(p, "", overrides_help="key.sub=value for the base training config of every trial; "
+                         "study.key=value for the study file (anywhere on the line)",
+                         check_help="check the study file, its inputs and the storage, print OK, run nothing")
     p.set_defaults(func=run)
 
 

@@ -28,12 +28,12 @@ def register(subparsers) -> None:
 
 
 def configure_train(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, "workflows/configs/mvar_tiny_local.yaml")
+    add_config_arguments(p, "YAML run config, e.g. workflows/configs/mvar_tiny_local.yaml")
     p.set_defaults(func=run_train)
 
 
 def configure_train_tokenizer(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, "workflows/configs/tokenizer_tiny_local.yaml")
+    add_config_arguments(p, "YAML run config, e.g. workflows/configs/tokenizer_tiny_local.yaml")
     p.set_defaults(func=run_train_tokenizer)
 
 
@@ -47,20 +47,27 @@ def check_store(tracking_cfg) -> None:
     Store(tracking_cfg.uri).check(tracking_cfg.experiment)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    _setup_logging()
-    from mvar.config import dump_yaml
-    from mvar.training import load_train_config, train
-    from mvar.training.launch import prepare
-    cfg = load_train_config(args.config, args.overrides)
+def run_config(args: argparse.Namespace, cfg, prepare, checked: str) -> bool:
+    """--print-config, or --check (``prepare`` and the MLflow store, then OK): True when the command is done."""
     if args.print_config:
+        from mvar.config import dump_yaml
         print(dump_yaml(cfg), end="")
-        return 0
+        return True
     if args.check:
         prepare(cfg)
         check_store(cfg.tracking)
-        print(f"OK: run '{cfg.run.name}', {cfg.run.steps} steps of {cfg.model.attention}-d{cfg.model.depth}: config, "
-              "tokenizer, shards, init_from and the MLflow store checked (Ray's resources: when the run starts)")
+        print(f"OK: run '{cfg.run.name}', {cfg.run.steps} steps: config, {checked} and the MLflow store checked "
+              "(Ray's resources: when the run starts)")
+        return True
+    return False
+
+
+def run_train(args: argparse.Namespace) -> int:
+    _setup_logging()
+    from mvar.training import load_train_config, train
+    from mvar.training.launch import prepare
+    cfg = load_train_config(args.config, args.overrides)
+    if run_config(args, cfg, prepare, "tokenizer, shards, init_from"):
         return 0
     outcome = train(cfg)
     print(f"done: {outcome.step} steps, MLflow run {outcome.run_id}, checkpoint {outcome.checkpoint}")
@@ -69,18 +76,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_train_tokenizer(args: argparse.Namespace) -> int:
     _setup_logging()
-    from mvar.config import dump_yaml
     from mvar.training.tokenizer_config import load_tokenizer_train_config
     from mvar.training.tokenizer_loop import prepare, train_tokenizer
     cfg = load_tokenizer_train_config(args.config, args.overrides)
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
-        return 0
-    if args.check:
-        prepare(cfg)
-        check_store(cfg.tracking)
-        print(f"OK: run '{cfg.run.name}', {cfg.run.steps} steps: config, shards, init_from, output, the perceptual "
-              "weights and the MLflow store checked (Ray's resources: when the run starts)")
+    if run_config(args, cfg, prepare, "shards, init_from, output, the perceptual weights"):
         return 0
     outcome, out = train_tokenizer(cfg)
     print(f"done: {outcome.step} steps, MLflow run {outcome.run_id}, checkpoint {outcome.checkpoint}")
