@@ -8,7 +8,6 @@ straight to what is left.
 """
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from mvar import cluster, tracking
 from mvar.cli import main as mvar_main
+from mvar.commands import Parser
 
 EXPERIMENT = "quickstart"
 STEPS = 8
@@ -134,10 +134,10 @@ def check(rc: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/quickstart", help="where everything is written")
-    parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--tokenizer-steps", type=int, default=60)
+    parser.add_argument("--train-steps", type=int, default=300, help="steps of each generator run")
+    parser.add_argument("--tokenizer-steps", type=int, default=60, help="steps of the tokenizer run")
     parser.add_argument("--num-per-class", type=int, default=10, help="evaluation samples per class")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
