@@ -3,14 +3,8 @@
 Run one variant:  python -m mvar.bench '{"variant": "mvar", "size": "d8", ...}'  (prints one JSON line)
 Run a comparison: mvar bench --variants var,scale_markov,mvar --size d8 ...  (spawns the above)
 
-Peak memory, stated in every result:
-- CPU: the process's resident-set high-water mark (VmHWM) is reset through
-  /proc/self/clear_refs before each measured phase; the phase's peak is
-  VmHWM minus the resident size at its start. glibc is told to serve every
-  allocation over 64 KiB with mmap (MALLOC_MMAP_THRESHOLD_) so that freed
-  tensors leave the resident set and one phase cannot hide in another's pages.
-- CUDA: torch.cuda.reset_peak_memory_stats, then max_memory_allocated minus
-  the allocated bytes at the phase's start.
+Peak memory, stated in every result, by the probes of `mvar.measure` (VmHWM
+above the phase's start on CPU, max_memory_allocated on CUDA).
 Inference is the token generation of all scales with CFG (decoding to pixels
 excluded: it is the same for every variant). Training is forward, backward and
 an AdamW step; weights and optimizer state are resident before the phase.
@@ -18,7 +12,6 @@ an AdamW step; weights and optimizer state are resident before the phase.
 from __future__ import annotations
 
 import json
-import re
 import statistics
 import sys
 import time
@@ -27,16 +20,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from mvar.models.attention import attended_pairs, resolve_backend
+from mvar.measure import MALLOC_ENV, MB, PeakMemory, attention_gflops, status_mb  # noqa: F401 (re-exported)
+from mvar.measure import sync as _sync
+from mvar.models.attention import resolve_backend
 from mvar.models.config import named_model, tokenizer_for
 from mvar.models.schedule import markov_cycle
 from mvar.models.transformer import NextScaleTransformer
 from mvar.sampling import generate, make_generator
 from mvar.tokenizer import TokenizerConfig
 from mvar.tokenizer.quantizer import MultiScaleQuantizer
-
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-MB = 1024 * 1024
 
 
 @dataclass
@@ -75,50 +67,6 @@ class BenchResult:
     torch: str = torch.__version__
 
 
-# -- memory probes -------------------------------------------------------------
-
-def status_mb(name: str) -> float:
-    with open("/proc/self/status") as fh:
-        return int(re.search(rf"{name}:\s+(\d+)", fh.read()).group(1)) / 1024
-
-
-class PeakMemory:
-    """Peak memory of a phase above its start, in MiB (see the module doc for the method)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    @property
-    def method(self) -> str:
-        if self.device.type == "cuda":
-            return "torch.cuda.max_memory_allocated above the allocation at phase start"
-        return "VmHWM (reset via /proc/self/clear_refs) above VmRSS at phase start; glibc mmap threshold 64 KiB"
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device) / MB
-        else:
-            self.start = status_mb("VmRSS")
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # VmHWM := current VmRSS
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) / MB - self.start
-        else:
-            self.peak = max(status_mb("VmHWM") - self.start, 0.0)  # RSS may shrink within a phase
-        return False
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # -- one variant -----------------------------------------------------------------
 
 def build(spec: BenchSpec, device: torch.device) -> tuple[NextScaleTransformer, MultiScaleQuantizer]:
@@ -136,11 +84,6 @@ def build(spec: BenchSpec, device: torch.device) -> tuple[NextScaleTransformer, 
     model = NextScaleTransformer(cfg, tok.vocab_size, tok.z_channels, tuple(tok.patch_nums)).to(device)
     quant = MultiScaleQuantizer(tok.vocab_size, tok.z_channels, tuple(tok.patch_nums), tok.share_quant_resi).to(device)
     return model, quant
-
-
-def attention_gflops(model: NextScaleTransformer) -> float:
-    pairs = attended_pairs(model.spec, tuple(range(len(model.patch_nums))))
-    return 4 * pairs * model.C * len(model.blocks) / 1e9  # 2 matmuls x 2 FLOPs x head_dim x heads
 
 
 def measure_inference(model, quant, spec: BenchSpec, device: torch.device) -> tuple[float, float, float]:

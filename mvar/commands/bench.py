@@ -45,7 +45,7 @@ def register(subparsers) -> None:
 
 
 def run_variant(spec: dict) -> dict:
-    from mvar.bench import MALLOC_ENV
+    from mvar.measure import MALLOC_ENV
 
     env = {**os.environ, **MALLOC_ENV}
     proc = subprocess.run([sys.executable, "-m", "mvar.bench", json.dumps(spec)], env=env,

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from mvar.bench import attention_gflops
+from mvar.measure import attention_gflops
 from mvar.checkpoint import (
     load_into,
     load_state_dict,
