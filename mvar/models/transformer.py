@@ -220,9 +220,13 @@ class NextScaleTransformer(nn.Module):
 
     # -- forward ------------------------------------------------------------
     def run_blocks(self, x_BLC: torch.Tensor, cond_BC: torch.Tensor, scales: tuple[int, ...]) -> torch.Tensor:
+        """The head's input features (B, L, C): the blocks, then the head's AdaLN."""
         for block in self.blocks:
             x_BLC = block(x_BLC, cond_BC, self.spec, scales)
-        return self.head(self.head_nm(x_BLC.float(), cond_BC).float()).float()  # (B, L, V)
+        return self.head_nm(x_BLC.float(), cond_BC).float()
+
+    def logits(self, features_BLC: torch.Tensor) -> torch.Tensor:
+        return self.head(features_BLC).float()  # (B, L, V)
 
     def forward(self, labels_B: torch.Tensor, teacher_BLCv: torch.Tensor,
                 scales: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -241,7 +245,7 @@ class NextScaleTransformer(nn.Module):
             labels_B = torch.where(drop, torch.full_like(labels_B, self.num_classes), labels_B)
         cond_BC = self.class_emb(labels_B)
         x_BLC = self.embed(cond_BC, self.select_inputs(teacher_BLCv, scales), scales)
-        return self.run_blocks(x_BLC, cond_BC, scales)
+        return self.logits(self.run_blocks(x_BLC, cond_BC, scales))
 
     def check_inputs(self, labels_B: torch.Tensor, teacher_BLCv: torch.Tensor, scales: tuple[int, ...]) -> None:
         """Shapes and ranges, so that a wrong batch fails with a message instead of deep in a matmul."""
@@ -269,10 +273,15 @@ class NextScaleTransformer(nn.Module):
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for b in self.blocks for t in (b.attn.kv_cache or []))
 
-    def step_logits(self, cond_BC: torch.Tensor, inputs_BlCv: torch.Tensor | None, si: int) -> torch.Tensor:
-        """Logits of scale ``si`` alone: its tokens only (MVAR), or against the KV cache (VAR)."""
+    def step_features(self, cond_BC: torch.Tensor, inputs_BlCv: torch.Tensor | None, si: int) -> torch.Tensor:
+        """The head's input (B, l, C) for scale ``si`` alone: its tokens only (MVAR), or against the KV cache
+        (VAR). Sampling applies ``head`` to blocks of it, so a whole scale's logits never exist at once."""
         x_BLC = self.embed(cond_BC, inputs_BlCv, (si,))
         return self.run_blocks(x_BLC, cond_BC, (si,))
+
+    def step_logits(self, cond_BC: torch.Tensor, inputs_BlCv: torch.Tensor | None, si: int) -> torch.Tensor:
+        """Logits (B, l, V) of scale ``si`` alone."""
+        return self.logits(self.step_features(cond_BC, inputs_BlCv, si))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
