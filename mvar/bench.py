@@ -39,6 +39,8 @@ class BenchSpec:
     resolution: int = 256
     device: str = "cpu"
     cfg: float = 1.5
+    top_k: int = 900
+    top_p: float = 0.96
     repeats: int = 3
     window_size: int | None = None
     backend: str = "auto"
@@ -69,14 +71,19 @@ class BenchResult:
 
 # -- one variant -----------------------------------------------------------------
 
-def build(spec: BenchSpec, device: torch.device) -> tuple[NextScaleTransformer, MultiScaleQuantizer]:
-    name = f"{spec.variant}-{spec.size}"
-    tok = TokenizerConfig.named(tokenizer_for(name))
+def tokenizer_config(spec: BenchSpec) -> TokenizerConfig:
+    """The tokenizer of the spec's size at its resolution (the 256 px tokenizers also come at 512 px)."""
+    tok = TokenizerConfig.named(tokenizer_for(f"{spec.variant}-{spec.size}"))
     if spec.resolution != tok.image_size:
         if tok.image_size == 256 and spec.resolution == 512:
-            tok = TokenizerConfig.named("vae-ch160-512")
-        else:
-            raise ValueError(f"size {spec.size} goes with {tok.image_size} px images, not {spec.resolution}")
+            return TokenizerConfig.named("vae-ch160-512")
+        raise ValueError(f"size {spec.size} goes with {tok.image_size} px images, not {spec.resolution}")
+    return tok
+
+
+def build(spec: BenchSpec, device: torch.device) -> tuple[NextScaleTransformer, MultiScaleQuantizer]:
+    name = f"{spec.variant}-{spec.size}"
+    tok = tokenizer_config(spec)
     overrides = {"attention_backend": spec.backend, "cond_drop_rate": 0.0}
     if spec.window_size is not None:
         overrides["window_size"] = spec.window_size
@@ -91,7 +98,7 @@ def measure_inference(model, quant, spec: BenchSpec, device: torch.device) -> tu
     model.eval()
     labels = torch.arange(spec.batch, device=device) % model.num_classes
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    run = lambda: generate(model, quant, labels, cfg=spec.cfg, top_k=900, top_p=0.96,
+    run = lambda: generate(model, quant, labels, cfg=spec.cfg, top_k=spec.top_k, top_p=spec.top_p,
                            generator=make_generator(spec.seed, device))
     with amp:
         gen = run()  # warm-up: kernels, caches, masks
@@ -109,7 +116,7 @@ def measure_inference(model, quant, spec: BenchSpec, device: torch.device) -> tu
 
 def _kv_mb(model, quant, labels, spec, device) -> float:
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return generate(model, quant, labels, cfg=spec.cfg, top_k=900, top_p=0.96).kv_cache_bytes / MB
+        return generate(model, quant, labels, cfg=spec.cfg, top_k=spec.top_k, top_p=spec.top_p).kv_cache_bytes / MB
 
 
 def train_kinds(model: NextScaleTransformer) -> dict[str, tuple[tuple[int, ...], int]]:
