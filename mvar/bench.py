@@ -174,6 +174,8 @@ def summarize_training(kinds: dict[str, dict]) -> tuple[float, float]:
 
 def run_one(spec: BenchSpec) -> BenchResult:
     device = torch.device(spec.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # what is left in float32 under bf16 autocast
     if spec.threads:
         torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)

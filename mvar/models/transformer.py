@@ -74,7 +74,8 @@ class SelfAttention(nn.Module):
         qkv = F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, d)
         if self.attn_l2_norm:
-            q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
+            # the float32 temperature would promote q under autocast: attention wants one dtype
+            q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()).to(v.dtype)
             k = F.normalize(k, dim=-1)
         if self.kv_cache is not None:
             if self.kv_cache:
@@ -113,10 +114,12 @@ class AdaLNBlock(nn.Module):
     def forward(self, x_BLC: torch.Tensor, cond_BC: torch.Tensor, spec: AttentionSpec,
                 scales: tuple[int, ...]) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BC).view(-1, 1, 6, self.C).unbind(2)
-        h = self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1
-        x_BLC = x_BLC + self.drop_path(self.attn(h, spec, scales) * gamma1)
-        h = self.ln_wo_grad(x_BLC) * (1 + scale2) + shift2
-        return x_BLC + self.drop_path(self.ffn(h) * gamma2)
+        # in place where autograd keeps no copy (mul and linear save their inputs, not their outputs):
+        # two fewer (B, L, C) temporaries per half-block
+        h = self.ln_wo_grad(x_BLC).mul(scale1.add(1)).add_(shift1)
+        x_BLC = x_BLC + self.drop_path(self.attn(h, spec, scales).mul_(gamma1))
+        h = self.ln_wo_grad(x_BLC).mul(scale2.add(1)).add_(shift2)
+        return x_BLC + self.drop_path(self.ffn(h).mul_(gamma2))
 
 
 class AdaLNHead(nn.Module):
@@ -128,7 +131,7 @@ class AdaLNHead(nn.Module):
 
     def forward(self, x_BLC: torch.Tensor, cond_BC: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond_BC).view(-1, 1, 2, self.C).unbind(2)
-        return self.ln_wo_grad(x_BLC) * (1 + scale) + shift
+        return self.ln_wo_grad(x_BLC).mul(scale.add(1)).add_(shift)
 
 
 class NextScaleTransformer(nn.Module):
