@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--cfg", type=float, default=1.5, help="guidance; 0 turns CFG (and the doubled batch) off")
     p.add_argument("--repeats", type=int, default=3, help="measured repetitions per phase (median time, max peak)")
     p.add_argument("--window-size", type=int, default=None)
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "flex", "natten"])
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "banded", "flex", "natten"])
     p.add_argument("--no-train", action="store_true", help="inference only")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the results as JSON to this file")
