@@ -87,6 +87,11 @@ class SelfAttention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))
 
 
+# Without autograd the FFN runs over blocks of tokens whose hidden layer (and its GELU) stays under
+# this size: at the big scales the (B, l, 4C) hidden layer, twice, was the largest transient of sampling.
+FFN_BLOCK_BYTES = 16 * 2 ** 20
+
+
 class FFN(nn.Module):
     def __init__(self, width: int, hidden: int, drop: float):
         super().__init__()
@@ -94,8 +99,20 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+
+    def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x_BLC.shape
+        per_block = max(1, FFN_BLOCK_BYTES // (B * self.fc1.out_features * 4))
+        if torch.is_grad_enabled() or per_block >= L:
+            return self.mlp(x_BLC)
+        first = self.mlp(x_BLC[:, :per_block])
+        out_BLC = first.new_empty(B, L, first.shape[-1])
+        out_BLC[:, :per_block] = first
+        for a in range(per_block, L, per_block):
+            out_BLC[:, a:a + per_block] = self.mlp(x_BLC[:, a:a + per_block])
+        return out_BLC
 
 
 class AdaLNBlock(nn.Module):
