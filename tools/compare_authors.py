@@ -278,6 +278,12 @@ def run(args) -> int:
         report["tables"][str(resolution)] = {"markdown": table, "ratios": lines, "batch": batch,
                                              "results": {f"{i} {v}": r for (i, v), r in measured.items()}}
     report["load_after"] = os.getloadavg()
+    if args.plot:  # ours, every resolution: how each variant's cost grows with the work
+        from mvar.commands.bench import plot_scaling
+
+        ours = [r for t in report["tables"].values() for name, runs in t["results"].items()
+                if name.startswith("ours") for r in runs[:1]]
+        plot_scaling(ours, args.plot)
     print(f"load average before {report['load_before']}, after {report['load_after']}; size {args.size}, "
           f"cfg {args.cfg}, top-k {args.top_k}, top-p {args.top_p}, float32, CPU")
     if args.json:
@@ -302,6 +308,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", help="our attention backend")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG: our variants' time and peak memory against tokens per batch")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
