@@ -182,6 +182,62 @@ def authors_worker(spec: dict) -> dict:
     return out
 
 
+def forget_authors() -> None:
+    """Drop the last checkout's modules (both repositories name theirs `models`, `dist`, `utils`):
+    models already built keep working, a second checkout can then be imported."""
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("models", "dist", "utils"):
+            del sys.modules[name]
+    sys.path[:] = [p for p in sys.path if p not in _AUTHORS_DIRS]
+
+
+_AUTHORS_DIRS: list[str] = []
+
+
+def contender(impl: str, variant: str, spec: dict):
+    """A no-argument generate call of one implementation and variant, built with the seed's weights."""
+    import torch
+
+    from mvar.bench import BenchSpec, build
+    from mvar.sampling import generate, make_generator
+
+    torch.manual_seed(spec["seed"])
+    keys = {k: spec[k] for k in ("size", "batch", "resolution", "seed")}
+    ours, quant = build(BenchSpec(variant=variant, **keys, device="cpu"), torch.device("cpu"))
+    ours.eval()
+    if impl == "ours":
+        labels = torch.arange(spec["batch"]) % ours.num_classes
+        return lambda: generate(ours, quant, labels, cfg=spec["cfg"], top_k=spec["top_k"], top_p=spec["top_p"],
+                                generator=make_generator(spec["seed"], torch.device("cpu")))
+    forget_authors()
+    directory = spec["var_dir"] if variant == "var" else spec["mvar_dir"]
+    _AUTHORS_DIRS.append(directory)
+    import_authors(directory, variant)
+    model, vae = build_authors({**spec, "variant": variant}, ours, quant)
+    model.eval()
+    return authors_infer_fn(model, vae, {**spec, "variant": variant})
+
+
+def ab_worker(spec: dict) -> dict:
+    """Generate times of several implementations in ONE process, call by call in turn: robust to load
+    that changes over minutes (peaks are not measured here: they need a process each)."""
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    fns = {f"{impl} {variant}": contender(impl, variant, spec) for impl, variant in spec["contenders"]}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()  # warm-up
+        for _ in range(spec["ab_rounds"]):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {"times": times, "load": os.getloadavg()}
+
+
 # -- the driver ---------------------------------------------------------------------------------------
 
 COLUMNS = [("authors", "var"), ("ours", "var"), ("ours", "scale_markov"), ("authors", "mvar"), ("ours", "mvar")]
@@ -218,17 +274,38 @@ def measure(impl: str, variant: str, args, resolution: int, batch: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def measure_in_turn(wanted: list[tuple[str, str]], args, resolution: int, batch: int) -> dict[tuple[str, str], list]:
+    """Generate times of every column from one process, the implementations taking turns call by call."""
+    from mvar.measure import MALLOC_ENV
+
+    spec = {"contenders": wanted, "size": args.size, "batch": batch, "resolution": resolution, "cfg": args.cfg,
+            "top_k": args.top_k, "top_p": args.top_p, "seed": 0, "threads": args.threads, "ab_rounds": args.ab_rounds,
+            "var_dir": args.var_dir, "mvar_dir": args.mvar_dir, "tokenizer": tokenizer_keys(args.size, resolution)}
+    env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "tools.compare_authors", "--worker", json.dumps(spec)],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"the in-turn timing at {resolution} px failed:\n{proc.stderr.strip()[-3000:]}")
+    times = json.loads(proc.stdout.strip().splitlines()[-1])["times"]
+    return {tuple(name.split(" ", 1)): t for name, t in times.items()}
+
+
 def cell(results: list[dict], key: str, fmt: str) -> str:
     values = [r[key] for r in results if r.get(key) is not None]
     return ", ".join(fmt.format(v) for v in values) if values else "-"
 
 
-def markdown_table(resolution: int, batch: int, measured: dict) -> str:
+def markdown_table(resolution: int, batch: int, measured: dict, in_turn: dict | None = None) -> str:
     cols = [c for c in COLUMNS if measured.get(c)]
     head = [f"{resolution} px, batch {batch}"] + [f"{impl} {'MVAR' if v == 'mvar' else v.replace('var', 'VAR')}"
                                                   for impl, v in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    if in_turn:
+        lines.append("| " + " | ".join(["generate a batch, s (in turn, one process: median)"]
+                                       + [f"{statistics.median(in_turn[c]):.2f}" if c in in_turn else "-"
+                                          for c in cols]) + " |")
     for label, key, fmt in ROWS:
+        label = label + " (own process)" if key == "infer_latency_s" else label
         lines.append("| " + " | ".join([label] + [cell(measured[c], key, fmt) for c in cols]) + " |")
     return "\n".join(lines)
 
@@ -238,9 +315,13 @@ def median_of(measured: dict, col: tuple[str, str], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def ratios(resolution: int, measured: dict) -> list[str]:
-    """The issue's targets, as measured: ours against the authors', and MVAR against our VAR."""
-    m = lambda impl, v, key: median_of(measured, (impl, v), key)  # noqa: E731
+def ratios(resolution: int, measured: dict, in_turn: dict | None = None) -> list[str]:
+    """The issue's targets, as measured: ours against the authors', and MVAR against our VAR. Generate
+    times come from the in-turn run when there is one (load that changes over minutes cancels out)."""
+    def m(impl, v, key):
+        if key == "infer_latency_s" and in_turn and (impl, v) in in_turn:
+            return statistics.median(in_turn[(impl, v)])
+        return median_of(measured, (impl, v), key)
     out = []
     for v in ("var", "mvar"):
         a, o = m("authors", v, "infer_latency_s"), m("ours", v, "infer_latency_s")
@@ -278,12 +359,17 @@ def run(args) -> int:
             for impl, variant in wanted:
                 print(f"measuring {impl} {variant} at {resolution} px ...", file=sys.stderr, flush=True)
                 measured[(impl, variant)].append(measure(impl, variant, args, resolution, batch))
-        table = markdown_table(resolution, batch, measured)
-        lines = ratios(resolution, measured)
+        in_turn = None
+        if args.ab_rounds > 0:
+            print(f"timing all in turn at {resolution} px ...", file=sys.stderr, flush=True)
+            in_turn = measure_in_turn(wanted, args, resolution, batch)
+        table = markdown_table(resolution, batch, measured, in_turn)
+        lines = ratios(resolution, measured, in_turn)
         ours = bench_table([runs[0] for (impl, _), runs in measured.items() if impl == "ours"])
         print(table + "\n\n" + "\n".join(lines) + "\n\nours, as `mvar bench` prints it (first round):\n" + ours
               + "\n", flush=True)
         report["tables"][str(resolution)] = {"markdown": table, "ratios": lines, "batch": batch, "ours": ours,
+                                             "in_turn_s": {f"{i} {v}": t for (i, v), t in (in_turn or {}).items()},
                                              "results": {f"{i} {v}": r for (i, v), r in measured.items()}}
     report["load_after"] = os.getloadavg()
     if args.plot:  # ours, every resolution: how each variant's cost grows with the work
@@ -312,6 +398,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=0.96)
     p.add_argument("--repeats", type=int, default=2, help="measured calls per phase after a warm-up")
     p.add_argument("--rounds", type=int, default=1, help="every process again, in turn (interleaved A/B)")
+    p.add_argument("--ab-rounds", type=int, default=3,
+                   help="then every implementation's generate call in turn in one process, this many rounds (0: off)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--backend", default="auto", help="our attention backend")
     p.add_argument("--no-train", action="store_true")
@@ -324,7 +412,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.worker:
-        print(json.dumps(authors_worker(json.loads(args.worker))))
+        spec = json.loads(args.worker)
+        print(json.dumps(ab_worker(spec) if "contenders" in spec else authors_worker(spec)))
         return 0
     return run(args)
 

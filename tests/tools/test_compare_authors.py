@@ -30,7 +30,8 @@ def test_a_directory_without_the_authors_models_is_refused_before_measuring(tmp_
 def test_tiny_comparison_fills_every_column(tmp_path):
     out = tmp_path / "cmp.json"
     proc = run_tool("--var-dir", str(VAR_DIR), "--mvar-dir", str(MVAR_DIR), "--size", "tiny", "--resolution", "64",
-                    "--batch", "2", "--repeats", "1", "--top-k", "20", "--no-train", "--json", str(out))
+                    "--batch", "2", "--repeats", "1", "--top-k", "20", "--no-train", "--ab-rounds", "1",
+                    "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = json.loads(out.read_text())["tables"]["64"]
     results = table["results"]
@@ -39,3 +40,4 @@ def test_tiny_comparison_fills_every_column(tmp_path):
         assert runs[0]["infer_latency_s"] > 0, name
     assert "| 64 px, batch 2 | authors VAR | ours VAR | ours scale_markov | authors MVAR | ours MVAR |" in proc.stdout
     assert any("mvar: ours / authors generate time" in line for line in table["ratios"])
+    assert set(table["in_turn_s"]) == set(results) and "(in turn, one process: median)" in table["markdown"]
