@@ -296,7 +296,7 @@ def cell(results: list[dict], key: str, fmt: str) -> str:
 
 
 def markdown_table(resolution: int, batch: int, measured: dict, in_turn: dict | None = None) -> str:
-    cols = [c for c in COLUMNS if measured.get(c)]
+    cols = [c for c in COLUMNS if measured.get(c) or (in_turn and c in in_turn)]
     head = [f"{resolution} px, batch {batch}"] + [f"{impl} {'MVAR' if v == 'mvar' else v.replace('var', 'VAR')}"
                                                   for impl, v in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -342,7 +342,7 @@ def ratios(resolution: int, measured: dict, in_turn: dict | None = None) -> list
 def bench_table(results: list[dict]) -> str:
     from mvar.commands.bench import table
 
-    return table(results)
+    return table(results) if results else "(not measured)"
 
 
 def run(args) -> int:
@@ -355,7 +355,7 @@ def run(args) -> int:
     for resolution in resolutions:
         batch = args.batch or DEFAULT_BATCH.get(resolution, 2)
         measured = {c: [] for c in wanted}
-        for _ in range(args.rounds):
+        for _ in range(0 if args.in_turn_only else args.rounds):
             for impl, variant in wanted:
                 print(f"measuring {impl} {variant} at {resolution} px ...", file=sys.stderr, flush=True)
                 measured[(impl, variant)].append(measure(impl, variant, args, resolution, batch))
@@ -365,14 +365,14 @@ def run(args) -> int:
             in_turn = measure_in_turn(wanted, args, resolution, batch)
         table = markdown_table(resolution, batch, measured, in_turn)
         lines = ratios(resolution, measured, in_turn)
-        ours = bench_table([runs[0] for (impl, _), runs in measured.items() if impl == "ours"])
+        ours = bench_table([runs[0] for (impl, _), runs in measured.items() if impl == "ours" and runs])
         print(table + "\n\n" + "\n".join(lines) + "\n\nours, as `mvar bench` prints it (first round):\n" + ours
               + "\n", flush=True)
         report["tables"][str(resolution)] = {"markdown": table, "ratios": lines, "batch": batch, "ours": ours,
                                              "in_turn_s": {f"{i} {v}": t for (i, v), t in (in_turn or {}).items()},
                                              "results": {f"{i} {v}": r for (i, v), r in measured.items()}}
     report["load_after"] = os.getloadavg()
-    if args.plot:  # ours, every resolution: how each variant's cost grows with the work
+    if args.plot and not args.in_turn_only:  # ours, every resolution: how each variant's cost grows with the work
         from mvar.commands.bench import plot_scaling
 
         ours = [r for t in report["tables"].values() for name, runs in t["results"].items()
@@ -400,6 +400,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1, help="every process again, in turn (interleaved A/B)")
     p.add_argument("--ab-rounds", type=int, default=3,
                    help="then every implementation's generate call in turn in one process, this many rounds (0: off)")
+    p.add_argument("--in-turn-only", action="store_true", help="only the in-turn generate times (no peaks)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--backend", default="auto", help="our attention backend")
     p.add_argument("--no-train", action="store_true")
