@@ -35,7 +35,7 @@ BACKENDS: tuple[str, ...] = ("auto", "reference", "banded", "flex", "natten")
 # BANDED_MIN_SIDE wide when no gradient is needed: where it measured faster than the reference
 # (docs/benchmarks.md); below that, and with autograd, one fused masked SDPA call wins.
 BANDED_ROWS = 8
-BANDED_MIN_SIDE = 24
+BANDED_MIN_SIDE = 32
 
 
 @dataclass(frozen=True)
