@@ -26,7 +26,7 @@ class ModelConfig:
     cond_drop_rate: float = 0.1            # labels dropped to the null class (for CFG) while training
     window_size: int = 7                   # k of the k x k window (mvar only)
     markov_from_scale: int = 8             # first 0-based scale with windowed attention (mvar only)
-    attention_backend: Literal["auto", "reference", "flex", "natten"] = "auto"
+    attention_backend: Literal["auto", "reference", "banded", "flex", "natten"] = "auto"
     # initialisation (the authors' --ini, --hd, --aln, --alng); loaded weights replace it
     init_std: float = -1.0                 # std of the truncated normals; < 0 = sqrt(1 / (3 * width))
     init_head: float = 0.02                # head weight scaled by this
