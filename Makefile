@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install quickstart test test-fast clean
+.PHONY: install quickstart test test-fast bench-gpu clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -rs -m "not slow" tests
+
+# The GPU benchmark (docs/benchmarks.md): runs from the source tree on a bare GPU machine
+# (Python, PyTorch, numpy, pyyaml, tqdm, pillow, psutil): no venv, nothing installed.
+bench-gpu:
+	PYTHONPATH=. $(PYTHON) -m workflows.bench_gpu --out out/bench_gpu
 
 clean:
 	rm -rf $(VENV) runs out

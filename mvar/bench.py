@@ -3,14 +3,8 @@
 Run one variant:  python -m mvar.bench '{"variant": "mvar", "size": "d8", ...}'  (prints one JSON line)
 Run a comparison: mvar bench --variants var,scale_markov,mvar --size d8 ...  (spawns the above)
 
-Peak memory, stated in every result:
-- CPU: the process's resident-set high-water mark (VmHWM) is reset through
-  /proc/self/clear_refs before each measured phase; the phase's peak is
-  VmHWM minus the resident size at its start. glibc is told to serve every
-  allocation over 64 KiB with mmap (MALLOC_MMAP_THRESHOLD_) so that freed
-  tensors leave the resident set and one phase cannot hide in another's pages.
-- CUDA: torch.cuda.reset_peak_memory_stats, then max_memory_allocated minus
-  the allocated bytes at the phase's start.
+Peak memory, stated in every result, by the probes of `mvar.measure` (VmHWM
+above the phase's start on CPU, max_memory_allocated on CUDA).
 Inference is the token generation of all scales with CFG (decoding to pixels
 excluded: it is the same for every variant). Training is forward, backward and
 an AdamW step; weights and optimizer state are resident before the phase.
@@ -18,25 +12,22 @@ an AdamW step; weights and optimizer state are resident before the phase.
 from __future__ import annotations
 
 import json
-import re
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from mvar.models.attention import attended_pairs, resolve_backend
+from mvar.measure import MALLOC_ENV, MB, PeakMemory, attention_gflops, status_mb  # noqa: F401 (re-exported)
+from mvar.measure import sync as _sync
+from mvar.models.attention import resolve_backend
 from mvar.models.config import named_model, tokenizer_for
-from mvar.models.schedule import markov_cycle
+from mvar.models.schedule import markov_cycle, next_scale_loss
 from mvar.models.transformer import NextScaleTransformer
 from mvar.sampling import generate, make_generator
 from mvar.tokenizer import TokenizerConfig
 from mvar.tokenizer.quantizer import MultiScaleQuantizer
-
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-MB = 1024 * 1024
 
 
 @dataclass
@@ -47,6 +38,8 @@ class BenchSpec:
     resolution: int = 256
     device: str = "cpu"
     cfg: float = 1.5
+    top_k: int = 900
+    top_p: float = 0.96
     repeats: int = 3
     window_size: int | None = None
     backend: str = "auto"
@@ -75,60 +68,21 @@ class BenchResult:
     torch: str = torch.__version__
 
 
-# -- memory probes -------------------------------------------------------------
-
-def status_mb(name: str) -> float:
-    with open("/proc/self/status") as fh:
-        return int(re.search(rf"{name}:\s+(\d+)", fh.read()).group(1)) / 1024
-
-
-class PeakMemory:
-    """Peak memory of a phase above its start, in MiB (see the module doc for the method)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    @property
-    def method(self) -> str:
-        if self.device.type == "cuda":
-            return "torch.cuda.max_memory_allocated above the allocation at phase start"
-        return "VmHWM (reset via /proc/self/clear_refs) above VmRSS at phase start; glibc mmap threshold 64 KiB"
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device) / MB
-        else:
-            self.start = status_mb("VmRSS")
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # VmHWM := current VmRSS
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) / MB - self.start
-        else:
-            self.peak = max(status_mb("VmHWM") - self.start, 0.0)  # RSS may shrink within a phase
-        return False
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # -- one variant -----------------------------------------------------------------
+
+def tokenizer_config(spec: BenchSpec) -> TokenizerConfig:
+    """The tokenizer of the spec's size at its resolution (the 256 px tokenizers also come at 512 px)."""
+    tok = TokenizerConfig.named(tokenizer_for(f"{spec.variant}-{spec.size}"))
+    if spec.resolution != tok.image_size:
+        if tok.image_size == 256 and spec.resolution == 512:
+            return TokenizerConfig.named("vae-ch160-512")
+        raise ValueError(f"size {spec.size} goes with {tok.image_size} px images, not {spec.resolution}")
+    return tok
+
 
 def build(spec: BenchSpec, device: torch.device) -> tuple[NextScaleTransformer, MultiScaleQuantizer]:
     name = f"{spec.variant}-{spec.size}"
-    tok = TokenizerConfig.named(tokenizer_for(name))
-    if spec.resolution != tok.image_size:
-        if tok.image_size == 256 and spec.resolution == 512:
-            tok = TokenizerConfig.named("vae-ch160-512")
-        else:
-            raise ValueError(f"size {spec.size} goes with {tok.image_size} px images, not {spec.resolution}")
+    tok = tokenizer_config(spec)
     overrides = {"attention_backend": spec.backend, "cond_drop_rate": 0.0}
     if spec.window_size is not None:
         overrides["window_size"] = spec.window_size
@@ -138,17 +92,12 @@ def build(spec: BenchSpec, device: torch.device) -> tuple[NextScaleTransformer, 
     return model, quant
 
 
-def attention_gflops(model: NextScaleTransformer) -> float:
-    pairs = attended_pairs(model.spec, tuple(range(len(model.patch_nums))))
-    return 4 * pairs * model.C * len(model.blocks) / 1e9  # 2 matmuls x 2 FLOPs x head_dim x heads
-
-
 def measure_inference(model, quant, spec: BenchSpec, device: torch.device) -> tuple[float, float, float]:
     """(median latency s, peak MiB, KV cache MiB) of generating a batch with CFG."""
     model.eval()
     labels = torch.arange(spec.batch, device=device) % model.num_classes
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    run = lambda: generate(model, quant, labels, cfg=spec.cfg, top_k=900, top_p=0.96,
+    run = lambda: generate(model, quant, labels, cfg=spec.cfg, top_k=spec.top_k, top_p=spec.top_p,
                            generator=make_generator(spec.seed, device))
     with amp:
         gen = run()  # warm-up: kernels, caches, masks
@@ -166,7 +115,7 @@ def measure_inference(model, quant, spec: BenchSpec, device: torch.device) -> tu
 
 def _kv_mb(model, quant, labels, spec, device) -> float:
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return generate(model, quant, labels, cfg=spec.cfg, top_k=900, top_p=0.96).kv_cache_bytes / MB
+        return generate(model, quant, labels, cfg=spec.cfg, top_k=spec.top_k, top_p=spec.top_p).kv_cache_bytes / MB
 
 
 def train_kinds(model: NextScaleTransformer) -> dict[str, tuple[tuple[int, ...], int]]:
@@ -174,9 +123,11 @@ def train_kinds(model: NextScaleTransformer) -> dict[str, tuple[tuple[int, ...],
     K = len(model.patch_nums)
     if model.spec.pattern == "var":
         return {"full": (tuple(range(K)), 1)}
-    cycle = markov_cycle(K)
-    return {"cycle_small": (cycle[0], 8), "cycle_second_last": (cycle[8], 1), "cycle_last": (cycle[9], 1),
-            "packed": (tuple(range(K)), 0)}
+    cycle = markov_cycle(K, model.cfg.markov_from_scale)  # the training's own cycle (8:1:1 at 256 px)
+    kinds = {"cycle_small": (cycle[0], cycle.count(cycle[0]))}
+    for scales in cycle[cycle.count(cycle[0]):]:
+        kinds[f"cycle_s{scales[0]}"] = (scales, 1)
+    return {**kinds, "packed": (tuple(range(K)), 0)}
 
 
 def measure_training(model, spec: BenchSpec, device: torch.device) -> dict[str, dict]:
@@ -190,9 +141,7 @@ def measure_training(model, spec: BenchSpec, device: torch.device) -> dict[str, 
 
     def step(scales):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(labels, teacher, scales)
-        targets = idx[:, model.target_positions(scales, device)]
-        loss = F.cross_entropy(logits.float().reshape(-1, model.V), targets.reshape(-1))
+            loss = next_scale_loss(model, labels, idx, teacher, scales).loss  # the loss training uses
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
         opt.step()
@@ -224,6 +173,8 @@ def summarize_training(kinds: dict[str, dict]) -> tuple[float, float]:
 
 def run_one(spec: BenchSpec) -> BenchResult:
     device = torch.device(spec.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # what is left in float32 under bf16 autocast
     if spec.threads:
         torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)

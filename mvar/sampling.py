@@ -33,26 +33,62 @@ class Generation:
     kv_cache_bytes: int           # size of the KV cache at its largest (0 without one)
 
 
-def filter_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
-    """Logits with everything outside the top-k and the top-p nucleus set to -inf."""
-    V = logits_BlV.shape[-1]
-    if 0 < top_k < V:
-        kth = logits_BlV.topk(top_k, dim=-1).values[..., -1:]
-        logits_BlV = logits_BlV.masked_fill(logits_BlV < kth, float("-inf"))
+# Logits of at most this many bytes exist at once while sampling: the head and the sampling run over
+# blocks of token positions, so at the big scales the (2B, l, V) logits of a whole scale never do.
+LOGITS_BLOCK_BYTES = 16 * 2 ** 20
+
+
+def top_k_top_p_candidates(logits_NV: torch.Tensor, top_k: int = 0,
+                           top_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tokens that may be drawn: (logits, vocabulary ids), the dropped ones at -inf.
+
+    Top-k first (the k best, in descending order), then the top-p nucleus on those k logits only,
+    so no full-vocabulary sort exists. The rule is the usual one: in ascending order, the tokens
+    whose cumulative probability is <= 1 - top_p are dropped; the most likely token always stays.
+    ids is None when every token of the vocabulary is a candidate (top_k 0 and top_p 0).
+    """
+    V = logits_NV.shape[-1]
+    k = top_k if 0 < top_k < V else V
+    if k == V and top_p <= 0:
+        return logits_NV, None
+    vals_Nk, ids_Nk = logits_NV.topk(k, dim=-1)  # sorted, largest first
     if top_p > 0:
-        sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
-        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= (1 - top_p)
-        drop_sorted[..., -1:] = False  # always keep the most likely token
-        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
-        logits_BlV = logits_BlV.masked_fill(drop, float("-inf"))
-    return logits_BlV
+        ascending = vals_Nk.flip(-1)
+        drop = ascending.softmax(-1).cumsum(-1) <= (1 - top_p)
+        drop[..., -1] = False  # the most likely token
+        vals_Nk = vals_Nk.masked_fill(drop.flip(-1), float("-inf"))
+    return vals_Nk, ids_Nk
 
 
 def sample_tokens(logits_BlV: torch.Tensor, top_k: int, top_p: float,
                   generator: torch.Generator | None) -> torch.Tensor:
+    """One token per position, drawn from the top-k / top-p filtered softmax; (B, l) vocabulary ids."""
     B, l, V = logits_BlV.shape
-    probs = filter_top_k_top_p(logits_BlV, top_k, top_p).softmax(-1).view(-1, V)
-    return torch.multinomial(probs, num_samples=1, generator=generator).view(B, l)
+    vals_Nk, ids_Nk = top_k_top_p_candidates(logits_BlV.reshape(-1, V), top_k, top_p)
+    pick_N1 = torch.multinomial(vals_Nk.softmax(-1), num_samples=1, generator=generator)
+    idx_N1 = pick_N1 if ids_Nk is None else ids_Nk.gather(-1, pick_N1)
+    return idx_N1.view(B, l)
+
+
+def guided_logits(logits_2BlV: torch.Tensor, B: int, t: float) -> torch.Tensor:
+    """CFG, (1 + t) cond - t uncond, computed in place over the (2B, l, V) block: no temporaries."""
+    cond, uncond = logits_2BlV[:B], logits_2BlV[B:]
+    return cond.mul_(1 + t).sub_(uncond.mul_(t))
+
+
+def sample_scale(model: NextScaleTransformer, features_BlC: torch.Tensor, B: int, t: float | None,
+                 top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Tokens of one scale from the head's input features (2B rows with CFG), in blocks of positions."""
+    rows, l, _ = features_BlC.shape
+    per_block = max(1, LOGITS_BLOCK_BYTES // (rows * model.V * 4))
+    picks = []
+    for a in range(0, l, per_block):
+        logits_BlV = model.head(features_BlC[:, a:a + per_block]).float()
+        if t is not None:
+            logits_BlV = guided_logits(logits_BlV, B, t)
+        picks.append(sample_tokens(logits_BlV, top_k, top_p, generator))
+        del logits_BlV
+    return picks[0] if len(picks) == 1 else torch.cat(picks, dim=1)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -87,11 +123,10 @@ def generate(model: NextScaleTransformer, quant: MultiScaleQuantizer, labels_B: 
     model.set_kv_cache(model.spec.pattern == "var")
     try:
         for si in range(K):
-            logits_BlV = model.step_logits(cond_BC, inputs, si)
-            if guided:
-                t = cfg * si / (K - 1)
-                logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
-            idx_Bl = sample_tokens(logits_BlV, top_k, top_p, generator)
+            features_BlC = model.step_features(cond_BC, inputs, si)
+            t = cfg * si / (K - 1) if guided else None
+            idx_Bl = sample_scale(model, features_BlC, B, t, top_k, top_p, generator)
+            del features_BlC
             indices.append(idx_Bl)
             f_hat = quant.add_scale(si, f_hat, quant.codes_to_map(si, idx_Bl))
             if si < K - 1:

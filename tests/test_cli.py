@@ -82,7 +82,8 @@ def test_bad_input_is_one_clear_line(imported, ref_dir, tmp_path, capsys):
 def test_bench_tiny_all_variants(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "mvar.cli", "bench", "--size", "tiny", "--resolution", "64",
-                           "--batch", "2", "--repeats", "1", "--json", str(out)], capture_output=True, text=True)
+                           "--batch", "2", "--repeats", "1", "--json", str(out), "--plot", str(tmp_path / "s.png")],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "| variant" in proc.stdout and "VmHWM" in proc.stdout
     results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
@@ -90,9 +91,17 @@ def test_bench_tiny_all_variants(tmp_path):
     assert results["var"]["kv_cache_mb"] > 0 and results["mvar"]["kv_cache_mb"] == 0
     assert results["var"]["attn_gflops"] > results["scale_markov"]["attn_gflops"] > results["mvar"]["attn_gflops"]
     assert set(results["var"]["train_steps"]) == {"full"}
-    assert set(results["mvar"]["train_steps"]) == {"cycle_small", "cycle_second_last", "cycle_last", "packed"}
+    assert set(results["mvar"]["train_steps"]) == {"cycle_small", "cycle_s2", "cycle_s3", "packed"}  # mvar-tiny: 8 x (0, 1), (2,), (3,)
     for r in results.values():
         assert r["infer_latency_s"] > 0 and r["train_step_s"] > 0 and r["infer_peak_mb"] >= 0
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_resolutions_and_batches_pair_up_or_fail_before_measuring(capsys):
+    assert main(["bench", "--resolution", "256,512", "--batch", "8,2,1"]) == 2
+    assert "--batch: 3 values for 2 resolutions" in capsys.readouterr().err
+    assert main(["bench", "--resolution", "256,x"]) == 2
+    assert "--resolution: expected integers" in capsys.readouterr().err
 
 
 def test_unknown_variant_fails_before_measuring(capsys):

@@ -13,6 +13,8 @@ from mvar.models.config import BACKENDS, PATTERNS, SIZES
 
 COLUMNS = [  # (header, key, format)
     ("variant", "variant", "{}"),
+    ("px", "resolution", "{}"),
+    ("batch", "batch", "{}"),
     ("infer s/batch", "infer_latency_s", "{:.3f}"),
     ("infer peak +MB", "infer_peak_mb", "{:.1f}"),
     ("KV cache MB", "kv_cache_mb", "{:.1f}"),
@@ -32,8 +34,8 @@ def register(subparsers) -> None:
                                           "the 8:1:1 scale cycle (averaged) and packed.")
     p.add_argument("--variants", default=",".join(PATTERNS), help=f"comma-separated attention patterns ({', '.join(PATTERNS)})")
     p.add_argument("--size", default="d8", help="tiny, d4, d8, d16, d20, d24, d30")
-    p.add_argument("--batch", type=int, default=8, help="images per batch")
-    p.add_argument("--resolution", type=int, default=256, help="image size in px (256 or 512: the tokenizer's scales)")
+    p.add_argument("--batch", default="8", help="images per batch; a list (8,2) gives one per resolution")
+    p.add_argument("--resolution", default="256", help="256, 512, or a list: 256,512 (the scaling table)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--cfg", type=float, default=1.5, help="guidance; 0 turns CFG (and the doubled batch) off")
     p.add_argument("--repeats", type=int, default=3, help="measured repetitions per phase (median time, max peak)")
@@ -42,11 +44,12 @@ def register(subparsers) -> None:
     p.add_argument("--no-train", action="store_true", help="inference only")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--plot", default=None, help="a PNG of time and peak memory against tokens per batch, per variant")
     p.set_defaults(func=run)
 
 
 def run_variant(spec: dict) -> dict:
-    from mvar.bench import MALLOC_ENV
+    from mvar.measure import MALLOC_ENV
 
     env = {**os.environ, **MALLOC_ENV}
     proc = subprocess.run([sys.executable, "-m", "mvar.bench", json.dumps(spec)], env=env,
@@ -68,6 +71,26 @@ def table(results: list[dict]) -> str:
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
+def int_list(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag}: expected integers separated by commas, got '{text}'") from None
+    if not values or min(values) <= 0:
+        raise UserError(f"{flag}: expected positive integers, got '{text}'")
+    return values
+
+
+def settings(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(resolution, batch) pairs: one batch for all, or one per resolution."""
+    resolutions, batches = int_list("--resolution", args.resolution), int_list("--batch", args.batch)
+    if len(batches) == 1:
+        batches = batches * len(resolutions)
+    if len(batches) != len(resolutions):
+        raise UserError(f"--batch: {len(batches)} values for {len(resolutions)} resolutions; give one or one each")
+    return list(zip(resolutions, batches))
+
+
 def run(args: argparse.Namespace) -> int:
     from mvar.bench import BenchSpec
 
@@ -78,18 +101,60 @@ def run(args: argparse.Namespace) -> int:
     if args.size not in SIZES:
         raise UserError(f"--size: unknown '{args.size}'; known: {', '.join(SIZES)}")
     results = []
-    for variant in variants:
-        spec = BenchSpec(variant=variant, size=args.size, batch=args.batch, resolution=args.resolution,
-                         device=args.device, cfg=args.cfg, repeats=args.repeats, window_size=args.window_size,
-                         backend=args.backend, train=not args.no_train, threads=args.threads)
-        print(f"measuring {variant}-{args.size} ...", file=sys.stderr, flush=True)
-        results.append(run_variant(asdict(spec)))
+    for resolution, batch in settings(args):
+        for variant in variants:
+            spec = BenchSpec(variant=variant, size=args.size, batch=batch, resolution=resolution,
+                             device=args.device, cfg=args.cfg, repeats=args.repeats, window_size=args.window_size,
+                             backend=args.backend, train=not args.no_train, threads=args.threads)
+            print(f"measuring {variant}-{args.size} at {resolution} px ...", file=sys.stderr, flush=True)
+            results.append(run_variant(asdict(spec)))
     print(table(results))
-    print(f"\nbatch {args.batch}, {args.resolution} px, cfg {args.cfg}, device {args.device}; "
+    print(f"\ncfg {args.cfg}, device {args.device}; "
           f"peak memory: {results[0]['memory_method']}; train s/step and peak for scale_markov/mvar: "
           "8:1:1 cycle (time averaged, peak = max over its steps); attn GFLOPs: QK^T+PV over attended pairs, "
           "one sequence per image (CFG doubles it)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args) | {"func": None}, "results": results}, fh, indent=2)
+    if args.plot:
+        plot_scaling(results, args.plot)
     return 0
+
+
+def tokens_per_batch(result: dict) -> int:
+    from mvar.bench import BenchSpec, tokenizer_config
+
+    tok = tokenizer_config(BenchSpec(variant=result["variant"], size=result["size"], resolution=result["resolution"]))
+    return result["batch"] * sum(p * p for p in tok.patch_nums)
+
+
+def plot_scaling(results: list[dict], path: str) -> None:
+    """Four panels (inference time, inference peak, training step, training peak) against tokens per batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("infer_latency_s", "generate a batch, s"), ("infer_peak_mb", "inference peak above baseline, MB"),
+              ("train_step_s", "training step, s (MVAR: cycle mean)"), ("train_peak_mb", "training peak, MB")]
+    panels = [(key, title) for key, title in panels if any(r.get(key) is not None for r in results)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.5 * len(panels), 3.4), squeeze=False)
+    axes = axes[0]
+    for ax, (key, title) in zip(axes, panels):
+        for variant in dict.fromkeys(r["variant"] for r in results):
+            rows = sorted((tokens_per_batch(r), r[key], r["resolution"]) for r in results
+                          if r["variant"] == variant and r.get(key) is not None)
+            if rows:
+                ax.plot([x for x, _, _ in rows], [y for _, y, _ in rows], marker="o", label=variant)
+                for x, y, px in rows:
+                    ax.annotate(f"{px}px", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("tokens per batch (batch x L)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_ylim(bottom=0)
+    axes[0].legend(fontsize=8)
+    r0 = results[0]
+    fig.suptitle(f"{r0['size']} on {r0['device']}, cfg 1.5, top-k 900, top-p 0.96", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -66,7 +66,7 @@ def to_uint8(img_B3HW: torch.Tensor) -> np.ndarray:
 
 
 def _generate_batch(model, tokenizer, labels_B, s: SamplingConfig, seed: int, device, amp: bool, stats: ShardStats):
-    from mvar.bench import PeakMemory
+    from mvar.measure import PeakMemory
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
     with PeakMemory(device) as mem, autocast:
         t0 = time.perf_counter()

@@ -62,14 +62,12 @@ class Workers:
             return []
         if self.cfg.num_workers == 0:
             if not self.cfg.use_gpu:
-                log.warning("eval.num_workers=0: sampling in this process, without mvar.bench's malloc settings, so "
+                log.warning("eval.num_workers=0: sampling in this process, without mvar.measure's malloc settings, so "
                             "infer/peak_mem_mb on CPU can read low (even 0); use eval.num_workers>=1 for memory figures")
             return [sample_shards(asdict(job)) for job in jobs]
         import ray
 
-        from mvar.bench import (
-            MALLOC_ENV,  # freed tensors leave the resident set: honest peak memory
-        )
+        from mvar.measure import MALLOC_ENV  # freed tensors leave the resident set: honest peak memory
         task = ray.remote(sample_shards).options(
             num_cpus=self.cfg.cpus_per_worker, num_gpus=1 if self.cfg.use_gpu else 0, max_retries=2,
             name="mvar-eval-sample", runtime_env={"env_vars": dict(MALLOC_ENV)})

@@ -9,9 +9,11 @@ Patterns (a config choice, same parameters for all three):
 
 Under scale_markov / mvar a sequence never needs an L x L score matrix: each
 scale (or a pack of small dense scales) is attended separately. Windowed
-scales go through one of the backends of ``window_attention``; none of them
-gathers keys and values into (N, k*k) tensors, which would cost more memory
-than MVAR saves.
+scales go through one of the backends of ``window_attention``: ``reference``
+(one masked SDPA call over the map), ``banded`` (CPU: bands of map rows, each
+against the contiguous slice of key rows its windows reach), ``flex``
+(FlexAttention, compiled on CUDA), ``natten``. None of them gathers keys and
+values into (N, k*k) tensors, which would cost more memory than MVAR saves.
 """
 from __future__ import annotations
 
@@ -23,6 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from mvar.models.config import BACKENDS, Backend, Pattern
+
+# The banded CPU window: queries in bands of this many map rows, each against the key rows its
+# windows reach (a contiguous slice of the sequence). `auto` takes it on CPU for maps at least
+# BANDED_MIN_SIDE wide when no gradient is needed: where it measured faster than the reference
+# (docs/benchmarks.md); below that, and with autograd, one fused masked SDPA call wins.
+BANDED_ROWS = 8
+BANDED_MIN_SIDE = 32
 
 
 @dataclass(frozen=True)
@@ -147,19 +156,23 @@ def natten_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto``: NATTEN on CUDA when installed, else FlexAttention on CUDA, else the reference."""
+def resolve_backend(backend: str, device: torch.device, side: int | None = None, needs_grad: bool = False) -> str:
+    """``auto``: NATTEN on CUDA when installed, else FlexAttention on CUDA; on CPU the banded window for
+    maps of side >= BANDED_MIN_SIDE without autograd, else the reference. Without ``side``: the rule, in words."""
     if backend != "auto":
         return backend
     if device.type == "cuda":
         return "natten" if natten_available() else "flex"
-    return "reference"
+    if side is None:
+        return f"reference; banded for maps >= {BANDED_MIN_SIDE} without grad"
+    return "banded" if side >= BANDED_MIN_SIDE and not needs_grad else "reference"
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, side: int, window_size: int,
                      scale: float, backend: str = "auto", dropout_p: float = 0.0) -> torch.Tensor:
     """k x k clamped-window attention on one side x side map; q, k, v: (B, H, side*side, d)."""
-    backend = resolve_backend(backend, q.device)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    backend = resolve_backend(backend, q.device, side, needs_grad)
     if window_size > side:
         raise ValueError(f"window {window_size}x{window_size} is larger than the {side}x{side} map")
     if window_size == side:  # every window is the whole map: the same result, without a mask
@@ -167,11 +180,40 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, side: in
     if backend == "reference" or dropout_p > 0:
         mask = window_mask(side, window_size, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    if backend == "banded":
+        return _banded_window(q, k, v, side, window_size, scale)
     if backend == "flex":
         return _flex_window(q, k, v, side, window_size, scale)
     if backend == "natten":
         return _natten_window(q, k, v, side, window_size, scale)
     raise ValueError(f"unknown attention backend '{backend}'; known: {', '.join(BACKENDS)}")
+
+
+@functools.lru_cache(maxsize=64)
+def window_bands(side: int, window_size: int, rows: int = BANDED_ROWS,
+                 device: str = "cpu") -> tuple[tuple[int, int, int, int, torch.Tensor], ...]:
+    """(first query, end query, first key, end key, additive mask) per band of ``rows`` map rows.
+
+    A band's keys are the map rows from its first row's window start to its last row's window end:
+    one contiguous slice of the sequence. The mask (0 or -inf, float: SDPA converts a boolean one at
+    every call) keeps each query's own k x k window inside that slice.
+    """
+    starts, full = window_starts(side, window_size).tolist(), _window_mask_cpu(side, window_size)
+    bands = []
+    for r0 in range(0, side, rows):
+        r1 = min(r0 + rows, side)
+        q0, q1, k0, k1 = r0 * side, r1 * side, starts[r0] * side, (starts[r1 - 1] + window_size) * side
+        allowed = full[q0:q1, k0:k1]
+        mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf")).to(device)
+        bands.append((q0, q1, k0, k1, mask))
+    return tuple(bands)
+
+
+def _banded_window(q, k, v, side, window_size, scale):
+    """Exact windowed attention costing N x (rows + k - 1) x side pairs instead of N^2, no keys gathered."""
+    outs = [F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=mask, scale=scale)
+            for q0, q1, k0, k1, mask in window_bands(side, window_size, BANDED_ROWS, str(q.device))]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 @functools.lru_cache(maxsize=32)

@@ -9,7 +9,7 @@ from typing import Literal, Optional, get_args
 from mvar.config import check
 
 Pattern = Literal["var", "scale_markov", "mvar"]   # the attention patterns, spelled here only
-Backend = Literal["auto", "reference", "flex", "natten"]
+Backend = Literal["auto", "reference", "banded", "flex", "natten"]
 PATTERNS: tuple[str, ...] = get_args(Pattern)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 

@@ -74,7 +74,8 @@ class SelfAttention(nn.Module):
         qkv = F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, d)
         if self.attn_l2_norm:
-            q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
+            # the float32 temperature would promote q under autocast: attention wants one dtype
+            q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()).to(v.dtype)
             k = F.normalize(k, dim=-1)
         if self.kv_cache is not None:
             if self.kv_cache:
@@ -86,6 +87,11 @@ class SelfAttention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))
 
 
+# Without autograd the FFN runs over blocks of tokens whose hidden layer (and its GELU) stays under
+# this size: at the big scales the (B, l, 4C) hidden layer, twice, was the largest transient of sampling.
+FFN_BLOCK_BYTES = 16 * 2 ** 20
+
+
 class FFN(nn.Module):
     def __init__(self, width: int, hidden: int, drop: float):
         super().__init__()
@@ -93,8 +99,20 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+
+    def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x_BLC.shape
+        per_block = max(1, FFN_BLOCK_BYTES // (B * self.fc1.out_features * 4))
+        if torch.is_grad_enabled() or per_block >= L:
+            return self.mlp(x_BLC)
+        first = self.mlp(x_BLC[:, :per_block])
+        out_BLC = first.new_empty(B, L, first.shape[-1])
+        out_BLC[:, :per_block] = first
+        for a in range(per_block, L, per_block):
+            out_BLC[:, a:a + per_block] = self.mlp(x_BLC[:, a:a + per_block])
+        return out_BLC
 
 
 class AdaLNBlock(nn.Module):
@@ -113,10 +131,12 @@ class AdaLNBlock(nn.Module):
     def forward(self, x_BLC: torch.Tensor, cond_BC: torch.Tensor, spec: AttentionSpec,
                 scales: tuple[int, ...]) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BC).view(-1, 1, 6, self.C).unbind(2)
-        h = self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1
-        x_BLC = x_BLC + self.drop_path(self.attn(h, spec, scales) * gamma1)
-        h = self.ln_wo_grad(x_BLC) * (1 + scale2) + shift2
-        return x_BLC + self.drop_path(self.ffn(h) * gamma2)
+        # in place where autograd keeps no copy (mul and linear save their inputs, not their outputs):
+        # two fewer (B, L, C) temporaries per half-block
+        h = self.ln_wo_grad(x_BLC).mul(scale1.add(1)).add_(shift1)
+        x_BLC = x_BLC + self.drop_path(self.attn(h, spec, scales).mul_(gamma1))
+        h = self.ln_wo_grad(x_BLC).mul(scale2.add(1)).add_(shift2)
+        return x_BLC + self.drop_path(self.ffn(h).mul_(gamma2))
 
 
 class AdaLNHead(nn.Module):
@@ -128,7 +148,7 @@ class AdaLNHead(nn.Module):
 
     def forward(self, x_BLC: torch.Tensor, cond_BC: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond_BC).view(-1, 1, 2, self.C).unbind(2)
-        return self.ln_wo_grad(x_BLC) * (1 + scale) + shift
+        return self.ln_wo_grad(x_BLC).mul(scale.add(1)).add_(shift)
 
 
 class NextScaleTransformer(nn.Module):
@@ -222,9 +242,13 @@ class NextScaleTransformer(nn.Module):
 
     # -- forward ------------------------------------------------------------
     def run_blocks(self, x_BLC: torch.Tensor, cond_BC: torch.Tensor, scales: tuple[int, ...]) -> torch.Tensor:
+        """The head's input features (B, L, C): the blocks, then the head's AdaLN."""
         for block in self.blocks:
             x_BLC = block(x_BLC, cond_BC, self.spec, scales)
-        return self.head(self.head_nm(x_BLC.float(), cond_BC).float()).float()  # (B, L, V)
+        return self.head_nm(x_BLC.float(), cond_BC).float()
+
+    def logits(self, features_BLC: torch.Tensor) -> torch.Tensor:
+        return self.head(features_BLC).float()  # (B, L, V)
 
     def forward(self, labels_B: torch.Tensor, teacher_BLCv: torch.Tensor,
                 scales: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -243,7 +267,7 @@ class NextScaleTransformer(nn.Module):
             labels_B = torch.where(drop, torch.full_like(labels_B, self.num_classes), labels_B)
         cond_BC = self.class_emb(labels_B)
         x_BLC = self.embed(cond_BC, self.select_inputs(teacher_BLCv, scales), scales)
-        return self.run_blocks(x_BLC, cond_BC, scales)
+        return self.logits(self.run_blocks(x_BLC, cond_BC, scales))
 
     def check_inputs(self, labels_B: torch.Tensor, teacher_BLCv: torch.Tensor, scales: tuple[int, ...]) -> None:
         """Shapes and ranges, so that a wrong batch fails with a message instead of deep in a matmul."""
@@ -271,10 +295,15 @@ class NextScaleTransformer(nn.Module):
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for b in self.blocks for t in (b.attn.kv_cache or []))
 
-    def step_logits(self, cond_BC: torch.Tensor, inputs_BlCv: torch.Tensor | None, si: int) -> torch.Tensor:
-        """Logits of scale ``si`` alone: its tokens only (MVAR), or against the KV cache (VAR)."""
+    def step_features(self, cond_BC: torch.Tensor, inputs_BlCv: torch.Tensor | None, si: int) -> torch.Tensor:
+        """The head's input (B, l, C) for scale ``si`` alone: its tokens only (MVAR), or against the KV cache
+        (VAR). Sampling applies ``head`` to blocks of it, so a whole scale's logits never exist at once."""
         x_BLC = self.embed(cond_BC, inputs_BlCv, (si,))
         return self.run_blocks(x_BLC, cond_BC, (si,))
+
+    def step_logits(self, cond_BC: torch.Tensor, inputs_BlCv: torch.Tensor | None, si: int) -> torch.Tensor:
+        """Logits (B, l, V) of scale ``si`` alone."""
+        return self.logits(self.step_features(cond_BC, inputs_BlCv, si))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

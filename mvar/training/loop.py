@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mvar.bench import attention_gflops
+from mvar.measure import attention_gflops
 from mvar.checkpoint import (
     load_into,
     load_state_dict,

@@ -1,9 +1,9 @@
-"""Peak memory per logging interval (`perf/peak_mem_mb`), by the same probes as `mvar bench`."""
+"""Peak memory per logging interval (`perf/peak_mem_mb`), by the probes of `mvar.measure` (those of `mvar bench`)."""
 from __future__ import annotations
 
 import torch
 
-from mvar.bench import MB, status_mb
+from mvar.measure import MB, status_mb
 
 
 class PeakTracker:

@@ -4,8 +4,9 @@ import warnings
 import pytest
 import torch
 
-from mvar.models.attention import (AttentionSpec, attend, attended_pairs, brute_force_attention, natten_available,
-                                   scale_groups, sequence_mask, window_attention, window_mask)
+from mvar.models.attention import (BANDED_MIN_SIDE, AttentionSpec, attend, attended_pairs, brute_force_attention,
+                                   natten_available, resolve_backend, scale_groups, sequence_mask, window_attention,
+                                   window_bands, window_mask)
 
 PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -33,7 +34,7 @@ def qkv(L, B=2, H=2, d=16, requires_grad=False):
     return [torch.randn(B, H, L, d, requires_grad=requires_grad) for _ in range(3)]
 
 
-BACKENDS = ["reference", "flex", pytest.param("natten", marks=pytest.mark.skipif(
+BACKENDS = ["reference", "banded", "flex", pytest.param("natten", marks=pytest.mark.skipif(
     not natten_available(), reason="NATTEN is not installed"))]
 
 
@@ -49,6 +50,36 @@ def test_window_backends_match_brute_force(backend, side, k):
         warnings.simplefilter("ignore")  # flex warns that eager mode is unfused
         out = window_attention(q, k_, v, side, k, scale=0.7, backend=backend)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("side, k", [(13, 7), (16, 7), (24, 7), (8, 3), (10, 9), (6, 5)])
+def test_banded_window_matches_brute_force_values_and_gradients(side, k):
+    q, k_, v = qkv(side * side, requires_grad=True)
+    out = window_attention(q, k_, v, side, k, scale=0.7, backend="banded")
+    grads = torch.autograd.grad(out.square().sum(), (q, k_, v))
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k_, v))
+    expected = brute_force_attention(q2, k2, v2, window_mask(side, k), scale=0.7)
+    grads2 = torch.autograd.grad(expected.square().sum(), (q2, k2, v2))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    for g, g2 in zip(grads, grads2):
+        torch.testing.assert_close(g, g2, atol=1e-4, rtol=1e-3)
+
+
+def test_bands_cover_every_query_once_and_attend_fewer_pairs_than_the_map():
+    side, k = 32, 7
+    bands = window_bands(side, k)
+    assert [b[0] for b in bands[1:]] == [b[1] for b in bands[:-1]] and bands[0][0] == 0 and bands[-1][1] == side ** 2
+    for q0, q1, k0, k1, mask in bands:
+        assert mask.shape == (q1 - q0, k1 - k0) and ((mask == 0).sum(1) == k * k).all()  # each query: its window
+    assert sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1, _ in bands) < 0.5 * side ** 4
+
+
+def test_auto_takes_the_banded_window_on_cpu_only_for_big_maps_without_grad():
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, BANDED_MIN_SIDE, needs_grad=False) == "banded"
+    assert resolve_backend("auto", cpu, BANDED_MIN_SIDE - 1, needs_grad=False) == "reference"
+    assert resolve_backend("auto", cpu, 32, needs_grad=True) == "reference"
+    assert resolve_backend("reference", cpu, 32) == "reference"
 
 
 SEQUENCES = [tuple(range(10)), tuple(range(8)), (8,), (9,), (0,), (3, 4, 5)]

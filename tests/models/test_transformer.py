@@ -198,3 +198,31 @@ def test_weights_of_another_architecture_name_the_first_mismatch():
     del sd["blocks.1.ffn.fc1.weight"]
     with pytest.raises(ValueError, match="'blocks.1.ffn.fc1.weight' .* is missing"):
         model.load_official_state_dict(sd)
+
+
+def test_ffn_without_grad_runs_in_blocks_of_tokens_and_gives_the_same_output(monkeypatch):
+    import mvar.models.transformer as transformer
+
+    torch.manual_seed(0)
+    ffn = transformer.FFN(16, 64, 0.0)
+    x = torch.randn(3, 50, 16)
+    calls = []
+    monkeypatch.setattr(transformer, "FFN_BLOCK_BYTES", 3 * 64 * 4 * 8)  # 8 tokens a block
+    monkeypatch.setattr(ffn, "fc1", _Counting(ffn.fc1, calls))
+    with torch.no_grad():
+        blocked = ffn(x)
+    assert len(calls) == 7 and max(calls) == 8  # ceil(50 / 8) blocks
+    calls.clear()
+    whole = ffn.mlp(x)  # with grad: one call
+    torch.testing.assert_close(blocked, whole.detach(), atol=1e-6, rtol=1e-5)
+    assert ffn(x).requires_grad and calls == [50, 50]
+
+
+class _Counting(torch.nn.Module):
+    def __init__(self, inner, calls):
+        super().__init__()
+        self.inner, self.calls, self.out_features = inner, calls, inner.out_features
+
+    def forward(self, x):
+        self.calls.append(x.shape[1])
+        return self.inner(x)

@@ -1,0 +1,43 @@
+"""tools/compare_authors.py: the authors' code beside ours, one process per measured thing."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+VAR_DIR = Path(os.environ.get("MVAR_AUTHORS_VAR_DIR", "/work/ext/FoundationVision+VAR"))
+MVAR_DIR = Path(os.environ.get("MVAR_AUTHORS_MVAR_DIR", "/work/ext/CVL-UESTC+MVAR"))
+
+
+def run_tool(*args):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "tools.compare_authors", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+
+
+def test_a_directory_without_the_authors_models_is_refused_before_measuring(tmp_path):
+    proc = run_tool("--var-dir", str(tmp_path), "--size", "tiny", "--resolution", "64")
+    assert proc.returncode != 0 and f"--var-dir {tmp_path}: no models/ package there" in proc.stderr
+    assert "measuring" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (VAR_DIR / "models").is_dir() or not (MVAR_DIR / "models").is_dir(),
+                    reason="checkouts of FoundationVision/VAR and CVL-UESTC/MVAR not found")
+def test_tiny_comparison_fills_every_column(tmp_path):
+    out = tmp_path / "cmp.json"
+    proc = run_tool("--var-dir", str(VAR_DIR), "--mvar-dir", str(MVAR_DIR), "--size", "tiny", "--resolution", "64",
+                    "--batch", "2", "--repeats", "1", "--top-k", "20", "--no-train", "--ab-rounds", "1",
+                    "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads(out.read_text())["tables"]["64"]
+    results = table["results"]
+    assert set(results) == {"authors var", "ours var", "ours scale_markov", "authors mvar", "ours mvar"}
+    for name, runs in results.items():
+        assert runs[0]["infer_latency_s"] > 0, name
+    assert "| 64 px, batch 2 | authors VAR | ours VAR | ours scale_markov | authors MVAR | ours MVAR |" in proc.stdout
+    assert any("mvar: ours / authors generate time" in line for line in table["ratios"])
+    assert set(table["in_turn_s"]) == set(results) and "(in turn, one process: median)" in table["markdown"]
