@@ -129,11 +129,16 @@ def test_checkpoint_of_another_architecture_is_refused(imported, tmp_path, capsy
 def entry_parsers() -> dict[str, argparse.ArgumentParser]:
     """`mvar` and the parsers of the module entry points (`python -m workflows.train` ...)."""
     from mvar.commands import evaluate, standalone, sweep, train
+    from tools import bench_window, compare_authors
+    from workflows import bench_gpu, bench_train
     return {"mvar": build_parser(),
             "workflows.train": standalone("workflows.train", "", train.configure_train),
             "workflows.train_tokenizer": standalone("workflows.train_tokenizer", "", train.configure_train_tokenizer),
             "workflows.evaluate": standalone("workflows.evaluate", "", evaluate.configure),
-            "sweeps.run": standalone("sweeps.run", "", sweep.configure)}
+            "sweeps.run": standalone("sweeps.run", "", sweep.configure),
+            "workflows.bench_train": standalone("workflows.bench_train", "", bench_train.configure),
+            "workflows.bench_gpu": bench_gpu.parser(), "tools.compare_authors": compare_authors.parser(),
+            "tools.bench_window": bench_window.parser()}
 
 
 def walk(parser, path: str):
