@@ -13,7 +13,16 @@ from __future__ import annotations
 import sys
 
 from mvar import report, stack
-from mvar.commands import Parser, bench, evaluate, import_var, run_cli, sample, sweep, train
+from mvar.commands import (
+    Parser,
+    bench,
+    evaluate,
+    import_var,
+    run_cli,
+    sample,
+    sweep,
+    train,
+)
 from mvar.data import commands as data_commands
 
 # in the order `mvar --help` lists them

@@ -12,8 +12,8 @@ from mvar.config import describe
 SECTIONS = [
     ("Training run", "`mvar train --config FILE key=value ...` (= `python -m workflows.train`)",
      "mvar.training.config:TrainConfig"),
-    ("Tokenizer training run", "`mvar train-tokenizer --config FILE key=value ...` (= `python -m "
-     "workflows.train_tokenizer`)", "mvar.training.tokenizer_config:TokenizerTrainConfig"),
+    ("Tokenizer training run", "`mvar train-tokenizer --config FILE key=value ...` (= `python -m workflows.train_tokenizer`)",
+     "mvar.training.tokenizer_config:TokenizerTrainConfig"),
     ("Evaluation", "`mvar eval ... key=value` (= `python -m workflows.evaluate`; `eval.*` keys)",
      "mvar.evaluation.config:EvaluateConfig"),
     ("Sweep study", "`mvar sweep STUDY.yaml study.key=value` (= `python -m sweeps.run`)", "sweeps.study:StudyConfig"),

@@ -219,7 +219,7 @@ class Store:
         """The run ``run_id``; a UserError naming the store when it is not there."""
         try:
             return _record(self.client.get_run(run_id))
-        except Exception as err:  # noqa: BLE001 - unknown, deleted or an unreachable store: one message
+        except Exception as err:  # unknown, deleted or an unreachable store: one message
             raise UserError(f"MLflow run '{run_id}' not found in {self.uri} ({type(err).__name__}: "
                             f"{str(err)[:200]})") from err
 
@@ -263,7 +263,7 @@ class Store:
         made by ``run_id``; returns the version."""
         try:
             self.client.create_registered_model(name)
-        except Exception as err:  # noqa: BLE001 - only "exists already" is expected
+        except Exception as err:  # only "exists already" is expected
             if "RESOURCE_ALREADY_EXISTS" not in str(getattr(err, "error_code", "")) + str(err):
                 raise
         version = self.client.create_model_version(name, location, run_id=run_id,
@@ -280,7 +280,7 @@ class Store:
         try:
             mv = (self.client.get_model_version_by_alias(name, alias) if alias
                   else self.client.get_model_version(name, version))
-        except Exception as err:  # noqa: BLE001 - unknown model, alias or version: one message
+        except Exception as err:  # unknown model, alias or version: one message
             raise UserError(f"'{model_uri}' is not a registered model version in {self.uri} "
                             f"({one_line(err)[:200]})") from err
         return mv.tags.get(CHECKPOINT_TAG) or mv.source
