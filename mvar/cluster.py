@@ -21,6 +21,10 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+from mvar.data import storage
+from mvar.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,23 @@ JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 def in_ray_job() -> bool:
     """True inside the entrypoint of `ray job submit`."""
     return bool(os.environ.get(JOB_CONFIG_ENV))
+
+
+def check_job_paths(paths: dict[str, str], tracking_uri: str | None) -> None:
+    """Inside `ray job submit` the working directory is a temporary copy, different on every node:
+    a relative location would read from it (data is not uploaded) or write into it (deleted with
+    the job). ``paths``: config key -> location ('' = unset); ``tracking_uri``: the run's
+    ``tracking.uri`` ('' = unset), None for a run that is not tracked."""
+    if not in_ray_job():
+        return
+    for key, value in paths.items():
+        if value and storage.is_local(value) and not Path(value).is_absolute():
+            raise UserError(f"config key '{key}': '{value}' is relative, but a Ray job runs in a temporary copy "
+                            f"of the working directory; pass an absolute path on storage every node sees "
+                            f"({key}=/abs/path/...)")
+    if tracking_uri == "" and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise UserError("config key 'tracking.uri': not set and no MLFLOW_TRACKING_URI in the job's environment; "
+                        "the default SQLite store would be deleted with the job's working directory")
 
 
 def connect(num_cpus: int | None = None, num_gpus: int | None = None, env_vars: dict | None = None) -> str:

@@ -3,19 +3,35 @@
 A truncated, garbage or hand-edited file must never reach the user as a parser traceback. Each
 format has one reader here (YAML, JSON, torch pickles of tensors, .npz); the modules that own a
 file's layout (``mvar.checkpoint``, ``mvar.data.manifest`` ...) call them and check the content.
+The sha256 helpers every layer records and checks (shards, checkpoints, Inception weights) live
+here too: on the ground floor, so that no module reaches up a layer for them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from mvar.errors import UserError
 
 # what numpy raises on a truncated, garbage or non-npz file
 NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def sha256_stream(fh: IO[bytes], chunk_bytes: int = 1 << 20) -> str:
+    """sha256 of what is left in a binary stream, read in chunks (shards and weights are large)."""
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: fh.read(chunk_bytes), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as fh:
+        return sha256_stream(fh)
 
 
 def _text(path: Path, what: str, error: type[Exception]) -> str:

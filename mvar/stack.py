@@ -676,7 +676,7 @@ def register(subparsers) -> None:
     stack = subparsers.add_parser("stack", help="a local Ray head + MLflow server on 127.0.0.1",
                                   description="Start, inspect and stop a local Ray head (jobs API, dashboard) "
                                               "and MLflow tracking server, both on 127.0.0.1.")
-    commands = stack.add_subparsers(dest="stack_command", metavar="STACK_COMMAND")
+    commands = stack.add_subparsers(dest="stack_command", metavar="STACK_COMMAND", help="what to do with the stack")
     commands.required = True
     _add_up(commands)
     p = commands.add_parser("status", help="is each service running; exit 0 if all are")
@@ -694,7 +694,7 @@ def _add_up(commands) -> None:
     p.add_argument("--dir", default=DEFAULT_DIR, help=f"stack directory (default {DEFAULT_DIR})")
     p.add_argument("--ray-port", type=int, default=6379, help="Ray GCS port")
     p.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard and jobs API port")
-    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--mlflow-port", type=int, default=5000, help="MLflow tracking server port")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may schedule (default: all)")
     p.add_argument("--num-gpus", type=int, default=None, help="GPUs Ray may schedule (default: detected)")
     p.add_argument("--object-store-mb", type=int, default=2000, help="Ray object store size in MB")

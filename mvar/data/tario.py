@@ -16,7 +16,7 @@ import tarfile
 from typing import IO, Iterator
 
 from mvar.data.manifest import ShardInfo, fsync_dir
-from mvar.data.storage import sha256_stream
+from mvar.files import sha256_stream
 
 SHARD_PATTERN = "shard-{index:06d}.tar"
 TMP_MARK = ".tmp-"  # temp files: `<final name>.tmp-<pid>`; stale ones are removed on resume

@@ -17,6 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mvar.checkpoint import load_tokenizer, tokenizer_fingerprint
 from mvar.data import storage
 from mvar.data.loader import open_shard_set
 from mvar.data.manifest import DataError, Manifest, ShardInfo, write_manifest
@@ -95,7 +96,6 @@ def _plan(fingerprint: str, src: Manifest, flip: bool) -> dict:
 
 
 def _load(tokenizer: str, device: torch.device):
-    from mvar.checkpoint import load_tokenizer, tokenizer_fingerprint
     fingerprint = tokenizer_fingerprint(tokenizer)
     model, cfg = load_tokenizer(tokenizer, device=device)
     return model, cfg, fingerprint

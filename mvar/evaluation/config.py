@@ -6,7 +6,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from mvar.config import check
-from mvar.models.attention import PATTERNS
+from mvar.models.config import PATTERNS
 from mvar.sampling import SamplingConfig
 from mvar.tracking import TrackingConfig
 

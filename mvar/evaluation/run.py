@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mvar.checkpoint import file_sha256, read_checkpoint_meta, tokenizer_dir
+from mvar import cluster
+from mvar.checkpoint import read_checkpoint_meta, tokenizer_dir
 from mvar.checkpoint import read_tokenizer_config as checkpoint_tokenizer_config
 from mvar.config import ConfigError, from_dict
 from mvar.data.manifest import Manifest, write_manifest
@@ -30,6 +30,7 @@ from mvar.evaluation.config import EvalConfig, EvaluateConfig, SamplingDefaults
 from mvar.evaluation.plan import SamplePlan, setting_name, split_contiguous
 from mvar.evaluation.sampler import SampleJob
 from mvar.evaluation.workers import Workers
+from mvar.files import file_sha256
 from mvar.metrics.images import (
     ImageSet,
     is_npz,
@@ -132,27 +133,16 @@ def default_out(checkpoint: str) -> Path:
     return Path(DEFAULT_OUT).resolve() / f"{Path(checkpoint).name}-{tag}"
 
 
-def check_job_paths(cfg: EvaluateConfig) -> None:
-    """Inside `ray job submit` the working directory is a temporary copy, different on every node."""
-    from mvar.cluster import in_ray_job
-    from mvar.data.storage import is_local
-    if not in_ray_job():
-        return
+def job_paths(cfg: EvaluateConfig) -> dict[str, str]:
+    """The locations every node of a Ray job must see (``mvar.cluster.check_job_paths``)."""
     ecfg = cfg.eval
-    for key, value in (("checkpoint", cfg.checkpoint), ("eval.out_dir", ecfg.out_dir or DEFAULT_OUT),
-                       ("eval.reference", ecfg.reference),
-                       ("eval.feature_extractor_weights", ecfg.feature_extractor_weights)):
-        if value and is_local(value) and not Path(value).is_absolute():
-            raise UserError(f"config key '{key}': '{value}' is relative, but a Ray job runs in a temporary copy of "
-                            f"the working directory; pass an absolute path on storage every node sees")
-    if cfg.track and not cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise UserError("config key 'tracking.uri': not set and no MLFLOW_TRACKING_URI in the job's environment; "
-                        "the default SQLite store would be deleted with the job's working directory")
+    return {"checkpoint": cfg.checkpoint, "eval.out_dir": ecfg.out_dir or DEFAULT_OUT,
+            "eval.reference": ecfg.reference, "eval.feature_extractor_weights": ecfg.feature_extractor_weights}
 
 
 def prepare(cfg: EvaluateConfig) -> Prepared:
     ecfg = cfg.eval
-    check_job_paths(cfg)
+    cluster.check_job_paths(job_paths(cfg), cfg.tracking.uri if cfg.track else None)
     checkpoint = cfg.checkpoint or runs.checkpoint_of_run(cfg.run_id, cfg.tracking.uri)
     checkpoint = str(Path(checkpoint).resolve())
     meta = read_checkpoint_meta(checkpoint)

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from mvar.data.storage import sha256_stream
 from mvar.errors import UserError
-from mvar.files import check_torch_file
+from mvar.files import check_torch_file, file_sha256
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
 FID_LAYER = "2048"               # pool features: FID and precision/recall
@@ -40,11 +39,6 @@ class FeatureWeights:
     def official(self) -> bool:
         """True for torch-fidelity's released Inception weights (metrics comparable with papers)."""
         return self.sha256.startswith(OFFICIAL_SHA256_PREFIX)
-
-
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as fh:
-        return sha256_stream(fh)
 
 
 def official_url() -> str:

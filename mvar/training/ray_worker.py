@@ -13,9 +13,9 @@ import logging
 import tempfile
 from pathlib import Path
 
-from mvar.config import from_dict
 from mvar.data import build_train_loader
 from mvar.tracking import MlflowTracker, NullTracker
+from mvar.training.config import RunConfig
 from mvar.training.trainer import Hooks, Trainer, TrainTask, batches, enable_tf32
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class RayHooks(Hooks):
                              checkpoint_dir_name=name)
 
 
-def make_tracker(cfg, rank: int, run_id: str, task: TrainTask, start: int):
+def make_tracker(cfg: RunConfig, rank: int, run_id: str, task: TrainTask, start: int):
     if rank != 0 or not run_id:
         return NullTracker()
     # a restarted run (also one killed before its first checkpoint) skips, per key, the steps already logged
@@ -76,10 +76,12 @@ def restore_latest(trainer: Trainer, rank: int) -> int:
 
 def run_worker(config: dict, cfg_type: type, build_task) -> dict:
     """Ray Train's train_loop_per_worker for any task: ``build_task(cfg, device, rank, world)``.
-    ``config`` holds ``train`` (the run config as a dict), ``run_id`` and ``tokenizer_sha256``."""
+    ``config`` holds ``train`` (the driver's run config, validated there), ``run_id`` and ``tokenizer_sha256``."""
     import ray.train
     import ray.train.torch
-    cfg = from_dict(cfg_type, config["train"])
+    cfg = config["train"]
+    if not isinstance(cfg, cfg_type):  # a programming error, not bad input
+        raise TypeError(f"run_worker: config['train'] is a {type(cfg).__name__}, expected a {cfg_type.__name__}")
     ctx = ray.train.get_context()
     rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
     if device.type == "cuda":

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,9 @@ from torch import nn
 from mvar.checkpoint import load_train_state
 from mvar.training.memory import PeakTracker
 from mvar.training.optim import build_optimizer
+
+if TYPE_CHECKING:  # the core runs on any config of this shape
+    from mvar.training.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -220,9 +224,9 @@ class Hooks:
 
 
 class Trainer:
-    """One loop for every task. ``cfg`` has ``optim``, ``run`` and ``data.batch_size`` sections."""
+    """One loop for every task; of ``cfg`` it reads the ``optim``, ``run`` and ``data.batch_size`` keys."""
 
-    def __init__(self, task: TrainTask, cfg, device: torch.device, rank: int = 0, world: int = 1):
+    def __init__(self, task: TrainTask, cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
         self.task, self.cfg, self.device, self.rank, self.world = task, cfg, device, rank, world
         opt, sched = build_optimizer(task.param_groups(), cfg.optim, self.images_per_step, cfg.run.steps,
                                      fused=device.type == "cuda")
