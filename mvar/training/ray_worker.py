@@ -16,6 +16,7 @@ rank 0 writes a local copy that Ray Train uploads. A full disk stops every rank 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -66,24 +67,21 @@ class RayHooks(Hooks):
     def checkpoint(self, trainer: Trainer, step: int, report: dict[str, float]) -> None:
         import ray.train
         name = rundir.checkpoint_name(step, self.taken)
-        with tempfile.TemporaryDirectory(prefix="mvar-ckpt-") as tmp:
+        # on an object store rank 0 writes a local copy that Ray Train uploads
+        local = tempfile.TemporaryDirectory(prefix="mvar-ckpt-") if self.rank == 0 and not self.run_dir else None
+        with local or contextlib.nullcontext():
             ckpt, error = None, ""
             if self.rank == 0:
                 try:
-                    ckpt = self._write(trainer, step, name, Path(tmp))
+                    ckpt = self._write(trainer, step, (self.run_dir or Path(local.name)) / name)
                 except DiskFull as err:
                     error = str(err)
             if not all_ranks_ok(trainer.device, not error):
                 raise RunStopped("disk_full", step, error or "rank 0 could not write the checkpoint")
-            if ckpt is None:
-                ray.train.report(report, checkpoint=None, checkpoint_dir_name=name)
-            elif self.run_dir is not None:  # written in place: nothing to upload
-                ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=name,
-                                 checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
-            else:
-                ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=name)
+            mode = ray.train.CheckpointUploadMode.NO_UPLOAD if self.run_dir else ray.train.CheckpointUploadMode.SYNC
+            ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=name, checkpoint_upload_mode=mode)
 
-    def _write(self, trainer: Trainer, step: int, name: str, tmp: Path):
+    def _write(self, trainer: Trainer, step: int, out: Path):
         import ray.train
         # the metrics of every step up to this one reach MLflow before the checkpoint exists: a run
         # resumed from it (after a worker was killed) would not compute those steps again
@@ -91,9 +89,8 @@ class RayHooks(Hooks):
         n = len(self.loader)
         meta = {"epoch": step // n, "batch_in_epoch": step % n, "steps_per_epoch": n,
                 "mlflow_run_id": self.run_id, "run_name": self.run_name}
-        # a step_N Ray never registered (its writer died before the report) is rewritten
-        out = trainer.save(self.run_dir / name if self.run_dir else tmp / name, step, meta, overwrite=True)
-        return ray.train.Checkpoint.from_directory(str(out))
+        # overwrite: a step_N that Ray never registered (its writer died before the report) is rewritten
+        return ray.train.Checkpoint.from_directory(str(trainer.save(out, step, meta, overwrite=True)))
 
 
 def make_tracker(cfg, rank: int, run_id: str, task: TrainTask, start: int):
