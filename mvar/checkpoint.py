@@ -4,8 +4,11 @@ A model checkpoint is a directory:
     checkpoint.yaml   format version, model config, model name, tokenizer fingerprint, provenance
     model.pt          generator state dict (VAR's key names)
     tokenizer/        a tokenizer checkpoint: tokenizer.yaml (config, sha256 of the weights) + tokenizer.pt
-Directories are written under a temporary name and renamed when complete, so
-a half-written checkpoint is never found under the final name.
+Directories are written under a temporary name beside the final one (``.NAME.partial-XXXX``),
+fsynced and renamed when complete (``staged_dir``), so a half-written checkpoint is never found
+under the final name; a full disk is a ``DiskFull`` naming the directory, with nothing left of it.
+A training checkpoint adds ``train_state.pt``; ``check_train_checkpoint`` tells whether one is
+complete enough to resume from, without loading its tensors.
 
 This module holds the one reader of each of these files (``read_checkpoint_meta``,
 ``read_tokenizer_meta``, ``load_state_dict``, ``load_train_state``): a truncated, garbage or
@@ -14,17 +17,20 @@ tokenizer.yaml records (checked on every load and fingerprint).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import yaml
 
 from mvar.config import ConfigError, from_dict, to_dict
-from mvar.errors import UserError
-from mvar.files import file_sha256, load_torch, read_mapping
+from mvar.errors import DiskFull, UserError
+from mvar.files import (check_torch_file, disk_full, file_sha256, free_bytes, human_bytes, load_torch, read_mapping,
+                        save_torch)
 from mvar.models.config import ModelConfig
 from mvar.models.transformer import NextScaleTransformer, check_state_dict
 from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
@@ -53,28 +59,68 @@ def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], path
     module.load_state_dict(state_dict)
 
 
-def _write_dir_atomically(out: Path, write, overwrite: bool = False) -> Path:
+PARTIAL_MARK = ".partial-"  # in the name of a directory being written: `.NAME.partial-XXXXXXXX`
+
+
+def is_partial(name: str) -> bool:
+    """A directory that ``staged_dir`` had not finished (its writer was killed)."""
+    return name.startswith(".") and PARTIAL_MARK in name
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a path beside ``out`` (not created) for the block to write a directory at; when the
+    block ends, its files are fsynced and the directory renamed to ``out``. On an error it is removed
+    (a full disk becomes a DiskFull naming ``out``); a killed writer leaves it under its partial name,
+    which no reader takes for a checkpoint."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"output directory '{out}' exists already; choose another --out or remove it")
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    tmp = out.parent / f".{out.name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        write(tmp)
+        yield tmp
+        _fsync_tree(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+        _fsync(out.parent)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, DiskFull) or disk_full(err):
+            raise DiskFull(f"no space left on the device of '{out.parent}' while writing '{out.name}' "
+                           f"({human_bytes(free_bytes(out.parent))} free); nothing of it was kept") from None
+        raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file and directory below ``root`` on disk before the rename publishes them."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
+
+
+def _write_dir_atomically(out: Path, write, overwrite: bool = False) -> Path:
+    with staged_dir(out, overwrite) as tmp:
+        tmp.mkdir()
+        write(tmp)
+    return Path(out)
 
 
 # -- tokenizer ----------------------------------------------------------------
 
 def _write_tokenizer(dest: Path, model: MultiScaleVQVAE, cfg: TokenizerConfig) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), dest / "tokenizer.pt")
+    save_torch(model.state_dict(), dest / "tokenizer.pt")
     meta = {"format": TOKENIZER_FORMAT, "config": to_dict(cfg), "sha256": file_sha256(dest / "tokenizer.pt")}
     (dest / "tokenizer.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
 
@@ -156,7 +202,7 @@ def _load_tokenizer(path: str | Path, device) -> tuple[MultiScaleVQVAE, Tokenize
 def save_checkpoint(out: str | Path, model: NextScaleTransformer, tokenizer: MultiScaleVQVAE,
                     tokenizer_cfg: TokenizerConfig, extra: dict | None = None, overwrite: bool = False) -> Path:
     def write(tmp: Path) -> None:
-        torch.save(model.state_dict(), tmp / "model.pt")
+        save_torch(model.state_dict(), tmp / "model.pt")
         _write_tokenizer(tmp / "tokenizer", tokenizer, tokenizer_cfg)
         meta = {"format": FORMAT, "model": to_dict(model.cfg),
                 "tokenizer_sha256": file_sha256(tmp / "tokenizer" / "tokenizer.pt"), **(extra or {})}
@@ -184,13 +230,31 @@ def read_model_config(path: str | Path, overrides: dict | None = None) -> ModelC
     return _config_of(ModelConfig, {**meta["model"], **(overrides or {})}, Path(path) / "checkpoint.yaml")
 
 
-def load_train_state(path: str | Path) -> dict:
-    """The optimizer / scheduler / step file (train_state.pt) of a training checkpoint."""
-    state = load_torch(path, "train state file")
+TRAIN_STATE = "train_state.pt"  # optimizer, schedule, loss scaler, step and the task's own state
+
+
+def load_train_state(path: str | Path, mmap: bool = False) -> dict:
+    """The optimizer / scheduler / step file (train_state.pt) of a training checkpoint; ``mmap``:
+    its tensors mapped, not read (a check)."""
+    state = load_torch(path, "train state file", mmap=mmap)
     missing = [k for k in ("optimizer", "scheduler", "step") if not isinstance(state, dict) or k not in state]
     if missing:
         raise UserError(f"train state file '{path}' lacks {', '.join(missing)}: not written by a training run")
     return state
+
+
+def check_train_checkpoint(ckpt_dir: str | Path) -> int:
+    """The step of a training checkpoint that a run can resume from; a UserError naming the first
+    missing, truncated or garbage file otherwise. Reads the YAML records and the train state's
+    pickle; of the other torch files only their zip directory (their tensors are not loaded)."""
+    ckpt_dir = Path(ckpt_dir)
+    state = load_train_state(ckpt_dir / TRAIN_STATE, mmap=True)
+    for path in sorted(ckpt_dir.rglob("*")):
+        if path.suffix == ".pt" and path.name != TRAIN_STATE:
+            check_torch_file(path, "weights file")
+        elif path.suffix == ".yaml":
+            read_mapping(path, "checkpoint file")
+    return int(state["step"])
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", overrides: dict | None = None):

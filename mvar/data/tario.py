@@ -71,8 +71,12 @@ class ShardWriter:
         return info
 
     def abort(self) -> None:
-        self._tar.close()
-        self._file.close()
+        """Drop the temp file, whatever state the writer is in (a full disk refuses the tar's end blocks)."""
+        for close in (self._tar.close, self._file.close):
+            try:
+                close()
+            except (OSError, ValueError):
+                pass
         if os.path.exists(self.tmp_path):
             os.remove(self.tmp_path)
 

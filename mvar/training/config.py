@@ -128,6 +128,9 @@ class ScalingSettings:
     cpus_per_worker: float = 1.0   # fractional values let 2 workers share a small machine
     gpus_per_worker: float = 1.0
     socket_ifname: str = ""        # network interface of gloo/NCCL sockets; '' = the one of the node's address
+    # Ray's placement of the workers' bundles: PACK (as few nodes as possible), SPREAD (over the nodes,
+    # best effort: after a node is lost the workers restart on the nodes left), STRICT_PACK, STRICT_SPREAD
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def validate(self, prefix: str = "") -> None:
         check(self.num_workers >= 1, prefix + "num_workers", "must be >= 1")

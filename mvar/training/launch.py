@@ -1,20 +1,23 @@
 """The driver side of a training run: check everything, attach the MLflow run, run Ray Train, record the result.
 
 Order matters for users: every check that can fail on bad input (config,
-tokenizer, shards, resources, tracking store) runs before any Ray worker
-starts. The MLflow run is created (or found again, for a rerun of the same
-command) by the driver; workers log into it by id, and checkpoints carry
-the id, so a resumed run continues the same MLflow run.
+tokenizer, shards, resources, tracking store, the checkpoint a rerun resumes
+from) runs before any Ray worker starts. The MLflow run is created (or found
+again, for a rerun of the same command) by the driver; workers log into it by
+id, and checkpoints carry the id, so a resumed run continues the same MLflow run.
+The run's directory in storage is cleaned of checkpoints no run resumes from
+before the run starts and when it ends (`mvar.training.run_dir`).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from mvar import cluster, tracking
+from mvar import cluster, faults, tracking
 from mvar.config import dump_yaml, flatten, to_dict
 from mvar.data.loader import open_shard_set
 from mvar.data.storage import is_local
@@ -22,13 +25,14 @@ from mvar.errors import UserError
 from mvar.models.config import split_name
 from mvar.tokenizer import TokenizerConfig
 from mvar.tracking import Store
+from mvar.training import run_dir as rundir
 from mvar.training.config import RunConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
 
 class TrainingFailed(UserError):
-    """The run stopped: a non-finite loss, or failures past the configured retries."""
+    """The run stopped: a non-finite loss, a full disk, or failures past the configured retries."""
 
 
 @dataclass
@@ -42,7 +46,7 @@ class TrainOutcome:
     run_id: str
     checkpoint: str           # location of the final (or last good) checkpoint
     step: int
-    status: str               # completed | nonfinite
+    status: str               # completed (a run that stopped raises TrainingFailed)
 
 
 def storage_location(path: str) -> str:
@@ -181,7 +185,8 @@ def fit(cfg: RunConfig, worker_fn, loop_config: dict, storage: str):
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     trainer = TorchTrainer(
         worker_fn, train_loop_config=loop_config, torch_config=torch_config(s),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=s.placement_strategy),
         run_config=RunConfig(name=cfg.run.name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures)))
@@ -193,15 +198,47 @@ def finish(store: Store, run_id: str, result) -> TrainOutcome:
     checkpoint = result.checkpoint.path if result.checkpoint is not None else ""
     if checkpoint:
         store.set_tags(run_id, {tracking.CHECKPOINT_TAG: checkpoint})
+    if ret.get("ranks"):  # [first step, last step, batches drawn] of the last attempt, per rank
+        store.set_tags(run_id, {"mvar.steps_by_rank": json.dumps(ret["ranks"])})
     status = ret.get("status", "completed")
     step = int(ret.get("step", 0))
-    if status == "nonfinite":
-        store.set_tags(run_id, {"mvar.stopped": f"non-finite loss at step {step}"})
+    stopped = {"nonfinite": f"training stopped at step {step}: the loss or a gradient is NaN/inf (try a lower "
+                            f"optim.lr or optim.grad_clip); last good checkpoint: {checkpoint or 'none'}",
+               "disk_full": f"training stopped at the checkpoint of step {step}: {ret.get('message', '')}; the last "
+                            f"complete checkpoint is {checkpoint or 'none'}: free space and rerun the same "
+                            f"command to resume from it"}
+    if status in stopped:
+        store.set_tags(run_id, {"mvar.stopped": f"{status} at step {step}"})
         store.terminate(run_id, "FAILED")
-        raise TrainingFailed(f"training stopped at step {step}: the loss or a gradient is NaN/inf (try a lower "
-                             f"optim.lr or optim.grad_clip); last good checkpoint: {checkpoint or 'none'}")
+        raise TrainingFailed(stopped[status])
     store.terminate(run_id, "FINISHED")
     return TrainOutcome(run_id=run_id, checkpoint=checkpoint, step=step, status=status)
+
+
+def check_run_dir(cfg, storage: str) -> dict:
+    """Before Ray starts: leftovers removed from the run's directory, and the checkpoint it resumes
+    from checked (a damaged one passed over for the newest complete one). Returns the workers' part."""
+    if not is_local(storage):
+        return {}  # an object store: Ray Train's own handling (mvar.training.run_dir)
+    run_dir = Path(run_key(cfg, storage))
+    rundir.prune(run_dir)
+    point = rundir.resume_point(run_dir)
+    for name, problem in point.damaged.items():
+        print(f"checkpoint {name} is damaged ({problem}); the run resumes from {point.start} "
+              f"(step {point.step})", flush=True)
+    return {"run_dir": str(run_dir), "skip_checkpoints": sorted(point.damaged), "resume_from": point.start}
+
+
+def worker_error(err: Exception) -> str:
+    """One line for a failed Ray Train run: the first worker's UserError (a full disk ...) if any."""
+    for failure in getattr(err, "worker_failures", {}).values():
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, UserError):
+                return str(seen)
+            seen = getattr(seen, "cause", None) or seen.__cause__
+    lines = [ln for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 def launch(cfg: RunConfig, worker_fn, loop_config: dict, tags: dict[str, str]) -> TrainOutcome:
@@ -211,6 +248,7 @@ def launch(cfg: RunConfig, worker_fn, loop_config: dict, tags: dict[str, str]) -
     serialisation, and the worker does not validate it again) and ``run_id``.
     """
     storage = storage_location(cfg.run.storage_path)
+    workers_part = check_run_dir(cfg, storage)
     store = Store(cfg.tracking.uri)
     uri = cfg.tracking.uri = store.uri  # workers on other nodes must log to the same absolute store
     run_id, resumed = attach_run(cfg, store, storage, tags)
@@ -218,16 +256,21 @@ def launch(cfg: RunConfig, worker_fn, loop_config: dict, tags: dict[str, str]) -
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}; "
           f"checkpoints under {run_key(cfg, storage)}", flush=True)
     where = cluster.connect(env_vars={"MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0",
-                                      "MLFLOW_DISABLE_TELEMETRY": "true"})
+                                      "MLFLOW_DISABLE_TELEMETRY": "true", **faults.forwarded_env()})
     check_resources(cfg, where)
+    loop_config = {**loop_config, **workers_part, "train": cfg, "run_id": run_id}
     try:
-        result = fit(cfg, worker_fn, {**loop_config, "train": cfg, "run_id": run_id}, storage)
+        result = fit(cfg, worker_fn, loop_config, storage)
     except Exception as err:
         from ray.train import TrainingFailedError
         if isinstance(err, TrainingFailedError):
             store.terminate(run_id, "FAILED")
-            raise TrainingFailed(f"training failed after {cfg.run.max_failures} retries: {err}") from err
+            raise TrainingFailed(f"training failed after {cfg.run.max_failures} retries: {worker_error(err)} "
+                                 f"(Ray's report is above)") from err
         raise
+    finally:
+        if workers_part:
+            rundir.prune(Path(workers_part["run_dir"]))
     return finish(store, run_id, result)
 
 
