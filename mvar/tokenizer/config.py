@@ -80,4 +80,8 @@ TOKENIZER_SIZES: dict[str, TokenizerConfig] = {
     # 32 px local runs: 3 down-samplings -> 4x4 latent
     "vae-tiny32": TokenizerConfig(image_size=32, vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2, 2),
                                   patch_nums=(1, 2, 3, 4)),
+    # the quickstart's: 64 px, 3 down-samplings -> 8x8 latent, 7 scales (155 tokens), so that MVAR's
+    # window is smaller than the 6x6 and 8x8 maps; 8 norm groups keep colour (32 would be an instance norm)
+    "vae-quick": TokenizerConfig(image_size=64, vocab_size=256, z_channels=16, ch=32, ch_mult=(1, 1, 2, 2),
+                                 num_res_blocks=1, patch_nums=(1, 2, 3, 4, 5, 6, 8), norm_groups=8),
 }
