@@ -1,8 +1,9 @@
 """`mvar eval`: sample a checkpoint on Ray workers and compute FID / IS / precision / recall.
 
     mvar eval --run-id RUN | --checkpoint DIR --reference REF [--num-per-class 50] [--cfg 1.5,2.0] [key.sub=value ...]
-    mvar eval make-ref --shards DIR --out REF.npz [--feature-extractor-weights FILE]
+    mvar eval make-ref --shards DIR --out REF.npz [--feature-extractor classifier] [--feature-extractor-weights FILE]
     mvar eval standin-weights --out FILE [--seed 0]        # random Inception weights for offline tests
+    mvar eval train-classifier --shards DIR --out FILE.pt [--eval-shards DIR]   # a feature extractor for labelled sets
     mvar eval bench --variants var,mvar --size tiny        # sampling throughput (images/s)
 
 Flags are shorthands of `eval.*` keys (see mvar/evaluation/config.py); `--config FILE.yaml` and
@@ -25,7 +26,8 @@ FLAG_KEYS = {
     "num_per_class": "eval.num_per_class", "classes": "eval.classes", "cfg": "eval.cfg", "top_k": "eval.top_k",
     "top_p": "eval.top_p", "seed": "eval.seed", "batch_size": "eval.batch_size", "attention": "eval.attention",
     "window_size": "eval.window_size", "reference": "eval.reference",
-    "feature_extractor_weights": "eval.feature_extractor_weights", "num_workers": "eval.num_workers",
+    "feature_extractor_weights": "eval.feature_extractor_weights", "feature_extractor": "eval.feature_extractor",
+    "num_workers": "eval.num_workers",
     "cpus_per_worker": "eval.cpus_per_worker", "out": "eval.out_dir", "device": "eval.device",
     "checkpoint": "checkpoint", "run_id": "run_id", "tracking_uri": "tracking.uri", "experiment": "tracking.experiment",
 }
@@ -40,11 +42,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=run, overrides=[])
     own = standalone("mvar eval", DESCRIPTION, configure)  # parses the line from eval's first override on
     commands = p.add_subparsers(dest="eval_command", action=SubcommandsOrOverrides, own=own,
-                                metavar="{make-ref,standin-weights,bench} | key.sub=value",
+                                metavar="{make-ref,standin-weights,train-classifier,bench} | key.sub=value",
                                 help="a helper command, or config overrides of the evaluation, e.g. eval.seed=1 "
                                      "(every key: docs/config.md)")
     _add_make_ref(commands)
     _add_standin_weights(commands)
+    _add_train_classifier(commands)
     _add_bench(commands)
 
 
@@ -77,8 +80,11 @@ def add_eval_arguments(p: argparse.ArgumentParser, overrides: bool = True) -> No
     p.add_argument("--attention", choices=PATTERNS, help=f"override the checkpoint's pattern ({_key('attention')})")
     p.add_argument("--window-size", type=int, help=f"override the checkpoint's window k (mvar; "
                    f"{_key('window_size')})")
-    p.add_argument("--feature-extractor-weights", help="local Inception weights file, nothing is downloaded "
-                   f"({_key('feature_extractor_weights')}; default: the official file)")
+    p.add_argument("--feature-extractor-weights", help="local Inception weights file or the classifier's .pt, "
+                   f"nothing is downloaded ({_key('feature_extractor_weights')}; default: the official file)")
+    p.add_argument("--feature-extractor", choices=["inception", "classifier"],
+                   help=f"inception (default) or a classifier from `mvar eval train-classifier` "
+                   f"({_key('feature_extractor')})")
     p.add_argument("--num-workers", type=int, help=f"Ray workers, 0: in this process ({_key('num_workers')}; "
                    "default 1)")
     p.add_argument("--cpus-per-worker", type=float, help=f"CPUs per Ray worker ({_key('cpus_per_worker')}; "
@@ -170,9 +176,12 @@ def _add_make_ref(commands) -> None:
                                         "size and the weights' sha256 (a mismatch is refused later).")
     p.add_argument("--shards", required=True, help="image shard set (dir or URL), or an ADM-layout .npz (arr_0)")
     p.add_argument("--out", required=True, help=".npz file to write")
-    p.add_argument("--feature-extractor-weights", default="", help="local Inception weights (default: official)")
+    p.add_argument("--feature-extractor-weights", default="", help="local Inception weights (default: official), "
+                   "or the classifier's .pt")
+    p.add_argument("--feature-extractor", default="inception", choices=["inception", "classifier"],
+                   help="inception, or a classifier from `mvar eval train-classifier`")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--batch-size", type=int, default=32, help="Inception batch")
+    p.add_argument("--batch-size", type=int, default=32, help="feature extractor batch")
     p.set_defaults(func=run_make_ref)
 
 
@@ -185,11 +194,13 @@ def run_make_ref(args: argparse.Namespace) -> int:
     if not args.out.endswith(".npz"):
         raise UserError(f"--out must name a .npz file, got '{args.out}'")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    weights = resolve_weights(args.feature_extractor_weights)
+    weights = resolve_weights(args.feature_extractor_weights, extractor=args.feature_extractor)
     ref = compute_reference(args.shards, weights, device, args.batch_size)
     save_reference(args.out, ref)
-    print(f"wrote {args.out}: {ref.num_images} images of {ref.image_size} px, Inception weights sha256 "
-          f"{weights.sha256[:16]}... ({'official' if weights.official else 'NOT the official weights'})")
+    kind = ("official" if weights.official else "NOT the official weights") if args.feature_extractor == "inception" \
+        else "a classifier: comparable only with numbers made with this file"
+    print(f"wrote {args.out}: {ref.num_images} images of {ref.image_size} px, {weights.extractor} weights sha256 "
+          f"{weights.sha256[:16]}... ({kind})")
     return 0
 
 
@@ -206,6 +217,39 @@ def run_standin_weights(args: argparse.Namespace) -> int:
     from mvar.metrics.inception import write_standin_inception_weights
     sha = write_standin_inception_weights(args.out, args.seed)
     print(f"wrote {args.out} (sha256 {sha})")
+    return 0
+
+
+def _add_train_classifier(commands) -> None:
+    p = commands.add_parser("train-classifier", help="a small classifier of a labelled image set, as the metrics' "
+                            "feature extractor", description="Train a small CNN on the labelled image shards (a "
+                            "minute on CPU for the synthetic set) and save it as FILE.pt + FILE.yaml; then "
+                            "`mvar eval --feature-extractor classifier --feature-extractor-weights FILE.pt`.")
+    p.add_argument("--shards", required=True, help="labelled image shard set (the training split)")
+    p.add_argument("--out", required=True, help=".pt file to write (its .yaml goes beside it)")
+    p.add_argument("--eval-shards", default="", help="held-out image shards: report the accuracy on them")
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, cosine to 0 (default 3e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches (default 0)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    p.set_defaults(func=run_train_classifier)
+
+
+def run_train_classifier(args: argparse.Namespace) -> int:
+    import torch
+
+    from mvar.errors import UserError
+    from mvar.metrics.classifier import train_classifier
+    if not args.out.endswith(".pt"):
+        raise UserError(f"--out must name a .pt file, got '{args.out}'")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = train_classifier(args.shards, args.out, args.eval_shards, args.steps, args.batch_size, args.lr, args.seed)
+    held = f", held-out accuracy {result.heldout_acc:.3f}" if result.heldout_acc is not None else ""
+    print(f"wrote {result.path} (+ {result.path.with_suffix('.yaml').name}): {result.meta.num_classes} classes, "
+          f"{result.meta.image_size} px, training accuracy {result.train_acc:.3f}{held}, "
+          f"{result.meta.training['seconds']:.0f} s")
     return 0
 
 

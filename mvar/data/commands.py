@@ -126,7 +126,7 @@ def _add_tokenize(commands) -> None:
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
-    from mvar.data.tokens import tokenize
+    from mvar.data.tokens import token_usage, tokenize, usage_report
     _setup_logging()
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -134,4 +134,5 @@ def run_tokenize(args: argparse.Namespace) -> int:
                         device=args.device, progress=not args.no_progress)
     print(f"wrote tokens of {manifest.num_samples} images in {len(manifest.shards)} shards to {args.out} "
           f"(tokenizer sha256 {manifest.tokens['tokenizer_sha256'][:12]}...)")
+    print(usage_report(token_usage(args.out, manifest), manifest.tokens["patch_nums"]))
     return 0

@@ -66,6 +66,7 @@ def test_training_run_is_evaluated_end_to_end_and_logged(eval_inputs, tmp_path):
     assert run.data.params["eval.cfg"] == "1.5" and run.data.params["eval.top_k"] == "900"
     assert run.data.params["eval.num_per_class"] == "2" and run.data.params["eval.seed"] == "0"
     assert run.data.tags["mvar.metrics_comparable"] == "false"
+    assert run.data.tags["mvar.feature_extractor"] == "inception-v3-compat"  # never mixed with a classifier's
     assert f"eval/{SETTING}/grid.png" in {a.path for a in c.list_artifacts(run_id, f"eval/{SETTING}")}
     assert run.info.status == "FINISHED"
     # another setting later: params are immutable, so it goes to a child run of the training run
