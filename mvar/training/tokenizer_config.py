@@ -27,7 +27,12 @@ from mvar.data.config import DataConfig
 from mvar.tokenizer import TokenizerConfig
 from mvar.tokenizer.training import CodebookConfig, GanConfig
 from mvar.tracking import TrackingConfig
-from mvar.training.config import OptimConfig, RunSettings, ScalingSettings, check_length_keys
+from mvar.training.config import (
+    OptimConfig,
+    RunSettings,
+    ScalingSettings,
+    check_length_keys,
+)
 
 
 @dataclass

@@ -41,8 +41,17 @@ from mvar.data import build_eval_loader, build_train_loader
 from mvar.data.storage import is_local
 from mvar.errors import UserError
 from mvar.tokenizer import MultiScaleVQVAE
-from mvar.tokenizer.codebook import CodeUsage, init_codebook, reset_rows, restart_dead_codes
-from mvar.tokenizer.discriminator import PatchDiscriminator, discriminator_loss, generator_adv_loss
+from mvar.tokenizer.codebook import (
+    CodeUsage,
+    init_codebook,
+    reset_rows,
+    restart_dead_codes,
+)
+from mvar.tokenizer.discriminator import (
+    PatchDiscriminator,
+    discriminator_loss,
+    generator_adv_loss,
+)
 from mvar.tokenizer.metrics import code_counts, low_usage, psnr_db, usage_metrics
 from mvar.tokenizer.perceptual import VGGPerceptual, load_perceptual
 from mvar.training.launch import (
