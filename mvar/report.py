@@ -57,6 +57,7 @@ def collect(experiment: str, uri: str = "") -> list[dict]:
                      "variant": reference or tags["mvar.variant"], "depth": int(depth) if depth else 0,
                      "window": int(params["model.window_size"]) if params.get("model.window_size") else 0,
                      "comparable": tags.get("mvar.metrics_comparable", ""), "start": run.start_time,
+                     "extractor": tags.get("mvar.feature_extractor", ""),
                      **{col: metrics.get(key) for col, key, _ in COLUMNS}})
     rows.sort(key=lambda r: (not r["reference"], r["depth"], VARIANT_ORDER.get(r["variant"], 9), r["window"],
                              r["start"]))
@@ -103,7 +104,10 @@ def to_markdown(rows: list[dict]) -> str:
     cols = table_columns()
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    if any(r["comparable"] == "false" for r in rows):
+    if any(r.get("extractor") == "classifier" for r in rows):
+        lines.append("\nFID/IS/precision/recall/class acc computed with a classifier of the training split "
+                     "(mvar.feature_extractor=classifier): not comparable with Inception numbers.")
+    elif any(r["comparable"] == "false" for r in rows):
         lines.append("\nFID/IS/precision/recall computed with stand-in feature-extractor weights: "
                      "not comparable with published numbers.")
     return "\n".join(lines) + "\n"
@@ -228,8 +232,9 @@ def tokenizer_markdown(experiment: str, uri: str = "") -> str:
         if run.tags.get("mvar.task") != "tokenizer" or "tok/val_psnr" not in m:
             continue
         scales = sorted(int(k.rsplit("_s", 1)[1]) for k in m if k.startswith("tok/val_usage_s"))
-        lines = [f"\n## Tokenizer {run.name}: held-out PSNR {m['tok/val_psnr']:.2f} dB, "
-                 f"{int(m.get('tok/restarts', 0))} codes restarted\n",
+        title = (f"\n## Tokenizer {run.name}: held-out PSNR {m['tok/val_psnr']:.2f} dB, "
+                 f"{int(m.get('tok/restarts', 0))} codes restarted\n")
+        lines = [title,
                  "| scale | usage % | perplexity |", "| --- | --- | --- |"]
         lines += [f"| {k} | {m[f'tok/val_usage_s{k}']:.1f} | {m.get(f'tok/val_perplexity_s{k}', float('nan')):.1f} |"
                   for k in scales]
