@@ -252,6 +252,35 @@ def test_gan_starts_at_its_step_codebook_is_set_once_and_a_resumed_run_continues
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_two_ranks_with_restarts_and_the_gan_stay_identical():
+    """DDP over the tokenizer, DDP over the discriminator, restarts decided by rank 0 (gloo): after steps
+    with the adversarial term on and codes re-seeded, both ranks hold the same weights."""
+    import sys
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = str(Path(__file__).parent)
+    sys.path.insert(0, here)  # spawned processes copy sys.path: they find the helper
+    try:
+        from tokenizer_ranks import rank_main
+        with mp.Manager() as manager:
+            out = manager.dict()
+            args = [*GAN_RUN, "run.steps=3", "gan.start_step=1", "run.checkpoint_every=100"]
+            mp.spawn(rank_main, args=(port, args, out), nprocs=2, join=True)
+            r0, r1 = dict(out[0]), dict(out[1])
+    finally:
+        sys.path.remove(here)
+    assert r0["restarts"] == r1["restarts"] > 0
+    for part in ("vae", "disc"):
+        for key in r0[part]:
+            if key != "quantize.ema_vocab_hit_SV":  # each rank's own usage statistic (DDP re-broadcasts it)
+                assert torch.equal(r0[part][key], r1[part][key]), (part, key)
+
+
 def test_no_codebook_init_when_fine_tuning_a_tokenizer(tmp_path):
     """init_from: the codebook is the checkpoint's (the released tokenizer's must not be re-picked)."""
     from mvar.training.tokenizer_loop import build_task
