@@ -82,7 +82,7 @@ class Quickstart:
             return
         check(mvar_main(["eval", "train-classifier", "--shards", str(self.train_split), "--eval-shards",
                          str(self.held_out), "--out", str(self.classifier_pt),
-                         "--steps", str(self.args.classifier_steps), "--threads", "2"]))
+                         "--steps", str(self.args.classifier_steps), "--threads", "1"]))  # 2 spin on a shared machine
 
     def run_key(self, name: str) -> str:
         return f"{self.out / 'runs'}/{name}"
