@@ -39,5 +39,5 @@ def test_quickstart_on_a_small_budget_reports_every_row_and_column(tmp_path, cap
     assert quickstart.main(argv) == 0
     again = capsys.readouterr().out
     assert "reusing the finished run quickstart-mvar" in again and "reusing the real-images row" in again
-    assert "reusing the evaluation of the untrained generator" in again and "MLflow run" not in again
+    assert "reusing the evaluation of the untrained generator" in again and "(new) in sqlite" not in again
     assert "held-out accuracy" in printed  # the classifier's, printed by the first run
