@@ -22,10 +22,12 @@ working directory (which a Ray job deletes with its session).
 """
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import queue
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -99,6 +101,39 @@ def git_commit(cwd: str | Path | None = None) -> str:
         return rev.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("MVAR_GIT_COMMIT", "unknown")
+
+
+def source_name(argv: list[str] | None = None) -> str:
+    """What started this process, as MLflow's Source column shows it: ``mvar train``, ``workflows/train.py``
+    (a module of this checkout, by its path in it), else the program's file name."""
+    argv = sys.argv if argv is None else argv
+    if not argv or not argv[0]:
+        return "python"
+    prog = Path(argv[0])
+    root = Path(__file__).resolve().parents[1]
+    if prog.name == "mvar" or prog.resolve() == root / "mvar" / "cli.py":
+        return f"mvar {argv[1]}" if len(argv) > 1 and not argv[1].startswith("-") else "mvar"
+    try:
+        return str(prog.resolve().relative_to(root))
+    except ValueError:
+        return prog.name
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (a container's arbitrary uid)
+        return os.environ.get("USER", "unknown")
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags (the UI's Source, Version and User columns) and ``mvar.git_commit`` (with
+    '-dirty' when the checkout differs from its commit; MLflow's commit tag is the bare hash)."""
+    from mvar import cluster  # cluster imports nothing of tracking at module level
+    commit = git_commit()
+    return {"mlflow.source.name": source_name(), "mlflow.source.type": "JOB" if cluster.in_ray_job() else "LOCAL",
+            "mlflow.source.git.commit": commit.removesuffix("-dirty"), "mlflow.user": _user(),
+            "mvar.git_commit": commit}
 
 
 PARENT_TAG = "mlflow.parentRunId"   # MLflow's nesting: the UI shows such a run under its parent
@@ -176,8 +211,9 @@ class Store:
     # -- runs ----------------------------------------------------------------------------------
     def create_run(self, experiment: str, name: str, tags: dict[str, str] | None = None,
                    parent: str | None = None) -> str:
-        """A new run of ``experiment`` (the checkout's commit tagged), nested under ``parent`` if given."""
-        all_tags = {"mvar.git_commit": git_commit(), **(tags or {})}
+        """A new run of ``experiment`` (MLflow's source tags and the checkout's commit tagged), nested under
+        ``parent`` if given. The one place the project makes runs."""
+        all_tags = {**source_tags(), **(tags or {})}
         if parent:
             all_tags[PARENT_TAG] = parent
         return self.client.create_run(self.experiment_id(experiment), run_name=name, tags=all_tags).info.run_id
@@ -349,11 +385,10 @@ class MlflowTracker(NullTracker):
 
     # -- the interface -------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
+        """MLflow's client splits the batch (100 params a request) and its store truncates long values."""
         from mlflow.entities import Param
-        items = [Param(k, _param_value(v)) for k, v in flatten(params).items()]
-        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            chunk = items[i:i + 100]
-            self._submit(lambda c=chunk: self._client.log_batch(self.run_id, params=c))
+        items = [Param(k, str(v)) for k, v in flatten(params).items()]
+        self._submit(lambda: self._client.log_batch(self.run_id, params=items))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -439,7 +474,3 @@ class MlflowTracker(NullTracker):
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
-
-def _param_value(v: Any) -> str:
-    text = str(v)
-    return text if len(text) <= 6000 else text[:5997] + "..."  # MLflow's param value limit

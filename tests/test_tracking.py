@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,11 @@ def test_run_holds_params_tags_metrics_and_artifacts(cfg, tmp_path):
     run = c.get_run(run_id)
     assert run.data.params["model.depth"] == "2" and run.data.params["optim.lr"] == "0.0001"
     assert run.data.tags["mvar.variant"] == "mvar" and run.data.tags["mvar.git_commit"]
+    # MLflow's own source tags: the UI's Source, Version and User columns
+    tags = run.data.tags
+    assert tags["mlflow.source.git.commit"] == tracking.git_commit().removesuffix("-dirty")
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.user"] and tags["mlflow.source.name"]
     assert run.info.status == "FINISHED"
     assert [m.step for m in c.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
     assert tracking.last_logged_step(run_id, "train/loss", cfg.uri) == 3
@@ -37,6 +43,28 @@ def test_run_holds_params_tags_metrics_and_artifacts(cfg, tmp_path):
     assert {"config.yaml", "files/a.txt"} <= names
     # artifacts sit beside the database, not in the working directory
     assert str(tmp_path) in run.info.artifact_uri
+
+
+def test_source_name_is_the_command_or_the_checkout_path():
+    root = str(Path(tracking.__file__).resolve().parents[1])
+    assert tracking.source_name(["/usr/bin/mvar", "train", "--config", "x.yaml"]) == "mvar train"
+    assert tracking.source_name(["/venv/bin/mvar", "--help"]) == "mvar"
+    assert tracking.source_name([f"{root}/mvar/cli.py", "eval", "--run-id", "r"]) == "mvar eval"
+    assert tracking.source_name([f"{root}/workflows/train.py", "--config", "x"]) == "workflows/train.py"
+    assert tracking.source_name(["/elsewhere/tool.py"]) == "tool.py"
+
+
+def test_params_past_one_batch_and_past_the_value_limit_reach_the_store(cfg):
+    """MLflow's client splits a batch of > 100 params and its store truncates a value of > 6000 characters:
+    the tracker hands both over as they are."""
+    run_id = tracking.start_run(cfg, "many")
+    t = MlflowTracker(run_id, cfg)
+    t.log_params({"p": {f"k{i:03d}": i for i in range(250)}, "long": "x" * 7000})
+    t.close()
+    assert t.failures == 0
+    params = tracking.client(cfg.uri).get_run(run_id).data.params
+    assert len(params) == 251 and params["p.k249"] == "249"
+    assert params["long"] == "x" * 6000
 
 
 def test_resumed_tracker_skips_steps_already_logged_per_key(cfg):
