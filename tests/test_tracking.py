@@ -177,13 +177,40 @@ def test_store_registers_checkpoints_as_model_versions_and_resolves_aliases(cfg,
     first = store.register_model("mvar-tiny", run_id, str(tmp_path / "step_1"))
     second = store.register_model("mvar-tiny", run_id, str(tmp_path / "step_2"), tags={"mvar.step": "2"})
     assert (first, second) == ("1", "2")
+    assert store.register_model("mvar-tiny", run_id, str(tmp_path / "step_1")) == "1"  # a rerun: the same version
+    third = store.register_model("mvar-tiny", run_id, str(tmp_path / "step_3"), step=3, metrics={"val/loss": 2.5})
+    mv = store.model_version(f"models:/mvar-tiny/{third}")
+    assert (mv["mvar.step"], mv["val/loss"], mv["run_id"]) == ("3", "2.5", run_id)
+    model = tracking.client(cfg.uri).get_logged_model(mv["mvar.logged_model"])  # MLflow 3's LoggedModel
+    assert model.source_run_id == run_id and model.tags["val/loss"] == "2.5" and model.params["step"] == "3"
+    assert store.history(run_id, "val/loss") == []  # the run's own history is left as it was
     store.set_alias("mvar-tiny", "best", first)
     assert store.resolve_model("models:/mvar-tiny@best") == str(tmp_path / "step_1")
     store.set_alias("mvar-tiny", "best", second)  # an alias moves
     assert store.resolve_model("models:/mvar-tiny@best") == str(tmp_path / "step_2")
     assert store.resolve_model("models:/mvar-tiny/1") == str(tmp_path / "step_1")
-    with pytest.raises(UserError, match="'models:/mvar-tiny@nope' is not a registered model version"):
+    assert store.resolve_model("models:/mvar-tiny/latest") == str(tmp_path / "step_3")  # MLflow's newest version
+    with pytest.raises(UserError, match=r"'models:/mvar-tiny@nope' is not a registered model version .*mvar-tiny"):
         store.resolve_model("models:/mvar-tiny@nope")
     for bad in ("mvar-tiny@best", "models:/mvar-tiny", "models:/@best", "models:/a/b@c"):
         with pytest.raises(UserError, match="not of the form models:/NAME@ALIAS"):
             store.resolve_model(bad)
+
+
+def test_a_shard_manifest_is_a_dataset_of_the_run_logged_once(cfg):
+    from dataclasses import replace
+
+    from mvar.data.manifest import Manifest, ShardInfo, describe
+    shards = [ShardInfo("shard-000000.tar", 40, "a" * 64, 1000), ShardInfo("shard-000001.tar", 20, "b" * 64, 500)]
+    manifest = Manifest("images", 60, ["cat", "dog"], 64, "png", shards)
+    d = describe(manifest, "/data/train-images/")
+    assert (d["name"], d["source"]) == ("train-images", "/data/train-images/")
+    assert d["profile"]["num_samples"] == 60 and d["profile"]["classes"] == ["cat", "dog"]
+    other = describe(replace(manifest, shards=[shards[0], replace(shards[1], sha256="c" * 64)]), "/data/train-images")
+    assert other["digest"] != d["digest"]  # other bytes, other digest
+    store = tracking.Store(cfg.uri)
+    run_id = store.create_run("t", "train")
+    records = [tracking.DatasetRecord(**d, context="training"), tracking.DatasetRecord(**other, context="evaluation")]
+    store.log_inputs(run_id, records)
+    store.log_inputs(run_id, records)  # a resumed run logs them again: still one record each
+    assert sorted(store.inputs(run_id), key=lambda r: r.context) == sorted(records, key=lambda r: r.context)
