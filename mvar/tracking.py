@@ -38,7 +38,6 @@ from typing import Any
 
 from mvar.config import check, flatten
 from mvar.errors import UserError
-from mvar.files import one_line
 
 log = logging.getLogger(__name__)
 
@@ -337,9 +336,10 @@ class Store:
                        step: int = 0, metrics: dict[str, float] | None = None) -> str:
         """The version of registered model ``name`` (created if missing) for the checkpoint at ``location``
         made by ``run_id``: a new one, or the one that already names this location (a rerun registers
-        nothing twice). With it, an MLflow 3 LoggedModel of the run; the version points at the checkpoint
-        itself (``source``: no copy of the weights), links the run (its metrics) and the LoggedModel, and
-        carries the checkpoint's ``step`` and ``metrics`` as tags."""
+        nothing twice). With it, an MLflow 3 LoggedModel of the run; the version names the checkpoint
+        itself (tag ``mvar.checkpoint``, and its ``source`` where the store takes a path: no copy of the
+        weights), links the run (its metrics) and the LoggedModel, and carries the checkpoint's ``step``
+        and ``metrics`` as tags."""
         c = self.client
         found = c.search_model_versions(f"name = '{name}' and tags.`{CHECKPOINT_TAG}` = '{location}'")
         if found:
@@ -352,7 +352,10 @@ class Store:
         model_id = self._logged_model(name, run_id, location, step, metrics or {})
         all_tags = {CHECKPOINT_TAG: location, "mvar.step": str(step), "mvar.logged_model": model_id,
                     **{k: f"{v:.6g}" for k, v in (metrics or {}).items()}, **(tags or {})}
-        return str(c.create_model_version(name, location, run_id=run_id, tags=all_tags, model_id=model_id).version)
+        # a tracking server takes no local path as a version's source: it gets the LoggedModel, which it
+        # resolves itself; a store opened in this process (SQLite) takes the checkpoint's location
+        source = f"models:/{model_id}" if self.uri.startswith(("http://", "https://")) else location
+        return str(c.create_model_version(name, source, run_id=run_id, tags=all_tags, model_id=model_id).version)
 
     def _logged_model(self, name: str, run_id: str, location: str, step: int, metrics: dict[str, float]) -> str:
         """An MLflow 3 LoggedModel of ``run_id`` (the experiment's Models tab), the checkpoint's metrics as its
