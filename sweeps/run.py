@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-trials", type=int, help="finished trials the study should end with (the file's n_trials)")
     p.add_argument("--n-parallel", type=int, help="trials at once (the file's n_parallel; 0 = what Ray fits)")
     p.add_argument("--check", action="store_true", help="check the study file, its inputs and the storage; run nothing")
+    p.add_argument("--verbose", action="store_true",
+                   help="also Ray's own INFO/WARNING messages, in the sweep and its trials (MVAR_VERBOSE=1)")
     p.add_argument("overrides", nargs="*", help="key.sub=value for the base training config; study.key=value "
                    "for the study file")
     return p.parse_intermixed_args(argv)
@@ -75,6 +77,8 @@ def prepare(args: argparse.Namespace) -> Prepared:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from mvar import cluster
+    cluster.set_verbose(args.verbose)  # in the environment: the trials' training processes inherit it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

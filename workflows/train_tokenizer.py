@@ -25,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML run config (workflows/configs/tokenizer_*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. run.steps=100")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also Ray's own INFO/WARNING messages (the same as MVAR_VERBOSE=1)")
     args = parser.parse_args(argv)
+    from mvar import cluster
+    cluster.set_verbose(args.verbose)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from mvar.config import dump_yaml
     from mvar.training.tokenizer_config import load_tokenizer_train_config
