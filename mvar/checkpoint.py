@@ -1,11 +1,14 @@
-"""This project's checkpoint format, and the import of VAR's released weights into it.
+"""This project's checkpoint format (VAR's released weights come in through ``mvar.var_weights``).
 
 A model checkpoint is a directory:
     checkpoint.yaml   format version, model config, model name, tokenizer fingerprint, provenance
     model.pt          generator state dict (VAR's key names)
     tokenizer/        a tokenizer checkpoint: tokenizer.yaml (config, sha256 of the weights) + tokenizer.pt
-Directories are written under a temporary name and renamed when complete, so
-a half-written checkpoint is never found under the final name.
+Directories are written under a temporary name beside the final one (``.NAME.partial-XXXX``),
+fsynced and renamed when complete (``staged_dir``), so a half-written checkpoint is never found
+under the final name; a full disk is a ``DiskFull`` naming the directory, with nothing left of it.
+A training checkpoint adds ``train_state.pt``; ``check_train_checkpoint`` tells whether one is
+complete enough to resume from, without loading its tensors.
 
 This module holds the one reader of each of these files (``read_checkpoint_meta``,
 ``read_tokenizer_meta``, ``load_state_dict``, ``load_train_state``): a truncated, garbage or
@@ -14,29 +17,26 @@ tokenizer.yaml records (checked on every load and fingerprint).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import yaml
 
 from mvar.config import ConfigError, from_dict, to_dict
-from mvar.data.storage import sha256_stream
-from mvar.errors import UserError
-from mvar.files import load_torch, read_mapping
+from mvar.errors import DiskFull, UserError
+from mvar.files import (check_torch_file, disk_full, file_sha256, free_bytes, human_bytes, load_torch, read_mapping,
+                        save_torch)
 from mvar.models.config import ModelConfig
 from mvar.models.transformer import NextScaleTransformer, check_state_dict
-from mvar.tokenizer import PATCH_NUMS_256, PATCH_NUMS_512, MultiScaleVQVAE, TokenizerConfig
+from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
 
 FORMAT = "mvar-checkpoint/1"
 TOKENIZER_FORMAT = "mvar-tokenizer/1"
-
-
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as fh:
-        return sha256_stream(fh)
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -59,28 +59,68 @@ def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], path
     module.load_state_dict(state_dict)
 
 
-def _write_dir_atomically(out: Path, write, overwrite: bool = False) -> Path:
+PARTIAL_MARK = ".partial-"  # in the name of a directory being written: `.NAME.partial-XXXXXXXX`
+
+
+def is_partial(name: str) -> bool:
+    """A directory that ``staged_dir`` had not finished (its writer was killed)."""
+    return name.startswith(".") and PARTIAL_MARK in name
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a path beside ``out`` (not created) for the block to write a directory at; when the
+    block ends, its files are fsynced and the directory renamed to ``out``. On an error it is removed
+    (a full disk becomes a DiskFull naming ``out``); a killed writer leaves it under its partial name,
+    which no reader takes for a checkpoint."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"output directory '{out}' exists already; choose another --out or remove it")
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    tmp = out.parent / f".{out.name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        write(tmp)
+        yield tmp
+        _fsync_tree(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+        _fsync(out.parent)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, DiskFull) or disk_full(err):
+            raise DiskFull(f"no space left on the device of '{out.parent}' while writing '{out.name}' "
+                           f"({human_bytes(free_bytes(out.parent))} free); nothing of it was kept") from None
+        raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file and directory below ``root`` on disk before the rename publishes them."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
+
+
+def _write_dir_atomically(out: Path, write, overwrite: bool = False) -> Path:
+    with staged_dir(out, overwrite) as tmp:
+        tmp.mkdir()
+        write(tmp)
+    return Path(out)
 
 
 # -- tokenizer ----------------------------------------------------------------
 
 def _write_tokenizer(dest: Path, model: MultiScaleVQVAE, cfg: TokenizerConfig) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), dest / "tokenizer.pt")
+    save_torch(model.state_dict(), dest / "tokenizer.pt")
     meta = {"format": TOKENIZER_FORMAT, "config": to_dict(cfg), "sha256": file_sha256(dest / "tokenizer.pt")}
     (dest / "tokenizer.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
 
@@ -162,7 +202,7 @@ def _load_tokenizer(path: str | Path, device) -> tuple[MultiScaleVQVAE, Tokenize
 def save_checkpoint(out: str | Path, model: NextScaleTransformer, tokenizer: MultiScaleVQVAE,
                     tokenizer_cfg: TokenizerConfig, extra: dict | None = None, overwrite: bool = False) -> Path:
     def write(tmp: Path) -> None:
-        torch.save(model.state_dict(), tmp / "model.pt")
+        save_torch(model.state_dict(), tmp / "model.pt")
         _write_tokenizer(tmp / "tokenizer", tokenizer, tokenizer_cfg)
         meta = {"format": FORMAT, "model": to_dict(model.cfg),
                 "tokenizer_sha256": file_sha256(tmp / "tokenizer" / "tokenizer.pt"), **(extra or {})}
@@ -190,13 +230,31 @@ def read_model_config(path: str | Path, overrides: dict | None = None) -> ModelC
     return _config_of(ModelConfig, {**meta["model"], **(overrides or {})}, Path(path) / "checkpoint.yaml")
 
 
-def load_train_state(path: str | Path) -> dict:
-    """The optimizer / scheduler / step file (train_state.pt) of a training checkpoint."""
-    state = load_torch(path, "train state file")
+TRAIN_STATE = "train_state.pt"  # optimizer, schedule, loss scaler, step and the task's own state
+
+
+def load_train_state(path: str | Path, mmap: bool = False) -> dict:
+    """The optimizer / scheduler / step file (train_state.pt) of a training checkpoint; ``mmap``:
+    its tensors mapped, not read (a check)."""
+    state = load_torch(path, "train state file", mmap=mmap)
     missing = [k for k in ("optimizer", "scheduler", "step") if not isinstance(state, dict) or k not in state]
     if missing:
         raise UserError(f"train state file '{path}' lacks {', '.join(missing)}: not written by a training run")
     return state
+
+
+def check_train_checkpoint(ckpt_dir: str | Path) -> int:
+    """The step of a training checkpoint that a run can resume from; a UserError naming the first
+    missing, truncated or garbage file otherwise. Reads the YAML records and the train state's
+    pickle; of the other torch files only their zip directory (their tensors are not loaded)."""
+    ckpt_dir = Path(ckpt_dir)
+    state = load_train_state(ckpt_dir / TRAIN_STATE, mmap=True)
+    for path in sorted(ckpt_dir.rglob("*")):
+        if path.suffix == ".pt" and path.name != TRAIN_STATE:
+            check_torch_file(path, "weights file")
+        elif path.suffix == ".yaml":
+            read_mapping(path, "checkpoint file")
+    return int(state["step"])
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", overrides: dict | None = None):
@@ -212,68 +270,3 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", overri
     model = NextScaleTransformer(cfg, tok_cfg.vocab_size, tok_cfg.z_channels, tuple(tok_cfg.patch_nums))
     load_into(model, load_state_dict(path / "model.pt"), path / "model.pt")
     return model.to(device).eval(), tokenizer, cfg, tok_cfg
-
-
-# -- VAR's released weights -----------------------------------------------------
-
-def infer_tokenizer_config(sd: dict[str, torch.Tensor], num_tokens: int | None = None,
-                           patch_nums: tuple[int, ...] | None = None) -> TokenizerConfig:
-    """Tokenizer config from a `vae_ch160v4096z32.pth`-format state dict.
-
-    The scales are not stored in the weights: taken from ``patch_nums`` when given, else the
-    standard 256 or 512 px ones, or 1..K, whose token count matches the generator's ``num_tokens``.
-    """
-    try:
-        vocab, z = sd["quantize.embedding.weight"].shape
-        ch = sd["encoder.conv_in.weight"].shape[0]
-        levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")})
-        ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels)
-        num_phi = len({k for k in sd if k.startswith("quantize.quant_resi.qresi_ls.") and k.endswith(".weight")})
-        num_scales = sd["quantize.ema_vocab_hit_SV"].shape[0]
-    except KeyError as err:
-        raise UserError(f"not a VAR tokenizer state dict: key {err} is missing") from err
-    if patch_nums is None:
-        for cand in (PATCH_NUMS_256, PATCH_NUMS_512, tuple(range(1, num_scales + 1))):
-            if len(cand) == num_scales and (num_tokens is None or sum(p * p for p in cand) == num_tokens):
-                patch_nums = cand
-                break
-    if patch_nums is None or len(patch_nums) != num_scales:
-        raise UserError(f"cannot tell the tokenizer's scales ({num_scales} in its weights): pass --patch-nums")
-    down = 2 ** (len(ch_mult) - 1)
-    return from_dict(TokenizerConfig, dict(vocab_size=vocab, z_channels=z, ch=ch, ch_mult=list(ch_mult),
-                                           share_quant_resi=num_phi, patch_nums=list(patch_nums),
-                                           image_size=patch_nums[-1] * down))
-
-
-def infer_model_config(sd: dict[str, torch.Tensor], **fields) -> ModelConfig:
-    """Generator config from a `var_d16.pth`-format state dict; ``fields`` set the attention choice."""
-    try:
-        width = sd["word_embed.weight"].shape[0]
-        depth = len({int(k.split(".")[1]) for k in sd if k.startswith("blocks.")})
-        l2 = "blocks.0.attn.scale_mul_1H11" in sd
-        heads = sd["blocks.0.attn.scale_mul_1H11"].shape[1] if l2 else fields.pop("num_heads", depth)
-        mlp_ratio = sd["blocks.0.ffn.fc1.weight"].shape[0] / width
-        num_classes = sd["class_emb.weight"].shape[0] - 1
-    except KeyError as err:
-        raise UserError(f"not a VAR generator state dict: key {err} is missing") from err
-    return from_dict(ModelConfig, dict(depth=depth, embed_dim=width, num_heads=heads, mlp_ratio=mlp_ratio,
-                                       attn_l2_norm=l2, num_classes=num_classes, **fields))
-
-
-def import_var(vae_path: str | Path, var_path: str | Path, out: str | Path,
-               patch_nums: tuple[int, ...] | None = None, overwrite: bool = False, **model_fields) -> Path:
-    """VAR's released tokenizer + generator weights -> a checkpoint of this project."""
-    vae_sd, var_sd = load_state_dict(vae_path), load_state_dict(var_path)
-    num_tokens = var_sd["pos_1LC"].shape[1] if "pos_1LC" in var_sd else None
-    tok_cfg = infer_tokenizer_config(vae_sd, num_tokens, patch_nums)
-    cfg = infer_model_config(var_sd, **model_fields)
-    tokenizer = MultiScaleVQVAE(tok_cfg)
-    load_into(tokenizer, vae_sd, vae_path)
-    model = NextScaleTransformer(cfg, tok_cfg.vocab_size, tok_cfg.z_channels, tuple(tok_cfg.patch_nums))
-    try:
-        model.load_official_state_dict(var_sd)
-    except ValueError as err:
-        raise UserError(f"'{var_path}' does not fit the tokenizer of '{vae_path}': {err}") from err
-    extra = {"source": {"vae": str(Path(vae_path).resolve()), "var": str(Path(var_path).resolve()),
-                        "vae_sha256": file_sha256(vae_path), "var_sha256": file_sha256(var_path)}}
-    return save_checkpoint(out, model, tokenizer, tok_cfg, extra=extra, overwrite=overwrite)

@@ -28,6 +28,10 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+from mvar.data import storage
+from mvar.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +57,8 @@ def in_ray_job() -> bool:
 
 
 def verbose() -> bool:
-    """MVAR_VERBOSE=1 (or a workflow's --verbose): Ray's own INFO and WARNING messages are shown."""
+    """MVAR_VERBOSE=1 (or a command's --verbose: mvar.commands.set_verbose): Ray's own INFO and WARNING messages are shown."""
     return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
-
-
-def set_verbose(on: bool) -> None:
-    """For a workflow's --verbose: in the environment, so that child processes (sweep trials) inherit it."""
-    if on:
-        os.environ[VERBOSE_ENV] = "1"
 
 
 def quiet_env(loopback: bool) -> dict[str, str]:
@@ -88,6 +86,23 @@ def quiet_train_worker() -> None:
 def ray_log_level() -> int:
     """Level of the driver's `ray` logger."""
     return logging.INFO if verbose() else logging.ERROR
+
+
+def check_job_paths(paths: dict[str, str], tracking_uri: str | None) -> None:
+    """Inside `ray job submit` the working directory is a temporary copy, different on every node:
+    a relative location would read from it (data is not uploaded) or write into it (deleted with
+    the job). ``paths``: config key -> location ('' = unset); ``tracking_uri``: the run's
+    ``tracking.uri`` ('' = unset), None for a run that is not tracked."""
+    if not in_ray_job():
+        return
+    for key, value in paths.items():
+        if value and storage.is_local(value) and not Path(value).is_absolute():
+            raise UserError(f"config key '{key}': '{value}' is relative, but a Ray job runs in a temporary copy "
+                            f"of the working directory; pass an absolute path on storage every node sees "
+                            f"({key}=/abs/path/...)")
+    if tracking_uri == "" and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise UserError("config key 'tracking.uri': not set and no MLFLOW_TRACKING_URI in the job's environment; "
+                        "the default SQLite store would be deleted with the job's working directory")
 
 
 def connect(num_cpus: int | None = None, num_gpus: int | None = None, env_vars: dict | None = None) -> str:

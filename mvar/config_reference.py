@@ -10,21 +10,20 @@ from mvar.config import describe
 
 # (title, how it is used, "module:Class")
 SECTIONS = [
-    ("Training run", "`python -m workflows.train --config FILE key=value ...`", "mvar.training.config:TrainConfig"),
-    ("Tokenizer training run", "`python -m workflows.train_tokenizer --config FILE key=value ...`",
+    ("Training run", "`mvar train --config FILE key=value ...` (= `python -m workflows.train`)",
+     "mvar.training.config:TrainConfig"),
+    ("Tokenizer training run", "`mvar train-tokenizer --config FILE key=value ...` (= `python -m workflows.train_tokenizer`)",
      "mvar.training.tokenizer_config:TokenizerTrainConfig"),
-    ("Evaluation", "`python -m workflows.evaluate` / `mvar eval` (`eval.*` keys)",
+    ("Evaluation", "`mvar eval ... key=value` (= `python -m workflows.evaluate`; `eval.*` keys)",
      "mvar.evaluation.config:EvaluateConfig"),
-    ("Sweep study", "`python -m sweeps.run STUDY.yaml`", "sweeps.study:StudyConfig"),
+    ("Sweep study", "`mvar sweep STUDY.yaml study.key=value` (= `python -m sweeps.run`)", "sweeps.study:StudyConfig"),
 ]
 
 
 def _cls(path: str):
+    """The dataclass; a module that fails to import is an error, not a section that goes missing."""
     module, _, name = path.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
+    return getattr(importlib.import_module(module), name)
 
 
 def _value(v) -> str:
@@ -38,8 +37,6 @@ def render() -> str:
            "the YAML file or on the command line as `key.sub=value`; lists as `a,b,c` or `[a, b]`.", ""]
     for title, usage, path in SECTIONS:
         cls = _cls(path)
-        if cls is None:
-            continue
         out += [f"## {title}", "", f"{usage}: `{path.replace(':', '.')}`", "", "| key | type | default |",
                 "| --- | --- | --- |"]
         out += [f"| `{key}` | {tp} | `{_value(default)}` |" for key, tp, default in describe(cls)]

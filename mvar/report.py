@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from mvar.models.config import PATTERNS
+
 # (column, MLflow metric, lower is better?)
 COLUMNS = [
     ("infer s/batch", "infer/latency_s", True),
@@ -28,7 +30,7 @@ COLUMNS = [
     ("precision", "eval/precision", False),
     ("recall", "eval/recall", False),
 ]
-VARIANT_ORDER = {"var": 0, "scale_markov": 1, "mvar": 2}
+VARIANT_ORDER = {variant: i for i, variant in enumerate(PATTERNS)}
 
 
 @dataclass
@@ -40,22 +42,17 @@ class Report:
 
 def collect(experiment: str, uri: str = "") -> list[dict]:
     """Rows of the experiment's runs: identity columns plus the latest value of each metric."""
-    from mvar import tracking
-    c = tracking.client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        from mvar.errors import UserError
-        raise UserError(f"no MLflow experiment '{experiment}' in {tracking.resolve_uri(uri)}")
+    from mvar.tracking import PARENT_TAG, Store
     rows = []
-    for run in c.search_runs([exp.experiment_id], max_results=5000):
-        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-        if "mvar.variant" not in tags or "mlflow.parentRunId" in tags or tags.get("mvar.report"):
+    for run in Store(uri).runs(experiment):
+        tags, params, metrics = run.tags, run.params, run.metrics
+        if "mvar.variant" not in tags or PARENT_TAG in tags or tags.get("mvar.report"):
             continue
         depth = params.get("model.depth") or _depth_of(tags.get("mvar.size", ""))
-        rows.append({"run": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status,
+        rows.append({"run": run.name, "run_id": run.run_id, "status": run.status,
                      "variant": tags["mvar.variant"], "depth": int(depth) if depth else 0,
                      "window": int(params["model.window_size"]) if params.get("model.window_size") else 0,
-                     "comparable": tags.get("mvar.metrics_comparable", ""), "start": run.info.start_time,
+                     "comparable": tags.get("mvar.metrics_comparable", ""), "start": run.start_time,
                      **{col: metrics.get(key) for col, key, _ in COLUMNS}})
     rows.sort(key=lambda r: (r["depth"], VARIANT_ORDER.get(r["variant"], 9), r["window"], r["start"]))
     return rows

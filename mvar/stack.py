@@ -529,10 +529,11 @@ def _create_optuna_tables(url: str) -> None:
     """optuna-dashboard opens a storage without creating Optuna's tables: an empty or new database (the
     sweeps' SQLite file before the first sweep) gets them here, as the first sweep would."""
     import optuna
+
     from sweeps.storage import masked
     try:
         storage = optuna.storages.RDBStorage(url)
-    except Exception as err:  # noqa: BLE001 - a driver missing, a server not answering, a file not writable
+    except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"--optuna-storage '{masked(url)}' cannot be opened ({type(err).__name__}: {first}); "
                         f"check the URL, the database and PGUSER/PGPASSWORD, or pass another --optuna-storage") from err
@@ -774,7 +775,7 @@ def register(subparsers) -> None:
     stack = subparsers.add_parser("stack", help="a local Ray head + MLflow server + optuna-dashboard on 127.0.0.1",
                                   description="Start, inspect and stop a local Ray head (jobs API, dashboard), "
                                               "an MLflow tracking server and optuna-dashboard, all on 127.0.0.1.")
-    commands = stack.add_subparsers(dest="stack_command", metavar="STACK_COMMAND")
+    commands = stack.add_subparsers(dest="stack_command", metavar="STACK_COMMAND", help="what to do with the stack")
     commands.required = True
     _add_up(commands)
     p = commands.add_parser("status", help="is each service running; exit 0 if all are")

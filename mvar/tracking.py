@@ -1,6 +1,13 @@
-"""Run tracking behind one small interface; MLflow is the implementation.
+"""Run tracking behind one small interface; MLflow is the implementation, and this is the only
+module of the project that imports it.
 
-Workflows log through a ``Tracker``: ``log_params``, ``set_tags``,
+Two parts. A ``Store`` is the driver's side of one tracking store: it finds a run again by its
+key tags or makes it (``find_or_create``), nests runs (``children``), reads params, tags and metric
+histories (``get``, ``history``), sets tags, ends runs (``terminate``) and keeps registered models
+(``register_model``, ``set_alias``, ``resolve_model`` of ``models:/NAME@ALIAS``). What it returns
+is the project's (``RunRecord``), never MLflow's entities.
+
+Workers log through a ``Tracker``: ``log_params``, ``set_tags``,
 ``log_metrics(metrics, step)``, ``log_artifact``, ``log_text``, ``close``.
 Rank 0 gets an ``MlflowTracker`` bound to one run id; other ranks get a
 ``NullTracker``. Metrics and artifacts are sent by a background thread that
@@ -28,6 +35,7 @@ from typing import Any
 
 from mvar.config import check, flatten
 from mvar.errors import UserError
+from mvar.files import one_line
 
 log = logging.getLogger(__name__)
 
@@ -74,27 +82,9 @@ def _artifact_root(uri: str) -> str | None:
 
 
 def client(uri: str = ""):
+    """MLflow's own client on the store: for tests and ad-hoc inspection. The project goes through ``Store``."""
     from mlflow import MlflowClient
     return MlflowClient(tracking_uri=resolve_uri(uri))
-
-
-def experiment_id(name: str, uri: str = "") -> str:
-    """The id of experiment ``name``, created (with artifacts beside a SQLite store) if missing."""
-    uri = resolve_uri(uri)
-    c = client(uri)
-    try:
-        exp = c.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        root = _artifact_root(uri)
-        # the kind makes MLflow 3's UI open the experiment on its runs (not the GenAI overview)
-        return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None,
-                                   tags={"mlflow.experimentKind": "custom_model_development"})
-    except Exception as err:
-        if type(err).__name__ == "RestException" and "RESOURCE_ALREADY_EXISTS" in str(err):
-            return c.get_experiment_by_name(name).experiment_id  # created concurrently
-        raise UserError(f"MLflow tracking store '{uri}' does not answer ({type(err).__name__}: {err}); "
-                        "start it (`mvar stack up`) or set tracking.uri / MLFLOW_TRACKING_URI") from err
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
@@ -111,40 +101,220 @@ def git_commit(cwd: str | Path | None = None) -> str:
         return os.environ.get("MVAR_GIT_COMMIT", "unknown")
 
 
+PARENT_TAG = "mlflow.parentRunId"   # MLflow's nesting: the UI shows such a run under its parent
+CHECKPOINT_TAG = "mvar.checkpoint"   # a training run's final checkpoint; a model version's checkpoint
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the project reads of a run: MLflow's entities stay inside this module."""
+
+    run_id: str
+    name: str
+    status: str                  # RUNNING | FINISHED | FAILED | KILLED
+    experiment_id: str
+    start_time: int              # ms since the epoch
+    params: dict[str, str]
+    tags: dict[str, str]
+    metrics: dict[str, float]    # the latest value of each key
+    artifact_uri: str
+
+
+def _record(run) -> RunRecord:
+    return RunRecord(run.info.run_id, run.info.run_name, run.info.status, run.info.experiment_id,
+                     run.info.start_time, dict(run.data.params), dict(run.data.tags), dict(run.data.metrics),
+                     run.info.artifact_uri)
+
+
+def _tag_query(tags: dict[str, str]) -> str:
+    return " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+
+
+class Store:
+    """One MLflow tracking store: experiments, runs found by their tags or made, their params, tags,
+    metric histories and end, nested runs, and registered models. The driver side of every workflow
+    (training's launch, evaluation, sweeps, the report) goes through it; workers log through a Tracker."""
+
+    def __init__(self, uri: str = ""):
+        self.uri = resolve_uri(uri)
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    # -- experiments -----------------------------------------------------------------------
+    def experiment_id(self, name: str, create: bool = True) -> str | None:
+        """The id of experiment ``name``; created (artifacts beside a SQLite store) if missing and ``create``."""
+        c = self.client
+        try:
+            exp = c.get_experiment_by_name(name)
+            if exp is not None or not create:
+                return exp.experiment_id if exp is not None else None
+            root = _artifact_root(self.uri)
+            # the kind makes MLflow 3's UI open the experiment on its runs (not the GenAI overview)
+            return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None,
+                                       tags={"mlflow.experimentKind": "custom_model_development"})
+        except Exception as err:
+            if type(err).__name__ == "RestException" and "RESOURCE_ALREADY_EXISTS" in str(err):
+                return c.get_experiment_by_name(name).experiment_id  # created concurrently
+            raise UserError(f"MLflow tracking store '{self.uri}' does not answer ({type(err).__name__}: {err}); "
+                            "start it (`mvar stack up`) or set tracking.uri / MLFLOW_TRACKING_URI") from err
+
+    def check(self, experiment: str) -> None:
+        """The store answers (a UserError naming it if not), and nothing is made in it: a SQLite store is a
+        file MLflow creates on first use (its folder exists: ``resolve_uri`` made it), a server is asked."""
+        if not self.uri.startswith("sqlite:"):
+            self.experiment_id(experiment, create=False)
+
+    def experiment_name(self, experiment_id: str) -> str:
+        return self.client.get_experiment(experiment_id).name
+
+    # -- runs ----------------------------------------------------------------------------------
+    def create_run(self, experiment: str, name: str, tags: dict[str, str] | None = None,
+                   parent: str | None = None) -> str:
+        """A new run of ``experiment`` (the checkout's commit tagged), nested under ``parent`` if given."""
+        all_tags = {"mvar.git_commit": git_commit(), **(tags or {})}
+        if parent:
+            all_tags[PARENT_TAG] = parent
+        return self.client.create_run(self.experiment_id(experiment), run_name=name, tags=all_tags).info.run_id
+
+    def find_run(self, experiment: str, tags: dict[str, str], oldest: bool = False) -> str | None:
+        """The newest (or ``oldest``) run of ``experiment`` carrying all of ``tags``; None if none."""
+        exp = self.experiment_id(experiment, create=False)
+        if exp is None:
+            return None
+        found = self.client.search_runs([exp], filter_string=_tag_query(tags), max_results=1,
+                                        order_by=[f"attributes.start_time {'ASC' if oldest else 'DESC'}"])
+        return found[0].info.run_id if found else None
+
+    def find_or_create(self, experiment: str, key: dict[str, str], name: str, tags: dict[str, str] | None = None,
+                       parent: str | None = None, oldest: bool = False) -> tuple[str, bool]:
+        """(run id, found?): the run whose tags hold ``key`` (a rerun of the same command finds it), else a
+        new one tagged ``key`` and ``tags``."""
+        query = {**key, **({PARENT_TAG: parent} if parent else {})}
+        found = self.find_run(experiment, query, oldest)
+        if found:
+            return found, True
+        return self.create_run(experiment, name, {**(tags or {}), **key}, parent), False
+
+    def children(self, parent: str, tags: dict[str, str] | None = None) -> list[str]:
+        """The runs nested under ``parent`` (and carrying ``tags``), oldest first."""
+        exp = self.get(parent).experiment_id
+        found = self.client.search_runs([exp], filter_string=_tag_query({PARENT_TAG: parent, **(tags or {})}),
+                                        order_by=["attributes.start_time ASC"])
+        return [r.info.run_id for r in found]
+
+    def runs(self, experiment: str, max_results: int = 5000) -> list[RunRecord]:
+        """Every run of ``experiment``; a UserError when there is no such experiment."""
+        exp = self.experiment_id(experiment, create=False)
+        if exp is None:
+            raise UserError(f"no MLflow experiment '{experiment}' in {self.uri}")
+        return [_record(r) for r in self.client.search_runs([exp], max_results=max_results)]
+
+    def get(self, run_id: str) -> RunRecord:
+        """The run ``run_id``; a UserError naming the store when it is not there."""
+        try:
+            return _record(self.client.get_run(run_id))
+        except Exception as err:  # unknown, deleted or an unreachable store: one message
+            raise UserError(f"MLflow run '{run_id}' not found in {self.uri} ({type(err).__name__}: "
+                            f"{str(err)[:200]})") from err
+
+    def exists(self, run_id: str) -> bool:
+        try:
+            self.get(run_id)
+            return True
+        except UserError:
+            return False
+
+    def set_tags(self, run_id: str, tags: dict[str, object]) -> None:
+        from mlflow.entities import RunTag
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every logged value of ``key``, by step (then time)."""
+        metrics = sorted(self.client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        return [(m.step, m.value) for m in metrics]
+
+    def last_step(self, run_id: str, key: str) -> int:
+        """Highest step logged for ``key`` (-1 if none)."""
+        return max((step for step, _ in self.history(run_id, key)), default=-1)
+
+    def logged_steps(self, run_id: str) -> dict[str, int]:
+        """Highest step logged per metric key of a run (system metrics aside): what a resumed run must not log
+        again. Per key, because a run killed mid-step can have logged ``train/loss`` for a step but not the
+        ``val/loss`` that follows it; the resumed run recomputes that step and must still log the missing key."""
+        keys = [k for k in self.get(run_id).metrics if not k.startswith("system/")]
+        return {k: self.last_step(run_id, k) for k in keys}
+
+    def reopen(self, run_id: str) -> None:
+        """Mark a run found again RUNNING (a rerun continues it)."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def terminate(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    # -- registered models ---------------------------------------------------------------------
+    def register_model(self, name: str, run_id: str, location: str, tags: dict[str, str] | None = None) -> str:
+        """A new version of registered model ``name`` (created if missing) for the checkpoint at ``location``
+        made by ``run_id``; returns the version."""
+        try:
+            self.client.create_registered_model(name)
+        except Exception as err:  # only "exists already" is expected
+            if "RESOURCE_ALREADY_EXISTS" not in str(getattr(err, "error_code", "")) + str(err):
+                raise
+        version = self.client.create_model_version(name, location, run_id=run_id,
+                                                   tags={CHECKPOINT_TAG: location, **(tags or {})})
+        return str(version.version)
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        """``models:/NAME@ALIAS`` names ``version`` from now on (an alias moves, a version stays)."""
+        self.client.set_registered_model_alias(name, alias, str(version))
+
+    def resolve_model(self, model_uri: str) -> str:
+        """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> the checkpoint location of that version."""
+        name, alias, version = _parse_model_uri(model_uri)
+        try:
+            mv = (self.client.get_model_version_by_alias(name, alias) if alias
+                  else self.client.get_model_version(name, version))
+        except Exception as err:  # unknown model, alias or version: one message
+            raise UserError(f"'{model_uri}' is not a registered model version in {self.uri} "
+                            f"({one_line(err)[:200]})") from err
+        return mv.tags.get(CHECKPOINT_TAG) or mv.source
+
+
+def _parse_model_uri(model_uri: str) -> tuple[str, str, str]:
+    """(name, alias, version) of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    rest = model_uri[len("models:/"):] if model_uri.startswith("models:/") else ""
+    name, at, alias = rest.partition("@")
+    if not at:
+        name, _, version = rest.partition("/")
+        if name and version.isdigit():
+            return name, "", version
+    elif name and alias and "/" not in name:
+        return name, alias, ""
+    raise UserError(f"model '{model_uri}' is not of the form models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
 def start_run(cfg: TrackingConfig, run_name: str, tags: dict[str, str] | None = None,
               parent_run_id: str | None = None) -> str:
-    """Create a run and return its id (the driver does this once; workers attach by id)."""
-    uri = resolve_uri(cfg.uri)
-    exp = experiment_id(cfg.experiment, uri)
-    all_tags = {"mvar.git_commit": git_commit(), **(tags or {})}
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client(uri).create_run(exp, run_name=cfg.run_name or run_name, tags=all_tags)
-    return run.info.run_id
+    """Create a run of ``cfg``'s store and experiment (named ``cfg.run_name`` if set) and return its id."""
+    return Store(cfg.uri).create_run(cfg.experiment, cfg.run_name or run_name, tags, parent_run_id)
 
 
-def run_exists(run_id: str, uri: str = "") -> bool:
-    try:
-        client(uri).get_run(run_id)
-        return True
-    except Exception:  # noqa: BLE001 - deleted, unknown or unreachable: start afresh
-        return False
+def experiment_id(name: str, uri: str = "") -> str:
+    return Store(uri).experiment_id(name)
 
 
 def last_logged_step(run_id: str, key: str, uri: str = "") -> int:
-    """Highest step logged for ``key`` (-1 if none)."""
-    history = client(uri).get_metric_history(run_id, key)
-    return max((m.step for m in history), default=-1)
+    return Store(uri).last_step(run_id, key)
 
 
 def logged_steps(run_id: str, uri: str = "") -> dict[str, int]:
-    """Highest step logged per metric key of a run (system metrics aside): what a resumed run must not log again.
-
-    Per key, because a run killed mid-step can have logged ``train/loss`` for a step but not the ``val/loss``
-    that follows it; the resumed run recomputes that step and must still log the missing key."""
-    c = client(uri)
-    keys = [k for k in c.get_run(run_id).data.metrics if not k.startswith("system/")]
-    return {k: last_logged_step(run_id, k, uri) for k in keys}
+    return Store(uri).logged_steps(run_id)
 
 
 class NullTracker:
@@ -170,7 +340,7 @@ class MlflowTracker(NullTracker):
         self.uri = resolve_uri(cfg.uri)
         self._client = MlflowClient(tracking_uri=self.uri)
         # a resumed run: per key, the steps already logged are not logged again
-        self._logged = logged_steps(run_id, self.uri) if skip_logged else {}
+        self._logged = Store(self.uri).logged_steps(run_id) if skip_logged else {}
         self._queue: queue.Queue[Callable[[], Any] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._drain, name="mvar-tracking", daemon=True)
         self._thread.start()

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import optuna
 
-from mvar import tracking
 from mvar.config import ConfigError, flatten, from_dict
 from mvar.errors import UserError
+from mvar.tracking import Store
 from mvar.training.config import TrainConfig, load_train_config
 from mvar.training.launch import run_key, storage_location
 from sweeps import runs
@@ -78,38 +78,32 @@ class TrainingRun:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg, self.name = cfg, cfg.run.name
-        self.uri, self.experiment = cfg.tracking.uri, cfg.tracking.experiment
+        self.store, self.experiment = Store(cfg.tracking.uri), cfg.tracking.experiment
         self.key = run_key(cfg, storage_location(cfg.run.storage_path))
         self.run_id = ""
         self.reported: set[int] = set()
 
     def find(self) -> str:
         if not self.run_id:
-            c = tracking.client(self.uri)
-            exp = c.get_experiment_by_name(self.experiment)
-            found = c.search_runs([exp.experiment_id], filter_string=f"tags.`mvar.run_key` = '{self.key}'",
-                                  max_results=1) if exp else []
-            self.run_id = found[0].info.run_id if found else ""
+            self.run_id = self.store.find_run(self.experiment, {"mvar.run_key": self.key}) or ""
         return self.run_id
 
     def new_val_loss(self) -> list[tuple[int, float]]:
         if not self.find():
             return []
-        history = tracking.client(self.uri).get_metric_history(self.run_id, "val/loss")
-        new = sorted({m.step: m.value for m in history if m.step not in self.reported}.items())
+        new = sorted({s: v for s, v in self.store.history(self.run_id, "val/loss") if s not in self.reported}.items())
         self.reported.update(step for step, _ in new)
         return new
 
     def curve(self) -> list[tuple[int, float]]:
-        history = tracking.client(self.uri).get_metric_history(self.run_id, "val/loss") if self.find() else []
-        return sorted({m.step: m.value for m in history}.items())
+        return sorted(dict(self.store.history(self.run_id, "val/loss")).items()) if self.find() else []
 
 
 def check_same_params(run: TrainingRun, params: dict) -> None:
     """A run of this name with other values means the study was restarted on a fresh storage."""
     if not run.find():
         return
-    logged = tracking.client(run.uri).get_run(run.run_id).data.params
+    logged = run.store.get(run.run_id).params
     ours = flatten(run.cfg)
     differ = {k: (logged[k], str(ours[k])) for k in params if k in logged and logged[k] != str(ours[k])}
     if differ:
@@ -183,14 +177,12 @@ def train(ctx: SweepContext, trial: optuna.Trial, run: TrainingRun, overrides: l
 
 def mark_pruned(run: TrainingRun, step: int) -> None:
     if run.find():
-        c = tracking.client(run.uri)
-        c.set_tag(run.run_id, "mvar.stopped", f"pruned by the sweep at step {step}")
-        c.set_terminated(run.run_id, "KILLED")
+        run.store.set_tags(run.run_id, {"mvar.stopped": f"pruned by the sweep at step {step}"})
+        run.store.terminate(run.run_id, "KILLED")
 
 
 def train_metric(uri: str, run_id: str, name: str, aggregate: str) -> float | None:
-    history = tracking.client(uri).get_metric_history(run_id, name)
-    values = [m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
+    values = [value for _, value in Store(uri).history(run_id, name)]
     if not values:
         return None
     return {"last": values[-1], "max": max(values), "median": statistics.median(values)}[aggregate]

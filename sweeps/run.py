@@ -1,12 +1,5 @@
-"""Run an Optuna study whose trials are training + evaluation runs on Ray.
-
-    python -m sweeps.run sweeps/k_depth.yaml [--storage URL] [--n-trials N] [--n-parallel N] [--check]
-                         [key.sub=value ...]          # base training config overrides, every trial
-                         [study.key=value ...]        # study file keys: study.eval.num_per_class=5
-
-Rerunning the same command continues the study: finished trials are kept, a trial whose
-process died is retried (heartbeats), the budget counts complete and pruned trials.
-Everything in the study file is checked before the first trial starts (`--check` stops there).
+"""`python -m sweeps.run STUDY.yaml ...`: the same command as `mvar sweep` (its --help and flags:
+mvar/commands/sweep.py); here: the study file, the storage and the checks before a study runs.
 """
 from __future__ import annotations
 
@@ -16,29 +9,13 @@ import os
 import sys
 from dataclasses import dataclass
 
-from mvar.config import ConfigError
-from mvar.errors import UserError
+from mvar.commands import run_cli, standalone
+from mvar.commands.sweep import DESCRIPTION, configure
 from sweeps.checks import Preflight, preflight
 from sweeps.storage import masked, open_storage, storage_url
 from sweeps.study import StudyConfig, load_study
 
 log = logging.getLogger("sweeps")
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sweeps.run", description=__doc__.splitlines()[0])
-    p.add_argument("study", help="study file (sweeps/*.yaml)")
-    p.add_argument("--storage", default="", help="Optuna storage URL (default: MVAR_OPTUNA_STORAGE, the study "
-                   "file's, else sqlite:///out/optuna/optuna.db); PostgreSQL: postgresql://HOST:PORT/DB with "
-                   "PGUSER/PGPASSWORD in the environment")
-    p.add_argument("--n-trials", type=int, help="finished trials the study should end with (the file's n_trials)")
-    p.add_argument("--n-parallel", type=int, help="trials at once (the file's n_parallel; 0 = what Ray fits)")
-    p.add_argument("--check", action="store_true", help="check the study file, its inputs and the storage; run nothing")
-    p.add_argument("--verbose", action="store_true",
-                   help="also Ray's own INFO/WARNING messages, in the sweep and its trials (MVAR_VERBOSE=1)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value for the base training config; study.key=value "
-                   "for the study file")
-    return p.parse_intermixed_args(argv)
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
@@ -55,6 +32,15 @@ def keep_loopback() -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+def study_overrides(args: argparse.Namespace) -> list[str]:
+    """The study file's overrides: `study.key=value` items, then the flags that are their shorthands."""
+    items = split_overrides(args.overrides)[0]
+    for flag, key in ((args.n_trials, "n_trials"), (args.n_parallel, "n_parallel")):
+        if flag is not None:
+            items.append(f"{key}={flag}")
+    return items
+
+
 @dataclass
 class Prepared:
     study: StudyConfig
@@ -65,39 +51,37 @@ class Prepared:
 
 def prepare(args: argparse.Namespace) -> Prepared:
     """The study file, the storage, every check on the inputs: all before anything runs."""
-    study_items, base_items = split_overrides(args.overrides)
-    for flag, key in ((args.n_trials, "n_trials"), (args.n_parallel, "n_parallel")):
-        if flag is not None:
-            study_items.append(f"{key}={flag}")
-    study = load_study(args.study, study_items)
+    study = load_study(args.study, study_overrides(args))
     url = storage_url(args.storage, study.storage)
     storage = open_storage(url, study.resume)
-    return Prepared(study, preflight(study, base_items), url, storage)
+    return Prepared(study, preflight(study, split_overrides(args.overrides)[1]), url, storage)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from mvar import cluster
-    cluster.set_verbose(args.verbose)  # in the environment: the trials' training processes inherit it
+def run_sweep(args: argparse.Namespace) -> int:
+    """Check everything, then run the study (or stop after the checks: --check, --print-config)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     keep_loopback()
+    if args.print_config:
+        from mvar.config import dump_yaml
+        print(dump_yaml(load_study(args.study, study_overrides(args))), end="")
+        return 0
+    prep = prepare(args)
+    if args.check:
+        print(f"OK: {args.study}: {len(prep.study.search_space)} keys searched, storage {masked(prep.url)}")
+        return 0
+    from sweeps.driver import run_study
     try:
-        prep = prepare(args)
-        if args.check:
-            print(f"{args.study}: ok ({len(prep.study.search_space)} keys searched, storage "
-                  f"{masked(prep.url)})")
-            return 0
-        from sweeps.driver import run_study
         return run_study(prep.study, prep.pre, prep.url, prep.storage)
-    except (ConfigError, UserError) as err:
-        print(f"sweeps.run: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("sweeps.run: interrupted; rerun the same command to continue (interrupted trials are retried)",
               file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(standalone("python -m sweeps.run", DESCRIPTION, configure), argv, name="sweeps.run")
 
 
 if __name__ == "__main__":

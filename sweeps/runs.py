@@ -15,9 +15,8 @@ from dataclasses import dataclass, replace
 
 import yaml
 
-from mvar import tracking
 from mvar.config import to_dict
-from mvar.tracking import MlflowTracker, TrackingConfig
+from mvar.tracking import MlflowTracker, Store, TrackingConfig
 from sweeps.study import StudyConfig
 
 log = logging.getLogger(__name__)
@@ -35,22 +34,15 @@ class SweepTracking:
         return self.cfg.uri
 
 
-def _find(t: SweepTracking, tags: dict[str, str]) -> str | None:
-    c = tracking.client(t.uri)
-    exp = tracking.experiment_id(t.cfg.experiment, t.uri)
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    found = c.search_runs([exp], filter_string=query, order_by=["attributes.start_time ASC"], max_results=1)
-    return found[0].info.run_id if found else None
-
-
 def parent_run(t: SweepTracking, study: StudyConfig, storage_shown: str, sampler: str) -> tuple[str, bool]:
     """(run id, found again?): the study's parent run, reopened on a rerun, else a new one."""
-    found = _find(t, {"mvar.study_key": t.study_key, "mvar.sweep": "parent"})
+    store = Store(t.uri)
+    run_id, found = store.find_or_create(t.cfg.experiment, {"mvar.study_key": t.study_key, "mvar.sweep": "parent"},
+                                         t.cfg.run_name or study.study_name, {"mvar.study": study.study_name},
+                                         oldest=True)
     if found:
-        tracking.client(t.uri).update_run(found, status="RUNNING")
-        return found, True
-    tags = {"mvar.study": study.study_name, "mvar.study_key": t.study_key, "mvar.sweep": "parent"}
-    run_id = tracking.start_run(t.cfg, study.study_name, tags=tags)
+        store.reopen(run_id)
+        return run_id, True
     tr = MlflowTracker(run_id, t.cfg)
     tr.log_params({"study.name": study.study_name, "study.storage": storage_shown, "study.sampler": sampler,
                    "study.pruner": study.pruner.name, "study.n_trials": study.n_trials,
@@ -64,13 +56,13 @@ def parent_run(t: SweepTracking, study: StudyConfig, storage_shown: str, sampler
 
 def child_run(t: SweepTracking, trial_key: int, params: dict) -> str:
     """The child run of trial ``trial_key`` (the first attempt's number), made on its first attempt."""
-    found = _find(t, {"mlflow.parentRunId": t.parent_run_id, "mvar.trial": str(trial_key)})
+    store = Store(t.uri)
+    run_id, found = store.find_or_create(t.cfg.experiment, {"mvar.trial": str(trial_key)}, f"trial-{trial_key}",
+                                         {"mvar.study": t.study_name, "mvar.sweep": "trial"},
+                                         parent=t.parent_run_id, oldest=True)
     if found:
-        tracking.client(t.uri).update_run(found, status="RUNNING")
-        return found
-    tags = {"mvar.study": t.study_name, "mvar.sweep": "trial", "mvar.trial": str(trial_key)}
-    run_id = tracking.start_run(replace(t.cfg, run_name=""), f"trial-{trial_key}", tags=tags,
-                                parent_run_id=t.parent_run_id)
+        store.reopen(run_id)
+        return run_id
     tr = MlflowTracker(run_id, t.cfg)
     tr.log_params(params)
     tr.close(status="")
@@ -78,11 +70,9 @@ def child_run(t: SweepTracking, trial_key: int, params: dict) -> str:
 
 
 def link(t: SweepTracking, child_id: str, train_run_id: str, trial_key: int, optuna_number: int) -> None:
-    c = tracking.client(t.uri)
-    c.set_tag(child_id, "mvar.train_run_id", train_run_id)
-    c.set_tag(child_id, "mvar.optuna_trial", str(optuna_number))
-    for key, value in (("mvar.study", t.study_name), ("mvar.trial", str(trial_key)), ("mvar.sweep_run_id", child_id)):
-        c.set_tag(train_run_id, key, value)
+    store = Store(t.uri)
+    store.set_tags(child_id, {"mvar.train_run_id": train_run_id, "mvar.optuna_trial": optuna_number})
+    store.set_tags(train_run_id, {"mvar.study": t.study_name, "mvar.trial": trial_key, "mvar.sweep_run_id": child_id})
 
 
 def finish_child(t: SweepTracking, child_id: str, state: str, metrics: dict[str, float] | None = None,

@@ -50,8 +50,10 @@ def _deterministic():
 LOOPBACK = "127.0.0.1"
 
 
-def _bound_to(ip: str, host: str) -> bool:
-    return ip in (host, f"::ffff:{host}")  # an IPv6 socket bound to the v4-mapped address is the same
+def _bound_to(ip: str, hosts) -> bool:
+    """``ip`` is one of ``hosts`` (an IPv6 socket bound to the v4-mapped address is the same)."""
+    hosts = (hosts,) if isinstance(hosts, str) else tuple(hosts)
+    return any(ip in (host, f"::ffff:{host}") for host in hosts)
 
 
 class ListenerWatch:
@@ -98,15 +100,19 @@ class ListenerWatch:
         self._stop.set()
         self._thread.join()
 
-    def foreign(self, host: str = LOOPBACK) -> list[str]:
+    def foreign(self, host=LOOPBACK, exempt=None) -> list[str]:
+        """The sockets seen bound to none of ``host`` (one address or several), leaving out those
+        ``exempt(pid, ip, port)`` says are known exceptions."""
         return [f"pid {pid} ({cmd}) listens on {ip}:{port}" for (pid, ip, port), cmd in sorted(self.seen.items())
-                if not _bound_to(ip, host)]
+                if not _bound_to(ip, host) and not (exempt and exempt(pid, ip, port))]
 
-    def assert_listeners_on(self, host: str = LOOPBACK, expect: tuple[str, ...] = ()) -> None:
-        """Every socket seen listens on ``host``; a process whose command line holds each of ``expect``
-        was seen listening (so the check looked at the run it means to)."""
-        bad = self.foreign(host)
-        assert not bad, "listening beyond " + host + ":\n" + "\n".join(bad)
+    def assert_listeners_on(self, host=LOOPBACK, expect: tuple[str, ...] = (), exempt=None) -> None:
+        """Every socket seen listens on ``host`` (or one of several hosts) unless ``exempt``; a process
+        whose command line holds each of ``expect`` was seen listening (so the check looked at the run
+        it means to)."""
+        bad = self.foreign(host, exempt)
+        where = host if isinstance(host, str) else ", ".join(host)
+        assert not bad, "listening beyond " + where + ":\n" + "\n".join(bad)
         for word in expect:
             assert any(word in cmd for cmd in self.seen.values()), \
                 f"no listening process with '{word}' seen; saw: {sorted(set(self.seen.values()))}"
@@ -138,3 +144,123 @@ class Listeners:
 @pytest.fixture(scope="session")
 def listeners() -> type[Listeners]:
     return Listeners
+
+
+# -- lost and duplicated steps (the figures of docs/reliability.md's fault matrix) ---------------
+
+class StepTally:
+    """The steps a run logged for one metric against those it should have logged exactly once."""
+
+    def __init__(self, expected, logged, samples_per_step: int = 0):
+        self.expected, self.logged, self.samples_per_step = list(expected), list(logged), samples_per_step
+
+    @property
+    def lost(self) -> list[int]:
+        return sorted(set(self.expected) - set(self.logged))
+
+    @property
+    def duplicated(self) -> list[int]:
+        return sorted({s for s in self.logged if self.logged.count(s) > 1})
+
+    @property
+    def unexpected(self) -> list[int]:
+        return sorted(set(self.logged) - set(self.expected))
+
+    @property
+    def samples_lost(self) -> int:
+        """Samples never trained on: the data position is the step, each step draws a global batch."""
+        return len(self.lost) * self.samples_per_step
+
+    def figures(self) -> str:
+        return (f"steps: {len(self.lost)} lost, {len(self.duplicated)} duplicated; "
+                f"samples: {self.samples_lost} lost (of {len(self.expected)} steps)")
+
+    def assert_clean(self) -> str:
+        """0 lost, 0 duplicated, nothing beyond the expected steps; returns the figures."""
+        assert not (self.lost or self.duplicated or self.unexpected), (
+            f"{self.figures()}; lost {self.lost[:10]}, duplicated {self.duplicated[:10]}, "
+            f"unexpected {self.unexpected[:10]}")
+        return self.figures()
+
+
+class Tally:
+    """What the `step_tally` fixture gives tests: the tally of a training run found in MLflow."""
+
+    StepTally = StepTally
+
+    @staticmethod
+    def of_run(uri: str, run_id: str, steps, key: str = "train/loss", samples_per_step: int = 0) -> StepTally:
+        from mvar import tracking
+        logged = [m.step for m in tracking.client(uri).get_metric_history(run_id, key)]
+        return StepTally(steps, logged, samples_per_step)
+
+
+@pytest.fixture(scope="session")
+def step_tally() -> type[Tally]:
+    return Tally
+
+
+# -- a full disk: a small tmpfs where the machine lets tests mount one, else ENOSPC injected -------
+
+def _mount_tmpfs(path: Path, size: int, remount: bool = False) -> bool:
+    import subprocess
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"remount,size={size}" if remount else f"size={size}"
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True,
+                          check=False).returncode == 0
+
+
+_TMPFS_ALLOWED: list[bool] = []
+
+
+def tmpfs_allowed() -> bool:
+    """Whether this machine lets the tests mount a tmpfs (root, no container policy against it): probed once."""
+    if not _TMPFS_ALLOWED:
+        import shutil
+        import subprocess
+        import tempfile
+        probe = Path(tempfile.mkdtemp(prefix="mvar-tmpfs-probe-"))
+        ok = shutil.which("mount") is not None and _mount_tmpfs(probe, 1 << 20)
+        if ok:
+            subprocess.run(["umount", str(probe)], check=True)
+        probe.rmdir()
+        _TMPFS_ALLOWED.append(ok)
+    return _TMPFS_ALLOWED[0]
+
+
+def pytest_generate_tests(metafunc):
+    """A test taking ``disk_full`` runs once, named after how it fills the disk: ``tmpfs`` (a real full
+    disk) where the machine allows it, else ``injected-enospc`` (MVAR_FAULT at the same write);
+    MVAR_TESTS_DISK_FULL=injected-enospc picks the second anyway."""
+    if "disk_full" in metafunc.fixturenames:
+        forced = os.environ.get("MVAR_TESTS_DISK_FULL", "")
+        metafunc.parametrize("disk_full", [forced or ("tmpfs" if tmpfs_allowed() else "injected-enospc")])
+
+
+class SmallDisk:
+    """Small tmpfs mounts for one test, unmounted at its end."""
+
+    def __init__(self):
+        self.mounts: list[Path] = []
+
+    def mount(self, path: Path, size: int) -> Path:
+        assert _mount_tmpfs(path, size), f"mount -t tmpfs at {path} failed"
+        self.mounts.append(path)
+        return path
+
+    def grow(self, path: Path, size: int) -> None:
+        assert _mount_tmpfs(path, size, remount=True), f"remount of {path} failed"
+
+    def unmount_all(self) -> None:
+        import subprocess
+        for path in reversed(self.mounts):
+            subprocess.run(["umount", str(path)], check=False)
+
+
+@pytest.fixture
+def small_disk():
+    disk = SmallDisk()
+    try:
+        yield disk
+    finally:
+        disk.unmount_all()

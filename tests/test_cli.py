@@ -1,4 +1,5 @@
 """The `mvar` commands of the model core, end to end on the authors' tiny weights."""
+import argparse
 import json
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import torch
 from PIL import Image
 
 from mvar.checkpoint import load_checkpoint, read_checkpoint_meta, tokenizer_fingerprint
-from mvar.cli import main
+from mvar.cli import build_parser, main
 from mvar.sampling import make_generator, sample_images
 
 
@@ -121,3 +122,96 @@ def test_checkpoint_of_another_architecture_is_refused(imported, tmp_path, capsy
     assert "model.pt' does not fit this NextScaleTransformer" in err and "'head.weight' has shape (33, 64)" in err
     assert main(["bench", "--size", "d17"]) == 2
     assert "--size: unknown 'd17'" in capsys.readouterr().err
+
+
+# -- the command surface --------------------------------------------------------------------
+
+def entry_parsers() -> dict[str, argparse.ArgumentParser]:
+    """`mvar` and the parsers of the module entry points (`python -m workflows.train` ...)."""
+    from mvar.commands import evaluate, standalone, sweep, train
+    from tools import bench_window, compare_authors
+    from workflows import bench_gpu, bench_train
+    return {"mvar": build_parser(),
+            "workflows.train": standalone("workflows.train", "", train.configure_train),
+            "workflows.train_tokenizer": standalone("workflows.train_tokenizer", "", train.configure_train_tokenizer),
+            "workflows.evaluate": standalone("workflows.evaluate", "", evaluate.configure),
+            "sweeps.run": standalone("sweeps.run", "", sweep.configure),
+            "workflows.bench_train": standalone("workflows.bench_train", "", bench_train.configure),
+            "workflows.bench_gpu": bench_gpu.parser(), "tools.compare_authors": compare_authors.parser(),
+            "tools.bench_window": bench_window.parser()}
+
+
+def walk(parser, path: str):
+    """(path, parser) of ``parser`` and every sub-command below it."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in dict.items(action._name_parser_map):
+                yield from walk(sub, f"{path} {name}")
+
+
+def test_every_flag_and_argument_of_every_command_has_help():
+    missing, seen = [], 0
+    for name, top in entry_parsers().items():
+        for path, parser in walk(top, name):
+            for action in parser._actions:
+                if isinstance(action, argparse._HelpAction):
+                    continue
+                seen += 1
+                if not (action.help or "").strip():
+                    missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+    assert seen > 150 and not missing, "without help text:\n" + "\n".join(missing)
+
+
+def test_help_shows_defaults_and_every_config_command_has_check_and_print_config():
+    parsers = {path: p for name, top in entry_parsers().items() for path, p in walk(top, name)}
+    text = parsers["mvar sample"].format_help()
+    assert "images per class id (default: 1)" in " ".join(text.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for path in ("mvar train", "mvar train-tokenizer", "mvar eval", "mvar sweep", "workflows.train",
+                 "workflows.train_tokenizer", "workflows.evaluate", "sweeps.run"):
+        flags = {s for a in parsers[path]._actions for s in a.option_strings}
+        assert {"--check", "--print-config"} <= flags, path
+
+
+def test_a_command_module_that_fails_to_import_is_an_error_not_a_missing_command(monkeypatch):
+    import importlib
+
+    import mvar
+    import mvar.cli
+    monkeypatch.delattr(mvar, "stack")
+    monkeypatch.setitem(sys.modules, "mvar.stack", None)  # as if importing it raised
+    try:
+        with pytest.raises(ImportError, match="mvar.stack"):
+            importlib.reload(mvar.cli)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(mvar.cli)
+
+
+def test_eval_takes_overrides_positionally_and_flags_as_shorthands_of_keys(tmp_path, capsys):
+    import yaml
+    base = ["eval", "--checkpoint", str(tmp_path), "--no-metrics", "--print-config"]
+    assert main(base + ["eval.seed=3", "--num-workers", "0", "eval.classes=[1,2]", "--seed", "2"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["eval"]["seed"], cfg["eval"]["num_workers"], cfg["eval"]["classes"]) == (3, 0, [1, 2])  # key wins
+    assert cfg["checkpoint"] == str(tmp_path) and cfg["eval"]["metrics"] is False
+    assert main(base + ["--set", "eval.seed=4"]) == 0  # the deprecated spelling still works
+    assert yaml.safe_load(capsys.readouterr().out)["eval"]["seed"] == 4
+    assert main(base + ["eval.sed=1"]) == 2
+    assert "unknown config key 'eval.sed'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "make-reff", "--out", "x.npz"])  # neither a helper command nor an override
+    assert "invalid choice: 'make-reff'" in capsys.readouterr().err
+
+
+def test_mvar_train_and_the_workflow_module_are_one_command(capsys):
+    from workflows.train import main as workflow_main
+    argv = ["--config", "workflows/configs/mvar_tiny_local.yaml", "run.steps=7", "--print-config", "model.depth=3"]
+    assert main(["train", *argv]) == 0
+    ours = capsys.readouterr().out
+    assert workflow_main(argv) == 0
+    assert capsys.readouterr().out == ours and "steps: 7" in ours and "depth: 3" in ours
+    assert main(["train", "--config", "workflows/configs/mvar_tiny_local.yaml", "run.stepz=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mvar train: error: unknown config key 'run.stepz'; allowed under")

@@ -110,3 +110,52 @@ def test_relative_sqlite_uri_becomes_absolute(tmp_path, monkeypatch):
     assert tracking.resolve_uri("") == f"sqlite:///{tmp_path}/out/mlflow/mlflow.db"
     with pytest.raises(UserError, match="no scheme"):
         tracking.resolve_uri("somewhere")
+
+
+def test_store_finds_or_creates_runs_by_key_nests_children_and_ends_them(cfg):
+    store = tracking.Store(cfg.uri)
+    assert store.find_run("t", {"mvar.run_key": "a"}) is None  # no experiment yet: nothing found, nothing made
+    run_id, found = store.find_or_create("t", {"mvar.run_key": "a"}, "first", {"mvar.variant": "mvar"})
+    assert not found and store.find_or_create("t", {"mvar.run_key": "a"}, "again")[0:2] == (run_id, True)
+    run = store.get(run_id)
+    assert (run.name, run.status, run.tags["mvar.variant"], run.tags["mvar.run_key"]) == ("first", "RUNNING", "mvar", "a")
+    kids = [store.find_or_create("t", {"mvar.trial": str(i)}, f"trial-{i}", parent=run_id)[0] for i in (0, 1)]
+    assert store.children(run_id) == kids and store.children(run_id, {"mvar.trial": "1"}) == kids[1:]
+    assert store.find_or_create("t", {"mvar.trial": "0"}, "x", parent=run_id) == (kids[0], True)
+    grandchild, found = store.find_or_create("t", {"mvar.trial": "0"}, "x", parent=kids[1])
+    assert not found and store.children(kids[1]) == [grandchild]  # the key is looked up under its parent only
+    t = MlflowTracker(run_id, cfg)
+    for step, value in ((2, 0.5), (1, 1.0), (3, 0.25)):
+        t.log_metrics({"val/loss": value}, step)
+    t.close(status="")
+    assert store.history(run_id, "val/loss") == [(1, 1.0), (2, 0.5), (3, 0.25)]
+    store.set_tags(run_id, {"mvar.resumes": 1, "mvar.checkpoint": "/ckpt"})
+    store.terminate(run_id, "KILLED")
+    run = store.get(run_id)
+    assert run.status == "KILLED" and run.tags["mvar.resumes"] == "1" and run.metrics == {"val/loss": 0.25}
+    store.reopen(run_id)
+    assert store.get(run_id).status == "RUNNING"
+    assert {r.run_id for r in store.runs("t")} == {run_id, *kids, grandchild}
+    with pytest.raises(UserError, match="no MLflow experiment 'nope'"):
+        store.runs("nope")
+    with pytest.raises(UserError, match="MLflow run 'f00' not found in sqlite:///"):
+        store.get("f00")
+    assert not store.exists("f00") and store.exists(run_id)
+
+
+def test_store_registers_checkpoints_as_model_versions_and_resolves_aliases(cfg, tmp_path):
+    store = tracking.Store(cfg.uri)
+    run_id = store.create_run("t", "train")
+    first = store.register_model("mvar-tiny", run_id, str(tmp_path / "step_1"))
+    second = store.register_model("mvar-tiny", run_id, str(tmp_path / "step_2"), tags={"mvar.step": "2"})
+    assert (first, second) == ("1", "2")
+    store.set_alias("mvar-tiny", "best", first)
+    assert store.resolve_model("models:/mvar-tiny@best") == str(tmp_path / "step_1")
+    store.set_alias("mvar-tiny", "best", second)  # an alias moves
+    assert store.resolve_model("models:/mvar-tiny@best") == str(tmp_path / "step_2")
+    assert store.resolve_model("models:/mvar-tiny/1") == str(tmp_path / "step_1")
+    with pytest.raises(UserError, match="'models:/mvar-tiny@nope' is not a registered model version"):
+        store.resolve_model("models:/mvar-tiny@nope")
+    for bad in ("mvar-tiny@best", "models:/mvar-tiny", "models:/@best", "models:/a/b@c"):
+        with pytest.raises(UserError, match="not of the form models:/NAME@ALIAS"):
+            store.resolve_model(bad)

@@ -10,7 +10,6 @@ that `auto` uses (mvar.models.attention.BANDED_MIN_SIDE).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -18,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mvar.commands import Parser
 from mvar.models.attention import window_attention
 
 ROWS = {13: 16, 16: 16, 24: 4, 32: 4}  # 2B rows of d8 sampling at 256 px (13, 16) and 512 px (24, 32)
@@ -49,13 +49,17 @@ def measure(side: int, window: int, grad: bool, repeats: int) -> dict[str, float
     return {name: statistics.median(t[1:]) * 1e3 for name, t in times.items()}
 
 
+def parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sides", default="13,16,24,32", help="map sides to time, comma-separated")
+    p.add_argument("--window", type=int, default=7, help="k of the k x k window")
+    p.add_argument("--repeats", type=int, default=9, help="timed calls per case (the first is dropped)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sides", default="13,16,24,32")
-    p.add_argument("--window", type=int, default=7)
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--threads", type=int, default=None)
-    args = p.parse_args()
+    args = parser().parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"load before {os.getloadavg()[0]:.2f}; torch {torch.__version__}, {torch.get_num_threads()} threads")

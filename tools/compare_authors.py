@@ -25,6 +25,9 @@ import types
 from dataclasses import asdict
 from pathlib import Path
 
+from mvar.commands import Parser
+from mvar.models.config import BACKENDS
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BATCH = {256: 8, 512: 2}
 
@@ -386,28 +389,32 @@ def run(args) -> int:
     return 0
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tools.compare_authors", description=__doc__.split("\n\n")[0])
+def parser() -> Parser:
+    p = Parser(prog="python -m tools.compare_authors", description=__doc__.split("\n\n")[0])
     p.add_argument("--var-dir", help="a checkout of FoundationVision/VAR")
     p.add_argument("--mvar-dir", help="a checkout of CVL-UESTC/MVAR")
-    p.add_argument("--resolution", default="256,512")
-    p.add_argument("--size", default="d8")
+    p.add_argument("--resolution", default="256,512", help="image sizes in px, comma-separated")
+    p.add_argument("--size", default="d8", help="model size of the registry")
     p.add_argument("--batch", type=int, default=None, help="default: 8 at 256 px, 2 at 512 px")
-    p.add_argument("--cfg", type=float, default=1.5)
-    p.add_argument("--top-k", type=int, default=900)
-    p.add_argument("--top-p", type=float, default=0.96)
+    p.add_argument("--cfg", type=float, default=1.5, help="guidance at the last scale")
+    p.add_argument("--top-k", type=int, default=900, help="top-k of the sampling")
+    p.add_argument("--top-p", type=float, default=0.96, help="top-p of the sampling")
     p.add_argument("--repeats", type=int, default=2, help="measured calls per phase after a warm-up")
     p.add_argument("--rounds", type=int, default=1, help="every process again, in turn (interleaved A/B)")
     p.add_argument("--ab-rounds", type=int, default=3,
                    help="then every implementation's generate call in turn in one process, this many rounds (0: off)")
     p.add_argument("--in-turn-only", action="store_true", help="only the in-turn generate times (no peaks)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--backend", default="auto", help="our attention backend")
-    p.add_argument("--no-train", action="store_true")
-    p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="our attention backend")
+    p.add_argument("--no-train", action="store_true", help="inference only")
+    p.add_argument("--json", default=None, help="also write the report as JSON to this file")
     p.add_argument("--plot", default=None, help="PNG: our variants' time and peak memory against tokens per batch")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

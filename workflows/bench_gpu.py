@@ -23,23 +23,30 @@ from pathlib import Path
 import torch
 
 from mvar.bench import BenchSpec
+from mvar.commands import Parser
 from mvar.commands.bench import run_variant, table
+from mvar.models.config import BACKENDS, PATTERNS
 
 # The paper's d16 figures on one GPU, and the targets for ours: VAR's value / MVAR's.
 TARGETS = {"infer_peak_mb": 3.5, "infer_latency_s": 1.3, "train_peak_mb": 1.7}
 
 
+def parser() -> Parser:
+    p = Parser(prog="python -m workflows.bench_gpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default=",".join(PATTERNS), help="comma-separated attention patterns")
+    p.add_argument("--size", default="d16", help="model size of the registry (tiny for a smoke run)")
+    p.add_argument("--batch", type=int, default=None, help="images per batch (default: 32 (d16), 2 (tiny))")
+    p.add_argument("--resolution", type=int, default=None, help="image size in px (default: 256, 64 for tiny)")
+    p.add_argument("--device", default="cuda", help="cuda, cuda:1 ..., or cpu for a smoke run")
+    p.add_argument("--repeats", type=int, default=5, help="measured repetitions per phase")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="window attention: auto (NATTEN, else compiled Flex), flex ...")
+    p.add_argument("--out", default="out/bench_gpu", help="folder of bench_gpu.json and bench_gpu.md")
+    return p
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m workflows.bench_gpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", default="var,scale_markov,mvar")
-    p.add_argument("--size", default="d16")
-    p.add_argument("--batch", type=int, default=None, help="default: 32 (d16), 2 (tiny)")
-    p.add_argument("--resolution", type=int, default=None, help="default: 256 (64 for tiny)")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--backend", default="auto", help="window attention: auto (NATTEN, else compiled Flex), flex")
-    p.add_argument("--out", default="out/bench_gpu")
-    return p.parse_args(argv)
+    return parser().parse_args(argv)
 
 
 def check_device(device: str) -> None:

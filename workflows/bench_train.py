@@ -11,7 +11,6 @@ warm-up excluded). Global batch = per-worker batch x workers.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from mvar import cluster, tracking
 from mvar.checkpoint import save_tokenizer
+from mvar.commands import run_cli, standalone
 from mvar.data.synth import write_synth
 from mvar.data.tokens import tokenize
 from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
@@ -48,22 +48,23 @@ def measure(out: Path, variant: str, workers: int, steps: int, batch: int, tok: 
         f"run.storage_path={out / 'runs'}", f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
         "tracking.experiment=bench-train", "tracking.system_metrics=false"])
     outcome = train(cfg)
-    c = tracking.client(cfg.tracking.uri)
+    store = tracking.Store(cfg.tracking.uri)
 
     def median(key: str) -> float:
-        hist = sorted((m.step, m.value) for m in c.get_metric_history(outcome.run_id, key))
-        return statistics.median(v for s, v in hist if s > steps // 4)
+        return statistics.median(v for s, v in store.history(outcome.run_id, key) if s > steps // 4)
     return {"variant": variant, "workers": workers, "batch_per_worker": batch, "steps": steps,
             "images_per_s": median("perf/images_per_s"), "step_s": median("perf/step_s"),
             "peak_mem_mb": median("perf/peak_mem_mb"), "run_id": outcome.run_id}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="out/bench-train")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=16, help="per worker")
-    args = parser.parse_args(argv)
+def configure(parser) -> None:
+    parser.add_argument("--out", default="out/bench-train", help="inputs, runs, MLflow store and bench_train.json")
+    parser.add_argument("--steps", type=int, default=200, help="training steps per run")
+    parser.add_argument("--batch", type=int, default=16, help="batch per worker")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tok, tokens = make_inputs(out)
@@ -76,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['variant']}-tiny | {r['workers']} | {r['batch_per_worker'] * r['workers']} | "
               f"{r['step_s']:.3f} | {r['images_per_s']:.0f} | {r['peak_mem_mb']:.0f} |")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(standalone("python -m workflows.bench_train", __doc__.splitlines()[0], configure), argv,
+                   name="workflows.bench_train")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ straight to what is left.
 """
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from mvar import cluster, tracking
 from mvar.cli import main as mvar_main
+from mvar.commands import Parser
 
 EXPERIMENT = "quickstart"
 STEPS = 8
@@ -69,12 +69,10 @@ class Quickstart:
         return f"{self.out / 'runs'}/{name}"
 
     def finished_run(self, name: str, metric: str):
-        c = tracking.client(self.uri)
-        exp = c.get_experiment_by_name(EXPERIMENT)
-        if exp is None:
-            return None
-        runs = c.search_runs([exp.experiment_id], f"tags.`mvar.run_key` = '{self.run_key(name)}'")
-        return runs[0] if runs and metric in runs[0].data.metrics and runs[0].info.status == "FINISHED" else None
+        store = tracking.Store(self.uri)
+        run_id = store.find_run(EXPERIMENT, {"mvar.run_key": self.run_key(name)})
+        run = store.get(run_id) if run_id else None
+        return run if run and metric in run.metrics and run.status == "FINISHED" else None
 
     def train(self, variant: str) -> None:
         name = f"quickstart-{variant}-tiny"
@@ -94,11 +92,11 @@ class Quickstart:
         run = self.finished_run(name, "train/loss")
         if run is None:
             raise SystemExit(f"no finished training run {name}")
-        if "eval/fid" in run.data.metrics:
+        if "eval/fid" in run.metrics:
             print(f"reusing the evaluation of {name}")
             return
         weights, ref = self.reference()
-        check(mvar_main(["eval", "--run-id", run.info.run_id, "--tracking-uri", self.uri,
+        check(mvar_main(["eval", "--run-id", run.run_id, "--tracking-uri", self.uri,
                          "--reference", str(ref), "--num-per-class",
                          str(self.num_per_class), "--batch-size", "10", "--feature-extractor-weights", str(weights),
                          "--num-workers", "2", "--cpus-per-worker", "0.5",
@@ -136,10 +134,10 @@ def check(rc: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/quickstart", help="where everything is written")
-    parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--tokenizer-steps", type=int, default=60)
+    parser.add_argument("--train-steps", type=int, default=300, help="steps of each generator run")
+    parser.add_argument("--tokenizer-steps", type=int, default=60, help="steps of the tokenizer run")
     parser.add_argument("--num-per-class", type=int, default=10, help="evaluation samples per class")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()

@@ -9,6 +9,7 @@ import sys
 from dataclasses import asdict
 
 from mvar.errors import UserError
+from mvar.models.config import BACKENDS, PATTERNS, SIZES
 
 COLUMNS = [  # (header, key, format)
     ("variant", "variant", "{}"),
@@ -31,15 +32,15 @@ def register(subparsers) -> None:
                                           "FLOPs, training step time and peak memory for each variant, each in "
                                           "its own process. VAR trains on full sequences; scale_markov and mvar on "
                                           "the 8:1:1 scale cycle (averaged) and packed.")
-    p.add_argument("--variants", default="var,scale_markov,mvar")
+    p.add_argument("--variants", default=",".join(PATTERNS), help=f"comma-separated attention patterns ({', '.join(PATTERNS)})")
     p.add_argument("--size", default="d8", help="tiny, d4, d8, d16, d20, d24, d30")
     p.add_argument("--batch", default="8", help="images per batch; a list (8,2) gives one per resolution")
     p.add_argument("--resolution", default="256", help="256, 512, or a list: 256,512 (the scaling table)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--cfg", type=float, default=1.5, help="guidance; 0 turns CFG (and the doubled batch) off")
     p.add_argument("--repeats", type=int, default=3, help="measured repetitions per phase (median time, max peak)")
-    p.add_argument("--window-size", type=int, default=None)
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "banded", "flex", "natten"])
+    p.add_argument("--window-size", type=int, default=None, help="k of mvar's window (default: the size's)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="attention backend of the windowed scales")
     p.add_argument("--no-train", action="store_true", help="inference only")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the results as JSON to this file")
@@ -94,10 +95,9 @@ def run(args: argparse.Namespace) -> int:
     from mvar.bench import BenchSpec
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in ("var", "scale_markov", "mvar")]
+    bad = [v for v in variants if v not in PATTERNS]
     if bad:
-        raise UserError(f"--variants: unknown {bad}; known: var, scale_markov, mvar")
-    from mvar.models.config import SIZES
+        raise UserError(f"--variants: unknown {bad}; known: {', '.join(PATTERNS)}")
     if args.size not in SIZES:
         raise UserError(f"--size: unknown '{args.size}'; known: {', '.join(SIZES)}")
     results = []

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from mvar.models.config import PATTERNS
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
@@ -15,7 +17,7 @@ def register(subparsers) -> None:
     p.add_argument("--vae", required=True, help="tokenizer weights, e.g. vae_ch160v4096z32.pth")
     p.add_argument("--var", required=True, help="generator weights, e.g. var_d16.pth")
     p.add_argument("--out", required=True, help="checkpoint directory to create")
-    p.add_argument("--attention", default="var", choices=["var", "scale_markov", "mvar"],
+    p.add_argument("--attention", default="var", choices=PATTERNS,
                    help="attention pattern recorded in the checkpoint (changeable at sampling time)")
     p.add_argument("--window-size", type=int, default=7, help="k of the k x k window (mvar)")
     p.add_argument("--markov-from-scale", type=int, default=8, help="first 0-based windowed scale (mvar)")
@@ -26,7 +28,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mvar.checkpoint import import_var, read_checkpoint_meta
+    from mvar.checkpoint import read_checkpoint_meta
+    from mvar.var_weights import import_var
 
     out = import_var(args.vae, args.var, args.out, patch_nums=args.patch_nums, overwrite=args.overwrite,
                      attention=args.attention, window_size=args.window_size,

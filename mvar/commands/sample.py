@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from mvar.models.config import PATTERNS
+
 
 def _classes(text: str) -> list[int]:
     try:
@@ -23,10 +25,11 @@ def register(subparsers) -> None:
                    help="classifier-free guidance at the last scale (0: off; default: the checkpoint's, else 1.5)")
     p.add_argument("--top-k", type=int, default=None, help="default: the checkpoint's, else 900")
     p.add_argument("--top-p", type=float, default=None, help="default: the checkpoint's, else 0.96")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attention", choices=["var", "scale_markov", "mvar"], default=None,
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (same seed, same grid)")
+    p.add_argument("--attention", choices=PATTERNS, default=None,
                    help="override the checkpoint's attention pattern (same parameters)")
-    p.add_argument("--window-size", type=int, default=None)
+    p.add_argument("--window-size", type=int, default=None,
+                   help="override the checkpoint's window k of mvar attention (same parameters)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func=run)

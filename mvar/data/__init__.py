@@ -10,7 +10,7 @@ does not pull in torch and webdataset.
 """
 from __future__ import annotations
 
-import importlib
+from mvar.lazy import lazy_getattr
 
 _EXPORTS = {
     "DataConfig": "mvar.data.config",
@@ -30,8 +30,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mvar.data' has no attribute '{name}'")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

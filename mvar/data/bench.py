@@ -18,6 +18,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from mvar.commands import Parser
 from mvar.data.imaging import JPEG_QUALITY, center_crop_arr, decode, open_rgb
 
 
@@ -136,14 +137,15 @@ def report(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mvar.data.bench", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m mvar.data.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="/tmp/mvar-data-bench", help="scratch directory (kept for reruns)")
-    parser.add_argument("--num-images", type=int, default=600)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--formats", nargs="+", default=["png", "jpg"], choices=["png", "jpg"])
-    parser.add_argument("--pack-workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--loader-workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-images", type=int, default=600, help="images of the synthetic source tree")
+    parser.add_argument("--image-size", type=int, default=256, help="side of the packed images in px")
+    parser.add_argument("--formats", nargs="+", default=["png", "jpg"], choices=["png", "jpg"],
+                        help="shard image encodings to compare")
+    parser.add_argument("--pack-workers", type=int, nargs="+", default=[1, 2], help="`mvar data pack` process counts")
+    parser.add_argument("--loader-workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per loader batch")
     parser.add_argument("--steps", type=int, default=30, help="timed batches per loader run")
     print(report(parser.parse_args(argv)))
 

@@ -14,7 +14,7 @@ from mvar.errors import UserError
 def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="make, pack, verify and tokenize WebDataset shards",
                                  description="Make, pack, verify and tokenize WebDataset shard sets.")
-    commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", help="what to do with shards")
     commands.required = True
     _add_synth(commands)
     _add_pack(commands)
@@ -31,12 +31,12 @@ def _add_synth(commands) -> None:
                             description="Write a synthetic class-conditional image set (shapes x colours "
                                         "x textures) as shards + manifest, for local runs and tests.")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--num-images", type=int, default=5000)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=5000, help="images in the set")
+    p.add_argument("--image-size", type=int, default=64, help="side of the square images in px")
+    p.add_argument("--num-classes", type=int, default=10, help="classes (images are spread evenly)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the set (same seed, same bytes)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
-    p.add_argument("--format", choices=("png", "jpg"), default="png")
+    p.add_argument("--format", choices=("png", "jpg"), default="png", help="image encoding in the shards")
     p.set_defaults(func=run_synth)
 
 
@@ -60,7 +60,7 @@ def _add_pack(commands) -> None:
                                         "after an interruption to finish the job.")
     p.add_argument("--src", required=True, help="tree with one folder of images per class (ImageNet train/)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=256, help="side in px after the centre crop and resize")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
     p.add_argument("--workers", type=int, default=0, help="decode/resize processes (0 = one per core)")
     p.add_argument("--format", choices=("png", "jpg"), default="png", help="png is lossless (default)")
@@ -119,14 +119,14 @@ def _add_tokenize(commands) -> None:
     p.add_argument("--src", required=True, help="image shard directory or URL")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--flip", action="store_true", help="also store the tokens of the mirrored image")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per tokenizer batch")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda when present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_tokenize)
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
-    from mvar.data.tokens import tokenize
+    from mvar.data.tokens import token_usage, tokenize, usage_report
     _setup_logging()
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -134,4 +134,5 @@ def run_tokenize(args: argparse.Namespace) -> int:
                         device=args.device, progress=not args.no_progress)
     print(f"wrote tokens of {manifest.num_samples} images in {len(manifest.shards)} shards to {args.out} "
           f"(tokenizer sha256 {manifest.tokens['tokenizer_sha256'][:12]}...)")
+    print(usage_report(token_usage(args.out, manifest), manifest.tokens["patch_nums"]))
     return 0

@@ -14,7 +14,7 @@ from typing import Any
 
 from mvar.data import storage
 from mvar.errors import UserError
-from mvar.files import one_line
+from mvar.files import one_line, write_text_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -76,12 +76,7 @@ class Manifest:
 def write_manifest(directory: str, manifest: Manifest) -> str:
     """Atomically (temp + fsync + rename) write `directory/manifest.json`."""
     path = os.path.join(directory, MANIFEST_NAME)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(manifest.to_json())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, manifest.to_json())
     fsync_dir(directory)
     return path
 

@@ -8,12 +8,12 @@ installed (s3fs for s3://, gcsfs for gs://); it is not a hard dependency.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import IO
 from urllib.parse import urlparse
 
 from mvar.errors import UserError
+from mvar.files import sha256_stream
 
 # schemes WebDataset's gopen handles better than fsspec (shell pipes, curl streaming)
 _GOPEN_SCHEMES = ("pipe", "http", "https")
@@ -74,13 +74,6 @@ def exists(url: str) -> bool:
 def read_bytes(url: str) -> bytes:
     with open_read(url) as fh:
         return fh.read()
-
-
-def sha256_stream(fh: IO[bytes], chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    for chunk in iter(lambda: fh.read(chunk_bytes), b""):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sha256_url(url: str) -> str:

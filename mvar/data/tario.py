@@ -16,7 +16,7 @@ import tarfile
 from typing import IO, Iterator
 
 from mvar.data.manifest import ShardInfo, fsync_dir
-from mvar.data.storage import sha256_stream
+from mvar.files import sha256_stream
 
 SHARD_PATTERN = "shard-{index:06d}.tar"
 TMP_MARK = ".tmp-"  # temp files: `<final name>.tmp-<pid>`; stale ones are removed on resume
@@ -71,8 +71,12 @@ class ShardWriter:
         return info
 
     def abort(self) -> None:
-        self._tar.close()
-        self._file.close()
+        """Drop the temp file, whatever state the writer is in (a full disk refuses the tar's end blocks)."""
+        for close in (self._tar.close, self._file.close):
+            try:
+                close()
+            except (OSError, ValueError):
+                pass
         if os.path.exists(self.tmp_path):
             os.remove(self.tmp_path)
 

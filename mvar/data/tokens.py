@@ -17,10 +17,19 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mvar.checkpoint import load_tokenizer, tokenizer_fingerprint
 from mvar.data import storage
 from mvar.data.loader import open_shard_set
 from mvar.data.manifest import DataError, Manifest, ShardInfo, write_manifest
-from mvar.data.samples import TOKEN_EXT, TOKEN_FLIP_EXT, decode_image, encode_tokens, label_of
+from mvar.data.samples import (
+    TOKEN_EXT,
+    TOKEN_FLIP_EXT,
+    decode_image,
+    decode_tokens,
+    encode_tokens,
+    label_of,
+    split_scales,
+)
 from mvar.data.tario import iter_tar_samples
 from mvar.data.writer import ShardSetWriter
 from mvar.errors import UserError
@@ -95,7 +104,6 @@ def _plan(fingerprint: str, src: Manifest, flip: bool) -> dict:
 
 
 def _load(tokenizer: str, device: torch.device):
-    from mvar.checkpoint import load_tokenizer, tokenizer_fingerprint
     fingerprint = tokenizer_fingerprint(tokenizer)
     model, cfg = load_tokenizer(tokenizer, device=device)
     return model, cfg, fingerprint
@@ -140,3 +148,28 @@ def tokenize(tokenizer: str, src: str, out: str, flip: bool = False, batch_size:
         manifest = _token_manifest(src_manifest, cfg, fingerprint, flip, records, tokenizer, src)
         write_manifest(out, manifest)
     return manifest
+
+
+def token_usage(location: str, manifest: Manifest) -> torch.Tensor:
+    """(S, V) counts of each code at each scale over every token shard of ``location`` (the unflipped codes)."""
+    from mvar.tokenizer.metrics import code_counts
+    patch_nums, V = manifest.tokens["patch_nums"], manifest.tokens["vocab_size"]
+    num_tokens = sum(pn * pn for pn in patch_nums)
+    counts = torch.zeros(len(patch_nums), V)
+    for info in manifest.shards:
+        with storage.open_read(storage.join(location, info.name)) as stream:
+            rows = [decode_tokens(sample, num_tokens, V, flip=False) for _, sample in iter_tar_samples(stream)]
+        if rows:
+            counts += code_counts(split_scales(torch.stack(rows), patch_nums), V)
+    return counts
+
+
+def usage_report(counts_SV: torch.Tensor, patch_nums: list[int]) -> str:
+    """One line per scale: side, codes in use (% of the codebook), perplexity."""
+    from mvar.tokenizer.metrics import perplexity
+    V = counts_SV.shape[1]
+    used, ppl = counts_SV.gt(0).sum(1).tolist(), perplexity(counts_SV).tolist()
+    lines = [f"codebook usage per scale ({V} codes):"]
+    for k, (pn, u, p) in enumerate(zip(patch_nums, used, ppl)):
+        lines.append(f"  scale {k} ({pn}x{pn}): {u:4d} codes ({100 * u / V:5.1f} %), perplexity {p:7.1f}")
+    return "\n".join(lines)

@@ -6,6 +6,10 @@ leaves a small state record beside the plan in `OUT/.mvar-data/`, written
 before the shard is renamed into place; so a visible shard always has its
 record, and a rerun of the same plan skips it and writes only the rest. A
 rerun with another plan is refused rather than mixing two data sets.
+
+A full disk while a shard is written (its samples, the tar's end, the fsync, its record) removes
+that shard's temp file and stops the job with one line (DiskFull): the shards before it stay
+complete, the manifest is not written, and a rerun after freeing space writes the rest.
 """
 from __future__ import annotations
 
@@ -14,21 +18,17 @@ import json
 import os
 from typing import Any, Iterable
 
+from mvar import faults
 from mvar.data.manifest import MANIFEST_NAME, ShardInfo, fsync_dir
 from mvar.data.tario import Sample, ShardWriter, remove_stale_temps, shard_name
-from mvar.errors import UserError
-from mvar.files import read_json_mapping
+from mvar.errors import DiskFull, UserError
+from mvar.files import disk_full, disk_full_error, read_json_mapping, write_text_atomic
 
 STATE_DIR = ".mvar-data"
 
 
 def _write_json_atomic(path: str, data: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 class ShardSetWriter:
@@ -90,10 +90,16 @@ class ShardSetWriter:
         try:
             for key, sample in samples:
                 writer.add(key, sample)
-        except BaseException:
+            faults.point("shard-data-written", index)  # testing aid: MVAR_FAULT=enospc-shard@N
+            return self.finish_shard(writer, stats)
+        except BaseException as err:
             writer.abort()
+            if isinstance(err, DiskFull) or disk_full(err):
+                done = sum(self.is_done(i) for i in range(index))
+                raise disk_full_error(self.out, shard_name(index), f"; it was removed, the {done} shard(s) before "
+                                      "it are complete: free space and rerun the same command to write the "
+                                      "rest") from None
             raise
-        return self.finish_shard(writer, stats)
 
     def records(self, num_shards: int) -> list[tuple[ShardInfo, dict[str, Any]]]:
         """(shard info, stats) of every shard, all of which must be done."""

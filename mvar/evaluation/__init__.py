@@ -10,7 +10,7 @@ mvar/commands/evaluate.py); the `eval.*` keys are EvalConfig's fields.
 """
 from __future__ import annotations
 
-import importlib
+from mvar.lazy import lazy_getattr
 
 _EXPORTS = {
     "EvalConfig": "mvar.evaluation.config",
@@ -23,8 +23,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mvar.evaluation' has no attribute '{name}'")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

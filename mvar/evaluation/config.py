@@ -6,7 +6,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from mvar.config import check
-from mvar.models.attention import PATTERNS
+from mvar.models.config import PATTERNS
 from mvar.sampling import SamplingConfig
 from mvar.tracking import TrackingConfig
 
@@ -58,7 +58,10 @@ class EvalConfig:
     # -- metrics
     metrics: bool = True             # false: sample only
     reference: str = ""              # shard set (dir/URL), ADM image .npz, or a file from `mvar eval make-ref`
-    feature_extractor_weights: str = ""  # '' = torch-fidelity's Inception (downloaded once)
+    feature_extractor_weights: str = ""  # '' = torch-fidelity's Inception (downloaded once); the classifier's .pt
+    # inception: torch-fidelity's Inception-v3; classifier: a small classifier trained on the data set's
+    # labelled training split (`mvar eval train-classifier`): adds eval/class_acc, never comparable with Inception
+    feature_extractor: str = "inception"
     prc_neighborhood: int = 3        # k of the k-NN balls of precision/recall
     isc_splits: int = 10             # Inception Score splits
     feature_batch_size: int = 32     # Inception batch
@@ -104,6 +107,11 @@ class EvalConfig:
         check(self.prc_neighborhood >= 1, p + "prc_neighborhood", "must be >= 1")
         check(self.isc_splits >= 1, p + "isc_splits", "must be >= 1")
         check(self.feature_batch_size >= 1, p + "feature_batch_size", "must be >= 1")
+        check(self.feature_extractor in ("inception", "classifier"), p + "feature_extractor",
+              f"must be inception or classifier, got '{self.feature_extractor}'")
+        check(self.feature_extractor != "classifier" or not self.metrics or bool(self.feature_extractor_weights),
+              p + "feature_extractor_weights", "eval.feature_extractor=classifier needs the classifier file "
+              "(`mvar eval train-classifier --shards DIR --out FILE.pt`)")
         check(not self.metrics or bool(self.reference), p + "reference",
               "is needed for the metrics: a shard set, an ADM .npz or a `mvar eval make-ref` file "
               "(or set eval.metrics=false to sample only)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mvar.checkpoint import file_sha256, read_checkpoint_meta, tokenizer_dir
+from mvar import cluster
+from mvar.checkpoint import read_checkpoint_meta, tokenizer_dir
 from mvar.checkpoint import read_tokenizer_config as checkpoint_tokenizer_config
 from mvar.config import ConfigError, from_dict
 from mvar.data.manifest import Manifest, write_manifest
@@ -30,6 +30,7 @@ from mvar.evaluation.config import EvalConfig, EvaluateConfig, SamplingDefaults
 from mvar.evaluation.plan import SamplePlan, setting_name, split_contiguous
 from mvar.evaluation.sampler import SampleJob
 from mvar.evaluation.workers import Workers
+from mvar.files import file_sha256
 from mvar.metrics.images import (
     ImageSet,
     is_npz,
@@ -107,11 +108,25 @@ def make_plan(ecfg: EvalConfig, num_classes: int) -> SamplePlan:
     return plan
 
 
-def prepare_reference(ecfg: EvalConfig, image_size: int):
-    """(weights, reference) checked against the model's image size and the precision/recall k."""
+def check_classifier(weights, image_size: int, num_classes: int | None) -> None:
+    """The classifier must know the model's classes (class accuracy compares labels) and its image size."""
+    from mvar.metrics.classifier import read_meta
+    meta = read_meta(weights.path)
+    if meta.image_size != image_size:
+        raise UserError(f"eval.feature_extractor_weights: the classifier '{weights.path}' was trained on "
+                        f"{meta.image_size} px images, the model makes {image_size} px images")
+    if num_classes is not None and meta.num_classes != num_classes:
+        raise UserError(f"eval.feature_extractor_weights: the classifier '{weights.path}' knows {meta.num_classes} "
+                        f"classes, the model has {num_classes}; train it on the model's data set")
+
+
+def prepare_reference(ecfg: EvalConfig, image_size: int, num_classes: int | None = None):
+    """(weights, reference) checked against the model's image size (and classes) and the precision/recall k."""
     from mvar.metrics.fidelity import check_reference, is_reference_file, load_reference
     from mvar.metrics.inception import resolve_weights
-    weights = resolve_weights(ecfg.feature_extractor_weights)
+    weights = resolve_weights(ecfg.feature_extractor_weights, extractor=ecfg.feature_extractor)
+    if ecfg.feature_extractor == "classifier":
+        check_classifier(weights, image_size, num_classes)
     where = ecfg.reference
     if is_npz(where) and is_reference_file(where):
         ref = load_reference(where)
@@ -132,27 +147,16 @@ def default_out(checkpoint: str) -> Path:
     return Path(DEFAULT_OUT).resolve() / f"{Path(checkpoint).name}-{tag}"
 
 
-def check_job_paths(cfg: EvaluateConfig) -> None:
-    """Inside `ray job submit` the working directory is a temporary copy, different on every node."""
-    from mvar.cluster import in_ray_job
-    from mvar.data.storage import is_local
-    if not in_ray_job():
-        return
+def job_paths(cfg: EvaluateConfig) -> dict[str, str]:
+    """The locations every node of a Ray job must see (``mvar.cluster.check_job_paths``)."""
     ecfg = cfg.eval
-    for key, value in (("checkpoint", cfg.checkpoint), ("eval.out_dir", ecfg.out_dir or DEFAULT_OUT),
-                       ("eval.reference", ecfg.reference),
-                       ("eval.feature_extractor_weights", ecfg.feature_extractor_weights)):
-        if value and is_local(value) and not Path(value).is_absolute():
-            raise UserError(f"config key '{key}': '{value}' is relative, but a Ray job runs in a temporary copy of "
-                            f"the working directory; pass an absolute path on storage every node sees")
-    if cfg.track and not cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise UserError("config key 'tracking.uri': not set and no MLFLOW_TRACKING_URI in the job's environment; "
-                        "the default SQLite store would be deleted with the job's working directory")
+    return {"checkpoint": cfg.checkpoint, "eval.out_dir": ecfg.out_dir or DEFAULT_OUT,
+            "eval.reference": ecfg.reference, "eval.feature_extractor_weights": ecfg.feature_extractor_weights}
 
 
 def prepare(cfg: EvaluateConfig) -> Prepared:
     ecfg = cfg.eval
-    check_job_paths(cfg)
+    cluster.check_job_paths(job_paths(cfg), cfg.tracking.uri if cfg.track else None)
     checkpoint = cfg.checkpoint or runs.checkpoint_of_run(cfg.run_id, cfg.tracking.uri)
     checkpoint = str(Path(checkpoint).resolve())
     meta = read_checkpoint_meta(checkpoint)
@@ -166,7 +170,7 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
                     model_sha256=file_sha256(Path(checkpoint) / "model.pt"),
                     sampling=SamplingDefaults.of_checkpoint(meta))
     if ecfg.metrics:
-        prep.weights, prep.reference = prepare_reference(ecfg, tok_cfg.image_size)
+        prep.weights, prep.reference = prepare_reference(ecfg, tok_cfg.image_size, model_cfg.num_classes)
     return prep
 
 
@@ -266,13 +270,17 @@ def reference_for(ecfg: EvalConfig, weights, reference, out_root: Path):
 
 def quality_metrics(ecfg: EvalConfig, image_size: int, out_root: Path, shards_dir: Path,
                     checked: tuple | None = None) -> dict[str, float]:
-    """FID / IS / precision / recall of one setting's samples. ``checked``: (weights, reference) from
-    `prepare`; without it (on a GPU worker) they are checked again where this runs."""
-    from mvar.metrics.fidelity import fidelity_metrics, image_features
+    """FID / IS / precision / recall of one setting's samples, and the class accuracy with the classifier.
+    ``checked``: (weights, reference) from `prepare`; without it (on a GPU worker) they are checked again
+    where this runs."""
+    from mvar.metrics.fidelity import LABELS, class_accuracy, fidelity_metrics, image_features
+    from mvar.metrics.inception import ISC_LAYER
     weights, reference = checked if checked else prepare_reference(ecfg, image_size)
     ref = reference_for(ecfg, weights, reference, out_root)
     features = image_features(str(shards_dir), weights, metrics_device(ecfg), ecfg.feature_batch_size)
     m = fidelity_metrics(features, ref, ecfg.prc_neighborhood, ecfg.isc_splits)
+    if ecfg.feature_extractor == "classifier":
+        m.update(class_accuracy(features[ISC_LAYER], features[LABELS]))
     return {f"eval/{k}": v for k, v in m.items()}
 
 
@@ -307,6 +315,7 @@ def setting_params(prep: Prepared, s: SamplingConfig) -> dict:
     if ecfg.metrics:
         params.update({"eval.reference": prep.reference.source if hasattr(prep.reference, "source")
                        else prep.reference.location,
+                       "eval.feature_extractor": prep.weights.extractor,
                        "eval.feature_extractor_sha256": prep.weights.sha256[:16],
                        "eval.prc_neighborhood": ecfg.prc_neighborhood, "eval.isc_splits": ecfg.isc_splits})
     return params
@@ -317,6 +326,8 @@ def setting_tags(prep: Prepared, out: Path) -> dict[str, str]:
     if prep.cfg.eval.metrics:
         tags["mvar.metrics_comparable"] = "true" if prep.weights.official else "false"
         tags["mvar.feature_extractor_sha256"] = prep.weights.sha256
+        # what made the numbers: Inception's (official or stand-in weights) and a classifier's never mix
+        tags["mvar.feature_extractor"] = prep.weights.extractor
     return tags
 
 

@@ -10,7 +10,7 @@ The names below load lazily, so that importing this package does not import torc
 """
 from __future__ import annotations
 
-import importlib
+from mvar.lazy import lazy_getattr
 
 _EXPORTS = {
     "FeatureWeights": "mvar.metrics.inception",
@@ -24,6 +24,10 @@ _EXPORTS = {
     "fidelity_metrics": "mvar.metrics.fidelity",
     "image_features": "mvar.metrics.fidelity",
     "load_reference": "mvar.metrics.fidelity",
+    "class_accuracy": "mvar.metrics.fidelity",
+    "score_images": "mvar.metrics.fidelity",
+    "train_classifier": "mvar.metrics.classifier",
+    "load_classifier": "mvar.metrics.classifier",
     "save_reference": "mvar.metrics.fidelity",
     "open_image_set": "mvar.metrics.images",
     "write_images_npz": "mvar.metrics.images",
@@ -31,8 +35,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mvar.metrics' has no attribute '{name}'")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

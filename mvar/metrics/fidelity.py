@@ -1,4 +1,5 @@
-"""FID, Inception Score, precision and recall from Inception features, with torch-fidelity's own formulas.
+"""FID, Inception Score, precision and recall (and, with the classifier, class accuracy) from a feature
+extractor's features, with torch-fidelity's own formulas.
 
 The reference side is a ``Reference``: FID statistics (mu, sigma) plus the pool features that
 precision/recall needs (its k-nearest-neighbour balls are built on the reference features).
@@ -19,7 +20,7 @@ import torch
 
 from mvar.errors import UserError
 from mvar.files import NPZ_ERRORS, one_line
-from mvar.metrics.images import batched_tensors, iter_images, open_image_set
+from mvar.metrics.images import batched_tensors, iter_labelled_images, open_image_set
 from mvar.metrics.inception import (
     FEATURE_EXTRACTOR,
     FID_LAYER,
@@ -30,16 +31,18 @@ from mvar.metrics.inception import (
 )
 
 REFERENCE_FORMAT = "mvar-fid-ref/1"
+LABELS = "labels"   # key of the images' class labels in a features dict (-1: the set has none)
 
 
 @dataclass
 class Reference:
-    mu: np.ndarray            # (2048,) float32
-    sigma: np.ndarray         # (2048, 2048) float64
-    features: torch.Tensor    # (M, 2048) float32: the balls of precision/recall
+    mu: np.ndarray            # (D,) float32; D = 2048 for Inception
+    sigma: np.ndarray         # (D, D) float64
+    features: torch.Tensor    # (M, D) float32: the balls of precision/recall
     image_size: int
     weights_sha256: str
     source: str
+    feature_extractor: str = FEATURE_EXTRACTOR
 
     @property
     def num_images(self) -> int:
@@ -52,16 +55,26 @@ def fid_statistics(features_N2048: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 def reference_from_features(features: dict[str, torch.Tensor], image_size: int, weights_sha256: str,
-                            source: str) -> Reference:
+                            source: str, extractor: str = FEATURE_EXTRACTOR) -> Reference:
     stats = fid_statistics(features[FID_LAYER])
-    return Reference(stats["mu"], stats["sigma"], features[FID_LAYER], image_size, weights_sha256, source)
+    return Reference(stats["mu"], stats["sigma"], features[FID_LAYER], image_size, weights_sha256, source, extractor)
 
 
 def image_features(location: str, weights: FeatureWeights, device: torch.device,
                    batch_size: int = 32) -> dict[str, torch.Tensor]:
-    """Inception features of every image of a shard set or `.npz`."""
+    """Features of every image of a shard set or `.npz` (see `extract_features`), and their class labels
+    under LABELS ((N,) int64, -1 where the set has none)."""
     extractor = feature_extractor(weights, device)
-    return extract_features(batched_tensors(iter_images(location), batch_size), extractor, device)
+    labels: list[int] = []
+
+    def images():
+        for image, label in iter_labelled_images(location):
+            labels.append(label)
+            yield image
+
+    out = extract_features(batched_tensors(images(), batch_size), extractor, device)
+    out[LABELS] = torch.tensor(labels, dtype=torch.int64)
+    return out
 
 
 def compute_reference(location: str, weights: FeatureWeights, device: torch.device,
@@ -69,7 +82,7 @@ def compute_reference(location: str, weights: FeatureWeights, device: torch.devi
     image_set = open_image_set(location)
     features = image_features(location, weights, device, batch_size)
     source = location if "://" in location else str(Path(location).resolve())
-    return reference_from_features(features, image_set.image_size, weights.sha256, source)
+    return reference_from_features(features, image_set.image_size, weights.sha256, source, weights.extractor)
 
 
 def save_reference(path: str | Path, ref: Reference) -> Path:
@@ -77,7 +90,7 @@ def save_reference(path: str | Path, ref: Reference) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
     np.savez(tmp, format=np.array(REFERENCE_FORMAT), mu=ref.mu, sigma=ref.sigma, features=ref.features.numpy(),
-             image_size=np.array(ref.image_size), feature_extractor=np.array(FEATURE_EXTRACTOR),
+             image_size=np.array(ref.image_size), feature_extractor=np.array(ref.feature_extractor),
              weights_sha256=np.array(ref.weights_sha256), source=np.array(ref.source))
     os.replace(tmp, path)
     return path
@@ -103,7 +116,7 @@ def load_reference(path: str | Path) -> Reference:
                 raise UserError(f"'{path}' has format {str(data['format'])!r}, expected {REFERENCE_FORMAT!r}")
             return Reference(mu=data["mu"], sigma=data["sigma"], features=torch.from_numpy(data["features"]),
                              image_size=int(data["image_size"]), weights_sha256=str(data["weights_sha256"]),
-                             source=str(data["source"]))
+                             source=str(data["source"]), feature_extractor=str(data["feature_extractor"]))
     except KeyError as err:
         raise UserError(f"'{path}' is not a reference made by `mvar eval make-ref` (no {err})") from err
     except NPZ_ERRORS as err:
@@ -116,8 +129,13 @@ def check_reference(ref: Reference, where: str, image_size: int, weights: Featur
     if ref.image_size != image_size:
         raise UserError(f"eval.reference '{where}' holds {ref.image_size} px images but the model makes "
                         f"{image_size} px images; use a reference set of {image_size} px")
+    if ref.feature_extractor != weights.extractor:
+        raise UserError(f"eval.reference '{where}' holds {ref.feature_extractor} features, this evaluation uses "
+                        f"{weights.extractor} (eval.feature_extractor); remake it with `mvar eval make-ref "
+                        f"--feature-extractor ...` and the same eval.feature_extractor_weights")
     if ref.weights_sha256 != weights.sha256:
-        raise UserError(f"eval.reference '{where}' was made with Inception weights sha256 {ref.weights_sha256[:12]}..., "
+        kind = "Inception" if weights.extractor == FEATURE_EXTRACTOR else "classifier"
+        raise UserError(f"eval.reference '{where}' was made with {kind} weights sha256 {ref.weights_sha256[:12]}..., "
                         f"this evaluation uses {weights.sha256[:12]}... ({weights.path}); remake it with "
                         f"`mvar eval make-ref` and the same eval.feature_extractor_weights")
     if ref.num_images <= prc_k:
@@ -156,3 +174,25 @@ def fidelity_metrics(features: dict[str, torch.Tensor], ref: Reference, prc_k: i
                                  save_cpu_ram=True, verbose=False)
     return {"fid": fid[KEY_METRIC_FID], "is": isc[KEY_METRIC_ISC_MEAN], "is_std": isc[KEY_METRIC_ISC_STD],
             "precision": prc[KEY_METRIC_PRECISION], "recall": prc[KEY_METRIC_RECALL]}
+
+
+def class_accuracy(logits_NC: torch.Tensor, labels_N: torch.Tensor) -> dict[str, float]:
+    """{'class_acc': the mean over classes of the share of class c's images classified as c,
+    'class_acc_min': the worst class's share}. Only the classes that occur in ``labels_N`` count."""
+    if labels_N.numel() == 0 or bool((labels_N < 0).any()):
+        raise ValueError("class accuracy needs a class label for every image")
+    pred_N = logits_NC.argmax(1)
+    shares = [(pred_N[labels_N == c] == c).float().mean().item() for c in labels_N.unique().tolist()]
+    return {"class_acc": float(np.mean(shares)), "class_acc_min": float(min(shares))}
+
+
+def score_images(location: str, ref: Reference, weights: FeatureWeights, device: torch.device,
+                 prc_k: int = 3, isc_splits: int = 10, batch_size: int = 32) -> dict[str, float]:
+    """The metrics of an image set (samples, or real images for a floor) against ``ref``: FID, IS,
+    precision, recall, and with the classifier the class accuracy of its labelled images."""
+    check_reference(ref, "reference", open_image_set(location).image_size, weights, prc_k)
+    features = image_features(location, weights, device, batch_size)
+    metrics = fidelity_metrics(features, ref, prc_k, isc_splits)
+    if weights.extractor != FEATURE_EXTRACTOR:
+        metrics.update(class_accuracy(features[ISC_LAYER], features[LABELS]))
+    return metrics

@@ -76,6 +76,14 @@ def iter_shard_images(location: str) -> Iterator[tuple[np.ndarray, int]]:
                 yield decode(sample[ext]), int(sample.get("cls", b"-1"))
 
 
+def iter_labelled_images(location: str) -> Iterator[tuple[np.ndarray, int]]:
+    """(uint8 (S, S, 3), label) of a shard set, or of an `.npz` with label -1 (ADM batches carry none)."""
+    if is_npz(location):
+        yield from ((image, -1) for image in iter_images(location))
+    else:
+        yield from iter_shard_images(location)
+
+
 def iter_images(location: str) -> Iterator[np.ndarray]:
     """uint8 (S, S, 3) images of a shard set or an `.npz`."""
     if is_npz(location):

@@ -1,4 +1,5 @@
-"""Inception-v3 features through torch-fidelity, and where its weights come from.
+"""The feature extractors behind the metrics (torch-fidelity's Inception-v3, or this project's small
+classifier, `mvar.metrics.classifier`) and where their weights come from.
 
 torch-fidelity's ``inception-v3-compat`` is the TensorFlow FID Inception ported to PyTorch; its
 weights download once from a release page into the torch hub cache. On machines without
@@ -7,6 +8,11 @@ stand-in weights: a seeded random state dict for the same architecture. Their fe
 tell real images from noise, but numbers made with them are not comparable with published ones.
 The official file is recognised by its sha256, whose first 8 hex digits torch hub puts in the
 file name (``...-6726825d.pth``).
+
+`eval.feature_extractor` picks the extractor: ``inception`` (default) or ``classifier`` (a file
+from `mvar eval train-classifier`, for labelled sets Inception does not fit). Whichever it is,
+`extract_features` files its FID / precision-recall features under FID_LAYER and its logits
+under ISC_LAYER, so the metrics code is the same for both.
 """
 from __future__ import annotations
 
@@ -18,15 +24,16 @@ from pathlib import Path
 
 import torch
 
-from mvar.data.storage import sha256_stream
 from mvar.errors import UserError
-from mvar.files import check_torch_file
+from mvar.files import check_torch_file, file_sha256
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
 FID_LAYER = "2048"               # pool features: FID and precision/recall
 ISC_LAYER = "logits_unbiased"    # logits without the fc bias: Inception Score (torch-fidelity's default)
 OFFICIAL_SHA256_PREFIX = "6726825d"
 WEIGHTS_KEY = "eval.feature_extractor_weights"
+# eval.feature_extractor -> torch-fidelity's registry name
+EXTRACTORS = {"inception": FEATURE_EXTRACTOR, "classifier": "mvar-classifier"}
 
 
 @dataclass(frozen=True)
@@ -35,16 +42,20 @@ class FeatureWeights:
 
     path: str
     sha256: str
+    extractor: str = FEATURE_EXTRACTOR   # torch-fidelity's name: inception-v3-compat | mvar-classifier
 
     @property
     def official(self) -> bool:
         """True for torch-fidelity's released Inception weights (metrics comparable with papers)."""
-        return self.sha256.startswith(OFFICIAL_SHA256_PREFIX)
+        return self.extractor == FEATURE_EXTRACTOR and self.sha256.startswith(OFFICIAL_SHA256_PREFIX)
 
-
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as fh:
-        return sha256_stream(fh)
+    @property
+    def layers(self) -> tuple[str, str]:
+        """The extractor's own names of (FID / precision-recall features, logits)."""
+        if self.extractor == FEATURE_EXTRACTOR:
+            return FID_LAYER, ISC_LAYER
+        from mvar.metrics.classifier import FEATURE_LAYER, LOGITS_LAYER
+        return FEATURE_LAYER, LOGITS_LAYER
 
 
 def official_url() -> str:
@@ -57,8 +68,18 @@ def official_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(official_url())
 
 
-def resolve_weights(path: str = "", download: bool = True) -> FeatureWeights:
-    """The local weights file: ``path`` when given, else the official file (downloaded once if missing)."""
+def resolve_weights(path: str = "", download: bool = True, extractor: str = "inception") -> FeatureWeights:
+    """The local weights file: ``path`` when given, else the official Inception file (downloaded once if
+    missing). ``extractor``: an `eval.feature_extractor` value; a classifier needs ``path``, checked here."""
+    if extractor not in EXTRACTORS:
+        raise UserError(f"eval.feature_extractor: '{extractor}' is not one of {', '.join(EXTRACTORS)}")
+    if extractor == "classifier":
+        from mvar.metrics.classifier import read_meta
+        if not path:
+            raise UserError(f"{WEIGHTS_KEY}: eval.feature_extractor=classifier needs the classifier file "
+                            "(`mvar eval train-classifier --shards DIR --out FILE.pt`)")
+        meta = read_meta(path)  # exists, has its yaml, and the sha256 matches
+        return FeatureWeights(str(Path(path).resolve()), meta.weights_sha256, EXTRACTORS[extractor])
     if path:
         if not Path(path).is_file():
             raise UserError(f"{WEIGHTS_KEY}: file '{path}' does not exist (make stand-in weights for tests with "
@@ -86,16 +107,19 @@ _EXTRACTORS: dict[tuple[str, str], torch.nn.Module] = {}
 
 
 def feature_extractor(weights: FeatureWeights, device: torch.device) -> torch.nn.Module:
-    """torch-fidelity's Inception giving the FID and IS layers (one instance per weights and device)."""
-    key = (weights.sha256, str(device))
+    """torch-fidelity's extractor of ``weights`` giving the FID and IS layers (one instance per weights and device)."""
+    key = (weights.extractor, weights.sha256, str(device))
     if key not in _EXTRACTORS:
         from torch_fidelity.utils import create_feature_extractor
+        if weights.extractor != FEATURE_EXTRACTOR:
+            from mvar.metrics.classifier import register
+            register()
         try:
-            extractor = create_feature_extractor(FEATURE_EXTRACTOR, [FID_LAYER, ISC_LAYER], cuda=False,
+            extractor = create_feature_extractor(weights.extractor, list(weights.layers), cuda=False,
                                                  feature_extractor_weights_path=weights.path, verbose=False)
         except (RuntimeError, KeyError, ValueError, OSError) as err:
             raise UserError(f"{WEIGHTS_KEY}: '{weights.path}' is not a state dict for torch-fidelity's "
-                            f"{FEATURE_EXTRACTOR}: {str(err)[:300]}") from err
+                            f"{weights.extractor}: {str(err)[:300]}") from err
         _EXTRACTORS.clear()  # keep at most one (about 100 MB) alive
         _EXTRACTORS[key] = extractor.to(device)
     return _EXTRACTORS[key]
@@ -104,15 +128,17 @@ def feature_extractor(weights: FeatureWeights, device: torch.device) -> torch.nn
 @torch.no_grad()
 def extract_features(batches_B3HW: Iterable[torch.Tensor], extractor: torch.nn.Module,
                      device: torch.device) -> dict[str, torch.Tensor]:
-    """{'2048': (N, 2048), 'logits_unbiased': (N, 1008)} float32 on CPU from uint8 (B, 3, H, W) batches."""
+    """{FID_LAYER: (N, D), ISC_LAYER: (N, C)} float32 on CPU from uint8 (B, 3, H, W) batches: Inception's
+    (N, 2048) pool features and (N, 1008) logits, or the classifier's penultimate features and logits."""
+    fid_layer, isc_layer = extractor.get_requested_features_list()
     parts: dict[str, list[torch.Tensor]] = {FID_LAYER: [], ISC_LAYER: []}
     for x_B3HW in batches_B3HW:
         if x_B3HW.dtype != torch.uint8 or x_B3HW.dim() != 4 or x_B3HW.shape[1] != 3:
             raise ValueError(f"feature extraction takes uint8 (B, 3, H, W) images, got {x_B3HW.dtype} "
                              f"{tuple(x_B3HW.shape)}")
         features = extractor.convert_features_tuple_to_dict(extractor(x_B3HW.to(device)))
-        for name, chunks in parts.items():
-            chunks.append(features[name].float().cpu())
+        for role, name in ((FID_LAYER, fid_layer), (ISC_LAYER, isc_layer)):
+            parts[role].append(features[name].float().cpu())
     if not parts[FID_LAYER]:
         raise ValueError("no images to extract features from")
     return {name: torch.cat(chunks) for name, chunks in parts.items()}

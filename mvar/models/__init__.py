@@ -1,7 +1,25 @@
-"""The next-scale transformer (VAR, scale-Markov, MVAR) and its attention backends."""
-from mvar.models.attention import AttentionSpec, attend, window_attention
-from mvar.models.config import SIZES, ModelConfig, model_names, named_model, tokenizer_for
-from mvar.models.transformer import NextScaleTransformer
+"""The next-scale transformer (VAR, scale-Markov, MVAR) and its attention backends.
 
-__all__ = ["AttentionSpec", "attend", "window_attention", "ModelConfig", "SIZES", "model_names",
-           "named_model", "tokenizer_for", "NextScaleTransformer"]
+The names below load lazily, so that `mvar.models.config` (the config, ``PATTERNS``, the size
+registry) can be imported without torch.
+"""
+from __future__ import annotations
+
+from mvar.lazy import lazy_getattr
+
+_EXPORTS = {
+    "AttentionSpec": "mvar.models.attention",
+    "attend": "mvar.models.attention",
+    "window_attention": "mvar.models.attention",
+    "ModelConfig": "mvar.models.config",
+    "PATTERNS": "mvar.models.config",
+    "SIZES": "mvar.models.config",
+    "model_names": "mvar.models.config",
+    "named_model": "mvar.models.config",
+    "tokenizer_for": "mvar.models.config",
+    "NextScaleTransformer": "mvar.models.transformer",
+}
+
+__all__ = list(_EXPORTS)
+
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

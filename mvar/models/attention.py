@@ -20,15 +20,11 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-Pattern = Literal["var", "scale_markov", "mvar"]
-Backend = Literal["auto", "reference", "banded", "flex", "natten"]
-PATTERNS: tuple[str, ...] = ("var", "scale_markov", "mvar")
-BACKENDS: tuple[str, ...] = ("auto", "reference", "banded", "flex", "natten")
+from mvar.models.config import BACKENDS, Backend, Pattern
 
 # The banded CPU window: queries in bands of this many map rows, each against the key rows its
 # windows reach (a contiguous slice of the sequence). `auto` takes it on CPU for maps at least
@@ -40,13 +36,19 @@ BANDED_MIN_SIDE = 32
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """What a model's attention looks like; fixed per model."""
+    """What a model's attention looks like; fixed per model. No defaults: ``ModelConfig`` holds them
+    (``from_model`` builds the spec of a model config)."""
 
-    pattern: str
+    pattern: Pattern
     patch_nums: tuple[int, ...]
-    window_size: int = 7
-    markov_from_scale: int = 8
-    backend: str = "auto"
+    window_size: int
+    markov_from_scale: int
+    backend: Backend
+
+    @classmethod
+    def from_model(cls, cfg, patch_nums: tuple[int, ...]) -> AttentionSpec:
+        """The spec of a ``ModelConfig`` on a tokenizer's ``patch_nums``."""
+        return cls(cfg.attention, tuple(patch_nums), cfg.window_size, cfg.markov_from_scale, cfg.attention_backend)
 
     def windowed(self, si: int) -> bool:
         return self.pattern == "mvar" and si >= self.markov_from_scale

@@ -1,18 +1,24 @@
-"""Generator configuration and the registry of named sizes (`var-d16`, `mvar-d16`, `*-tiny` ...)."""
+"""Generator configuration, the names of the attention patterns and backends, and the registry of
+named sizes (`var-d16`, `mvar-d16`, `*-tiny` ...). Imports no torch: the command-line parsers list
+``PATTERNS`` and ``BACKENDS`` without loading the model."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 from mvar.config import check
-from mvar.models.attention import BACKENDS, PATTERNS
+
+Pattern = Literal["var", "scale_markov", "mvar"]   # the attention patterns, spelled here only
+Backend = Literal["auto", "reference", "banded", "flex", "natten"]
+PATTERNS: tuple[str, ...] = get_args(Pattern)
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 @dataclass
 class ModelConfig:
     """The next-scale transformer. ``attention`` picks VAR, scale-Markov or MVAR; parameters are shared."""
 
-    attention: Literal["var", "scale_markov", "mvar"] = "var"
+    attention: Pattern = "var"
     depth: int = 16
     embed_dim: Optional[int] = None        # default 64 * depth
     num_heads: Optional[int] = None        # default depth
@@ -26,7 +32,7 @@ class ModelConfig:
     cond_drop_rate: float = 0.1            # labels dropped to the null class (for CFG) while training
     window_size: int = 7                   # k of the k x k window (mvar only)
     markov_from_scale: int = 8             # first 0-based scale with windowed attention (mvar only)
-    attention_backend: Literal["auto", "reference", "banded", "flex", "natten"] = "auto"
+    attention_backend: Backend = "auto"
     # initialisation (the authors' --ini, --hd, --aln, --alng); loaded weights replace it
     init_std: float = -1.0                 # std of the truncated normals; < 0 = sqrt(1 / (3 * width))
     init_head: float = 0.02                # head weight scaled by this
@@ -103,10 +109,16 @@ def split_name(name: str) -> tuple[str, str]:
     return variant, size
 
 
+def named_fields(name: str) -> dict:
+    """``mvar-d16`` -> {'attention': 'mvar', 'depth': 16}: the keys the registry sets (a run config's
+    `model_name` puts them under its `model` keys, which are validated once with the rest)."""
+    variant, size = split_name(name)
+    return {"attention": variant, **SIZES[size]}
+
+
 def named_model(name: str, **overrides) -> ModelConfig:
     """``mvar-d16`` -> ModelConfig(attention='mvar', depth=16, ...)."""
-    variant, size = split_name(name)
-    cfg = replace(ModelConfig(attention=variant, **SIZES[size]), **overrides)
+    cfg = replace(ModelConfig(**named_fields(name)), **overrides)
     cfg.validate()
     return cfg
 

@@ -165,8 +165,7 @@ class NextScaleTransformer(nn.Module):
         lengths = [pn * pn for pn in self.patch_nums]
         self.begin = [sum(lengths[:s]) for s in range(len(lengths))]  # first token of each scale
         self.L = sum(lengths)
-        self.spec = AttentionSpec(cfg.attention, self.patch_nums, cfg.window_size,
-                                  cfg.markov_from_scale, cfg.attention_backend)
+        self.spec = AttentionSpec.from_model(cfg, self.patch_nums)
         C = self.C
         self.word_embed = nn.Linear(z_channels, C)
         self.class_emb = nn.Embedding(cfg.num_classes + 1, C)  # last row: the null class of CFG

@@ -9,8 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    # 32 groups in VAR; at 32 channels that is one channel per group, an instance norm that removes
+    # each channel's mean per image (its colour): narrow tokenizers take fewer groups
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class Downsample2x(nn.Module):
@@ -33,11 +35,11 @@ class Upsample2x(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int = 32):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1, 1, 0) if in_channels != out_channels else nn.Identity()
@@ -51,9 +53,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all h*w positions of a feature map."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1, 1, 0)
         self.proj_out = nn.Conv2d(channels, channels, 1, 1, 0)
 
@@ -83,11 +85,11 @@ class _Level(nn.Module):
 
 
 class _Middle(nn.Module):
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, groups: int = 32):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -97,7 +99,7 @@ class Encoder(nn.Module):
     """image (B,3,H,W) -> features (B, z_channels, H/f, W/f), f = 2**(len(ch_mult)-1)."""
 
     def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int,
-                 dropout: float = 0.0, in_channels: int = 3):
+                 dropout: float = 0.0, in_channels: int = 3, norm_groups: int = 32):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, 1, 1)
         self.down = nn.ModuleList()
@@ -107,15 +109,15 @@ class Encoder(nn.Module):
             block_out = ch * mult
             blocks = []
             for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                blocks.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
                 block_in = block_out
-            attns = [AttnBlock(block_in) for _ in range(num_res_blocks)] if level == last else []
+            attns = [AttnBlock(block_in, norm_groups) for _ in range(num_res_blocks)] if level == last else []
             stage = _Level(blocks, attns)
             if level != last:
                 stage.downsample = Downsample2x(block_in)
             self.down.append(stage)
-        self.mid = _Middle(block_in, dropout)
-        self.norm_out = group_norm(block_in)
+        self.mid = _Middle(block_in, dropout, norm_groups)
+        self.norm_out = group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, 1, 1)
 
     def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
@@ -132,26 +134,26 @@ class Decoder(nn.Module):
     """latent (B, z_channels, h, w) -> image (B, 3, h*f, w*f), unclamped."""
 
     def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int,
-                 dropout: float = 0.0, out_channels: int = 3):
+                 dropout: float = 0.0, out_channels: int = 3, norm_groups: int = 32):
         super().__init__()
         last = len(ch_mult) - 1
         block_in = ch * ch_mult[last]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
-        self.mid = _Middle(block_in, dropout)
+        self.mid = _Middle(block_in, dropout, norm_groups)
         levels: list[_Level] = []
         for level in reversed(range(len(ch_mult))):
             block_out = ch * ch_mult[level]
             blocks = []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                blocks.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
                 block_in = block_out
-            attns = [AttnBlock(block_in) for _ in range(num_res_blocks + 1)] if level == last else []
+            attns = [AttnBlock(block_in, norm_groups) for _ in range(num_res_blocks + 1)] if level == last else []
             stage = _Level(blocks, attns)
             if level != 0:
                 stage.upsample = Upsample2x(block_in)
             levels.insert(0, stage)
         self.up = nn.ModuleList(levels)  # indexed by level, run from the last to the first
-        self.norm_out = group_norm(block_in)
+        self.norm_out = group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, 1, 1)
 
     def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:

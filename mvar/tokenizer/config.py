@@ -25,6 +25,8 @@ class TokenizerConfig:
     quant_resi: float = 0.5       # phi(h) = (1 - r) h + r conv(h)
     beta: float = 0.25            # commitment weight of the VQ loss
     dropout: float = 0.0
+    norm_groups: int = 32         # GroupNorm groups in encoder and decoder (VAR: 32); every width must divide
+    znorm: bool = False           # cosine code lookup (VAR's using_znorm); off in VAR's released tokenizer
 
     @property
     def downsample(self) -> int:
@@ -42,7 +44,9 @@ class TokenizerConfig:
         p = prefix
         check(self.vocab_size >= 2, p + "vocab_size", "must be at least 2")
         check(self.z_channels >= 1, p + "z_channels", "must be positive")
-        check(self.ch > 0 and self.ch % 32 == 0, p + "ch", "must be a positive multiple of 32 (GroupNorm uses 32 groups)")
+        check(self.norm_groups >= 1, p + "norm_groups", "must be >= 1")
+        check(self.ch > 0 and self.ch % self.norm_groups == 0, p + "ch",
+              f"must be a positive multiple of norm_groups ({self.norm_groups}): GroupNorm splits the widths into groups")
         check(len(self.ch_mult) >= 1 and all(m > 0 for m in self.ch_mult), p + "ch_mult", "must be a non-empty list of positive ints")
         check(self.num_res_blocks >= 1, p + "num_res_blocks", "must be at least 1")
         check(len(self.patch_nums) >= 2, p + "patch_nums", "needs at least 2 scales")
@@ -76,4 +80,8 @@ TOKENIZER_SIZES: dict[str, TokenizerConfig] = {
     # 32 px local runs: 3 down-samplings -> 4x4 latent
     "vae-tiny32": TokenizerConfig(image_size=32, vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2, 2),
                                   patch_nums=(1, 2, 3, 4)),
+    # the quickstart's: 64 px, 3 down-samplings -> 8x8 latent, 7 scales (155 tokens), so that MVAR's
+    # window is smaller than the 6x6 and 8x8 maps; 8 norm groups keep colour (32 would be an instance norm)
+    "vae-quick": TokenizerConfig(image_size=64, vocab_size=256, z_channels=16, ch=32, ch_mult=(1, 1, 2, 2),
+                                 num_res_blocks=1, patch_nums=(1, 2, 3, 4, 5, 6, 8), norm_groups=8),
 }

@@ -60,9 +60,10 @@ class _PhiBank(nn.Module):
 
 class MultiScaleQuantizer(nn.Module):
     def __init__(self, vocab_size: int, z_channels: int, patch_nums: tuple[int, ...],
-                 num_phi: int = 4, resi_ratio: float = 0.5, beta: float = 0.25):
+                 num_phi: int = 4, resi_ratio: float = 0.5, beta: float = 0.25, znorm: bool = False):
         super().__init__()
         self.vocab_size, self.Cvae, self.beta = vocab_size, z_channels, beta
+        self.znorm = znorm  # cosine lookup (VAR's using_znorm); the chosen code's raw vector is still what is added
         self.patch_nums = tuple(patch_nums)
         self.embedding = nn.Embedding(vocab_size, z_channels)
         self.quant_resi = _PhiBank([Phi(z_channels, resi_ratio) for _ in range(num_phi)])
@@ -74,18 +75,26 @@ class MultiScaleQuantizer(nn.Module):
         return self.quant_resi.qresi_ls[self.phi_of_scale[si]](h_BChw)
 
     def nearest_code(self, z_NC: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest code vector (L2) for each row of z_NC."""
+        """Index of the nearest code vector for each row of z_NC: L2, or the largest cosine with ``znorm``."""
         codes_VC = self.embedding.weight.detach()
+        if self.znorm:
+            return (F.normalize(z_NC, dim=1) @ F.normalize(codes_VC, dim=1).T).argmax(dim=1)
         d_NV = z_NC.square().sum(1, keepdim=True) + codes_VC.square().sum(1)
         d_NV = torch.addmm(d_NV, z_NC, codes_VC.T, beta=1, alpha=-2)
         return d_NV.argmin(dim=1)
+
+    def residual_at(self, si: int, f_rest: torch.Tensor) -> torch.Tensor:
+        """The vectors scale si looks up: the residual area-resampled to pn x pn (itself on the last scale),
+        (B * pn * pn, Cvae) in row-major order."""
+        pn, C = self.patch_nums[si], f_rest.shape[1]
+        z = f_rest if si == len(self.patch_nums) - 1 else F.interpolate(f_rest, size=(pn, pn), mode="area")
+        return z.permute(0, 2, 3, 1).reshape(-1, C)
 
     def _scale_step(self, si: int, f_rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantize the residual at scale si: (indices (B, pn*pn), phi'd embedding at latent size)."""
         B, C, H, W = f_rest.shape
         pn, last = self.patch_nums[si], si == len(self.patch_nums) - 1
-        z = f_rest if last else F.interpolate(f_rest, size=(pn, pn), mode="area")
-        idx_N = self.nearest_code(z.permute(0, 2, 3, 1).reshape(-1, C))
+        idx_N = self.nearest_code(self.residual_at(si, f_rest))
         h_BChw = self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2)
         if not last:
             h_BChw = F.interpolate(h_BChw, size=(H, W), mode="bicubic")

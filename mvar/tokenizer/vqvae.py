@@ -28,11 +28,12 @@ class MultiScaleVQVAE(nn.Module):
         self.Cvae, self.vocab_size = cfg.z_channels, cfg.vocab_size
         self.patch_nums = tuple(cfg.patch_nums)
         arch = dict(ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
-                    z_channels=cfg.z_channels, dropout=cfg.dropout)
+                    z_channels=cfg.z_channels, dropout=cfg.dropout, norm_groups=cfg.norm_groups)
         self.encoder = Encoder(**arch)
         self.decoder = Decoder(**arch)
         self.quantize = MultiScaleQuantizer(cfg.vocab_size, cfg.z_channels, self.patch_nums,
-                                            num_phi=cfg.share_quant_resi, resi_ratio=cfg.quant_resi, beta=cfg.beta)
+                                            num_phi=cfg.share_quant_resi, resi_ratio=cfg.quant_resi, beta=cfg.beta,
+                                            znorm=cfg.znorm)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, 1, 1)
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, 1, 1)
 

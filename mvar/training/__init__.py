@@ -5,7 +5,8 @@
 
 `trainer` (Trainer, TrainTask, Hooks) runs without Ray or MLflow; `loop` (GeneratorTask) and
 `tokenizer_loop` (TokenizerTask) are its tasks; `ray_worker` adapts it to Ray Train; `launch`
-checks the inputs and runs it. workflows/train.py is the entry point.
+checks the inputs and runs it; `run_dir` knows the run's directory in Ray Train storage (which
+checkpoints Ray registered, leftovers, the resume point). workflows/train.py is the entry point.
 """
 from mvar.training.config import TrainConfig, load_train_config
 from mvar.training.launch import TrainingFailed, TrainOutcome, train

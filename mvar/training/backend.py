@@ -62,10 +62,24 @@ def node_address() -> str:
 
 
 def interface_of(address: str) -> str | None:
-    """Name of the network interface that holds `address` (e.g. 'lo' for 127.0.0.1), or None."""
-    for name, addrs in _interfaces().items():
+    """Name of the network interface that holds `address` (e.g. 'lo' for 127.0.0.1), or None; else the
+    one whose subnet holds it (Linux's `lo` answers all of 127.0.0.0/8 but lists 127.0.0.1 only)."""
+    import ipaddress
+    ifaces = _interfaces()
+    for name, addrs in ifaces.items():
         if any(a.address == address for a in addrs):
             return name
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    for name, addrs in ifaces.items():
+        for a in addrs:
+            try:
+                if a.netmask and ip in ipaddress.ip_network(f"{a.address}/{a.netmask}", strict=False):
+                    return name
+            except ValueError:  # a link-layer entry, not an IP one
+                continue
     return None
 
 

@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Protocol
 
 from mvar.config import (
     ConfigError,
@@ -19,11 +19,10 @@ from mvar.config import (
     merge,
     parse_overrides,
     read_yaml,
-    to_dict,
 )
 from mvar.data.config import DataConfig
 from mvar.evaluation.config import SamplingDefaults
-from mvar.models.config import ModelConfig, named_model
+from mvar.models.config import ModelConfig, named_fields
 from mvar.tracking import TrackingConfig
 
 
@@ -129,6 +128,9 @@ class ScalingSettings:
     cpus_per_worker: float = 1.0   # fractional values let 2 workers share a small machine
     gpus_per_worker: float = 1.0
     socket_ifname: str = ""        # network interface of gloo/NCCL sockets; '' = the one of the node's address
+    # Ray's placement of the workers' bundles: PACK (as few nodes as possible), SPREAD (over the nodes,
+    # best effort: after a node is lost the workers restart on the nodes left), STRICT_PACK, STRICT_SPREAD
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def validate(self, prefix: str = "") -> None:
         check(self.num_workers >= 1, prefix + "num_workers", "must be >= 1")
@@ -136,6 +138,29 @@ class ScalingSettings:
               f"must name one interface (e.g. eth0), got '{self.socket_ifname}'")
         check(self.cpus_per_worker > 0, prefix + "cpus_per_worker", "must be > 0")
         check(self.gpus_per_worker > 0, prefix + "gpus_per_worker", "must be > 0")
+
+
+class LoopSettings(Protocol):
+    """The `train.*` keys every trainer has."""
+
+    precision: str
+    tf32: bool
+
+
+class RunConfig(Protocol):
+    """What the trainer core, its Ray adapter and the driver (`launch`) read of a run config, typed:
+    `TrainConfig` and `TokenizerTrainConfig` both fit it. Read-only where the two differ in type."""
+
+    run: RunSettings
+    scaling: ScalingSettings
+    tracking: TrackingConfig
+    data: DataConfig
+
+    @property
+    def optim(self) -> OptimConfig: ...
+
+    @property
+    def train(self) -> LoopSettings: ...
 
 
 @dataclass
@@ -183,7 +208,7 @@ def _apply_model_name(data: dict) -> dict:
     if not name:
         return data
     try:
-        base = to_dict(named_model(name))
+        base = named_fields(name)
     except KeyError as err:
         raise ConfigError(f"config key 'model_name': {err.args[0]}") from None
     return {**data, "model": merge(base, data.get("model") or {})}

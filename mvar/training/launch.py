@@ -1,35 +1,38 @@
 """The driver side of a training run: check everything, attach the MLflow run, run Ray Train, record the result.
 
 Order matters for users: every check that can fail on bad input (config,
-tokenizer, shards, resources, tracking store) runs before any Ray worker
-starts. The MLflow run is created (or found again, for a rerun of the same
-command) by the driver; workers log into it by id, and checkpoints carry
-the id, so a resumed run continues the same MLflow run.
+tokenizer, shards, resources, tracking store, the checkpoint a rerun resumes
+from) runs before any Ray worker starts. The MLflow run is created (or found
+again, for a rerun of the same command) by the driver; workers log into it by
+id, and checkpoints carry the id, so a resumed run continues the same MLflow run.
+The run's directory in storage is cleaned of checkpoints no run resumes from
+before the run starts and when it ends (`mvar.training.run_dir`).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from mvar import cluster, tracking
+from mvar import cluster, faults, tracking
 from mvar.config import dump_yaml, flatten, to_dict
 from mvar.data.loader import open_shard_set
 from mvar.data.storage import is_local
 from mvar.errors import UserError
 from mvar.models.config import split_name
 from mvar.tokenizer import TokenizerConfig
-from mvar.training.config import TrainConfig
+from mvar.tracking import Store
+from mvar.training import run_dir as rundir
+from mvar.training.config import RunConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
 
 class TrainingFailed(UserError):
-    """The run stopped: a non-finite loss, or failures past the configured retries."""
+    """The run stopped: a non-finite loss, a full disk, or failures past the configured retries."""
 
 
 @dataclass
@@ -43,7 +46,7 @@ class TrainOutcome:
     run_id: str
     checkpoint: str           # location of the final (or last good) checkpoint
     step: int
-    status: str               # completed | nonfinite
+    status: str               # completed (a run that stopped raises TrainingFailed)
 
 
 def storage_location(path: str) -> str:
@@ -58,7 +61,7 @@ def _check_tokenizer(cfg: TrainConfig) -> tuple[TokenizerConfig, str]:
     return tok_cfg, tokenizer_fingerprint(cfg.tokenizer)
 
 
-def resolve_epochs(cfg, num_samples: int) -> None:
+def resolve_epochs(cfg: RunConfig, num_samples: int) -> None:
     """``run.epochs`` -> ``run.steps`` = ceil(epochs x samples / global batch), in place (before Ray starts)."""
     if not cfg.run.epochs:
         return
@@ -101,21 +104,15 @@ def _check_init_from(cfg: TrainConfig) -> None:
                             f"this run's model has {getattr(cfg.model, attr)}")
 
 
-def check_paths_in_job(cfg, keys: tuple[str, ...]) -> None:
-    """Inside `ray job submit` the working directory is a temporary copy: relative locations would
-    read from it (data is not uploaded) or write into it (deleted with the job)."""
-    if not cluster.in_ray_job():
-        return
+def check_paths_in_job(cfg: RunConfig, keys: tuple[str, ...]) -> None:
+    """The run's locations under ``keys`` (dotted config keys) and its tracking store, checked for a Ray job."""
+    paths = {}
     for key in keys:
         value = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        if value and is_local(value) and not Path(value).is_absolute():
-            raise UserError(f"config key '{key}': '{value}' is relative, but a Ray job runs in a temporary copy "
-                            f"of the working directory; pass an absolute path ({key}=/abs/path/...)")
-    if not cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise UserError("config key 'tracking.uri': not set and no MLFLOW_TRACKING_URI in the job's environment; "
-                        "the default SQLite store would be deleted with the job's working directory")
+        paths[key] = value
+    cluster.check_job_paths(paths, cfg.tracking.uri)
 
 
 JOB_PATH_KEYS = ("tokenizer", "init_from", "data.shards", "data.eval_shards", "run.storage_path")
@@ -130,7 +127,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     return Prepared(tok_cfg=tok_cfg, tokenizer_sha256=sha)
 
 
-def check_resources(cfg, where: str) -> None:
+def check_resources(cfg: RunConfig, where: str) -> None:
     """On a local Ray a worker that asks for more than the machine has waits forever: refuse instead."""
     have = cluster.cluster_resources()
     s = cfg.scaling
@@ -146,7 +143,7 @@ def check_resources(cfg, where: str) -> None:
             log.warning("%s (waiting for the cluster to grow)", msg)
 
 
-def run_key(cfg, storage: str) -> str:
+def run_key(cfg: RunConfig, storage: str) -> str:
     return f"{storage.rstrip('/')}/{cfg.run.name}"
 
 
@@ -155,27 +152,22 @@ def model_tags(cfg: TrainConfig) -> dict[str, str]:
     return {"mvar.variant": cfg.variant, "mvar.model": f"{cfg.variant}-{size}", "mvar.size": size}
 
 
-def attach_run(cfg, storage: str, tags: dict[str, str]) -> tuple[str, bool]:
+def attach_run(cfg: RunConfig, store: Store, storage: str, tags: dict[str, str]) -> tuple[str, bool]:
     """(MLflow run id, resumed?): the run of an earlier attempt of this run name and storage, else a new one."""
-    key = run_key(cfg, storage)
-    uri = tracking.resolve_uri(cfg.tracking.uri)
-    exp = tracking.experiment_id(cfg.tracking.experiment, uri)
-    found = tracking.client(uri).search_runs([exp], filter_string=f"tags.`mvar.run_key` = '{key}'",
-                                             order_by=["attributes.start_time DESC"], max_results=1)
-    if found:
-        return found[0].info.run_id, True
-    tags = {"mvar.run_key": key, "mvar.ray_job_id": cluster.job_id() or "none", "mvar.storage": storage, **tags}
-    return tracking.start_run(cfg.tracking, cfg.run.name, tags=tags), False
+    tags = {"mvar.ray_job_id": cluster.job_id() or "none", "mvar.storage": storage, **tags}
+    return store.find_or_create(cfg.tracking.experiment, {"mvar.run_key": run_key(cfg, storage)},
+                                cfg.tracking.run_name or cfg.run.name, tags)
 
 
-def log_config(cfg, run_id: str, resumed: bool) -> None:
-    c = tracking.client(cfg.tracking.uri)
+def log_config(cfg: RunConfig, store: Store, run_id: str, resumed: bool) -> None:
+    """A new run gets the config as params and config.yaml; a resumed one counts the resume."""
     if resumed:
-        logged = c.get_run(run_id).data.params
-        changed = {k: (logged[k], str(v)) for k, v in flatten(cfg).items() if k in logged and logged[k] != str(v)}
+        run = store.get(run_id)
+        changed = {k: (run.params[k], str(v)) for k, v in flatten(cfg).items()
+                   if k in run.params and run.params[k] != str(v)}
         if changed:
             log.warning("resuming with changed config (MLflow keeps the first values): %s", changed)
-        c.set_tag(run_id, "mvar.resumes", str(int(c.get_run(run_id).data.tags.get("mvar.resumes", "0")) + 1))
+        store.set_tags(run_id, {"mvar.resumes": int(run.tags.get("mvar.resumes", "0")) + 1})
         return
     t = tracking.MlflowTracker(run_id, cfg.tracking)
     t.log_params(to_dict(cfg))
@@ -183,9 +175,15 @@ def log_config(cfg, run_id: str, resumed: bool) -> None:
     t.close(status="")
 
 
-def fit(cfg, worker_fn, loop_config: dict, storage: str):
+def fit(cfg: RunConfig, worker_fn, loop_config: dict, storage: str):
     """Ray Train's TorchTrainer with the run's scaling, storage, checkpoint retention and failure budget."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from mvar.training.backend import torch_config
@@ -196,59 +194,97 @@ def fit(cfg, worker_fn, loop_config: dict, storage: str):
     logging_config = LoggingConfig(log_level="INFO" if cluster.verbose() else "WARNING")
     trainer = TorchTrainer(
         worker_fn, train_loop_config=loop_config, torch_config=torch_config(s),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=s.placement_strategy),
         run_config=RunConfig(name=cfg.run.name, storage_path=storage, logging_config=logging_config,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures)))
     return trainer.fit()
 
 
-def finish(cfg, run_id: str, result) -> TrainOutcome:
-    c = tracking.client(cfg.tracking.uri)
+def finish(store: Store, run_id: str, result) -> TrainOutcome:
     ret = getattr(result, "return_value", None) or {}
     checkpoint = result.checkpoint.path if result.checkpoint is not None else ""
     if checkpoint:
-        c.set_tag(run_id, "mvar.checkpoint", checkpoint)
+        store.set_tags(run_id, {tracking.CHECKPOINT_TAG: checkpoint})
+    if ret.get("ranks"):  # [first step, last step, batches drawn] of the last attempt, per rank
+        store.set_tags(run_id, {"mvar.steps_by_rank": json.dumps(ret["ranks"])})
     status = ret.get("status", "completed")
     step = int(ret.get("step", 0))
-    if status == "nonfinite":
-        c.set_tag(run_id, "mvar.stopped", f"non-finite loss at step {step}")
-        c.set_terminated(run_id, "FAILED")
-        raise TrainingFailed(f"training stopped at step {step}: the loss or a gradient is NaN/inf (try a lower "
-                             f"optim.lr or optim.grad_clip); last good checkpoint: {checkpoint or 'none'}")
-    c.set_terminated(run_id, "FINISHED")
+    stopped = {"nonfinite": f"training stopped at step {step}: the loss or a gradient is NaN/inf (try a lower "
+                            f"optim.lr or optim.grad_clip); last good checkpoint: {checkpoint or 'none'}",
+               "disk_full": f"training stopped at the checkpoint of step {step}: {ret.get('message', '')}; the last "
+                            f"complete checkpoint is {checkpoint or 'none'}: free space and rerun the same "
+                            f"command to resume from it"}
+    if status in stopped:
+        store.set_tags(run_id, {"mvar.stopped": f"{status} at step {step}"})
+        store.terminate(run_id, "FAILED")
+        raise TrainingFailed(stopped[status])
+    store.terminate(run_id, "FINISHED")
     return TrainOutcome(run_id=run_id, checkpoint=checkpoint, step=step, status=status)
 
 
-def launch(cfg, worker_fn, loop_config: dict, tags: dict[str, str]) -> TrainOutcome:
+def check_run_dir(cfg, storage: str) -> dict:
+    """Before Ray starts: leftovers removed from the run's directory, and the checkpoint it resumes
+    from checked (a damaged one passed over for the newest complete one). Returns the workers' part."""
+    if not is_local(storage):
+        return {}  # an object store: Ray Train's own handling (mvar.training.run_dir)
+    run_dir = Path(run_key(cfg, storage))
+    rundir.prune(run_dir)
+    point = rundir.resume_point(run_dir)
+    for name, problem in point.damaged.items():
+        print(f"checkpoint {name} is damaged ({problem}); the run resumes from {point.start} "
+              f"(step {point.step})", flush=True)
+    return {"run_dir": str(run_dir), "skip_checkpoints": sorted(point.damaged), "resume_from": point.start}
+
+
+def worker_error(err: Exception) -> str:
+    """One line for a failed Ray Train run: the first worker's UserError (a full disk ...) if any."""
+    for failure in getattr(err, "worker_failures", {}).values():
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, UserError):
+                return str(seen)
+            seen = getattr(seen, "cause", None) or seen.__cause__
+    lines = [ln for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def launch(cfg: RunConfig, worker_fn, loop_config: dict, tags: dict[str, str]) -> TrainOutcome:
     """Attach the MLflow run, start or join Ray, fit, record the final checkpoint.
 
-    ``cfg`` is any run config with ``run``, ``scaling`` and ``tracking`` sections; ``worker_fn``
-    receives ``loop_config`` plus ``train`` (the config as a dict) and ``run_id``.
+    ``worker_fn`` receives ``loop_config`` plus ``train`` (the config itself: Ray's pickling is its one
+    serialisation, and the worker does not validate it again) and ``run_id``.
     """
     storage = storage_location(cfg.run.storage_path)
-    uri = tracking.resolve_uri(cfg.tracking.uri)
-    cfg.tracking.uri = uri  # workers on other nodes must log to the same absolute store
-    run_id, resumed = attach_run(cfg, storage, tags)
-    log_config(cfg, run_id, resumed)
+    workers_part = check_run_dir(cfg, storage)
+    store = Store(cfg.tracking.uri)
+    uri = cfg.tracking.uri = store.uri  # workers on other nodes must log to the same absolute store
+    run_id, resumed = attach_run(cfg, store, storage, tags)
+    log_config(cfg, store, run_id, resumed)
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}; "
           f"checkpoints under {run_key(cfg, storage)}", flush=True)
     where = cluster.connect(env_vars={"MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0",
-                                      "MLFLOW_DISABLE_TELEMETRY": "true"})
+                                      "MLFLOW_DISABLE_TELEMETRY": "true", **faults.forwarded_env()})
     check_resources(cfg, where)
     s = cfg.scaling
     gpus = f", {s.gpus_per_worker:g} GPU" if s.use_gpu else ""
     print(f"Ray Train: {s.num_workers} workers ({s.cpus_per_worker:g} CPU{gpus} each) on the {where} Ray; "
           f"{cfg.run.steps} steps", flush=True)
+    loop_config = {**loop_config, **workers_part, "train": cfg, "run_id": run_id}
     try:
-        result = fit(cfg, worker_fn, {**loop_config, "train": to_dict(cfg), "run_id": run_id}, storage)
+        result = fit(cfg, worker_fn, loop_config, storage)
     except Exception as err:
         from ray.train import TrainingFailedError
         if isinstance(err, TrainingFailedError):
-            tracking.client(uri).set_terminated(run_id, "FAILED")
-            raise TrainingFailed(f"training failed after {cfg.run.max_failures} retries: {err}") from err
+            store.terminate(run_id, "FAILED")
+            raise TrainingFailed(f"training failed after {cfg.run.max_failures} retries: {worker_error(err)} "
+                                 f"(Ray's report is above)") from err
         raise
-    return finish(cfg, run_id, result)
+    finally:
+        if workers_part:
+            rundir.prune(Path(workers_part["run_dir"]))
+    return finish(store, run_id, result)
 
 
 def train(cfg: TrainConfig) -> TrainOutcome:

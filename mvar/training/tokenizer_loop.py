@@ -40,7 +40,13 @@ from mvar.data.storage import is_local
 from mvar.errors import UserError
 from mvar.tokenizer import MultiScaleVQVAE
 from mvar.tokenizer.perceptual import VGGPerceptual, load_perceptual
-from mvar.training.launch import TrainOutcome, launch, resolve_epochs, storage_location
+from mvar.training.launch import (
+    TrainOutcome,
+    check_paths_in_job,
+    launch,
+    resolve_epochs,
+    storage_location,
+)
 from mvar.training.optim import param_groups
 from mvar.training.tokenizer_config import TokenizerLossConfig, TokenizerTrainConfig
 from mvar.training.trainer import TrainTask, maybe_ddp, resolve_precision
@@ -221,6 +227,10 @@ def _check_init_from(cfg: TokenizerTrainConfig) -> None:
                         f"{list(theirs.patch_nums)}), this run's tokenizer has {len(ours.patch_nums)}")
 
 
+JOB_PATH_KEYS = ("init_from", "output", "data.shards", "data.eval_shards", "run.storage_path",
+                 "losses.perceptual_weights")
+
+
 def _check_output(cfg: TokenizerTrainConfig, storage: str) -> None:
     out = cfg.output_dir(storage)
     if not is_local(out):
@@ -233,6 +243,7 @@ def _check_output(cfg: TokenizerTrainConfig, storage: str) -> None:
 
 def prepare(cfg: TokenizerTrainConfig) -> None:
     """Every check on the run's inputs; raises UserError naming the key before anything starts."""
+    check_paths_in_job(cfg, JOB_PATH_KEYS)
     resolve_epochs(cfg, _check_shards(cfg))
     if cfg.losses.perceptual:
         load_perceptual(cfg.losses.perceptual_weights, cfg.losses.perceptual_layers)  # the file exists and fits
@@ -259,7 +270,6 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> tuple[TrainOutcome, Path]:
     tags = {"mvar.task": "tokenizer", "mvar.model": f"tokenizer-{cfg.tokenizer_name or 'custom'}"}
     outcome = launch(cfg, train_worker, {}, tags)
     out = write_output(cfg, outcome, storage_location(cfg.run.storage_path))
-    c = tracking.client(cfg.tracking.uri)
-    c.set_tag(outcome.run_id, "mvar.tokenizer", str(out))
-    c.set_tag(outcome.run_id, "mvar.tokenizer_sha256", tokenizer_fingerprint(out))
+    tracking.Store(cfg.tracking.uri).set_tags(outcome.run_id, {"mvar.tokenizer": str(out),
+                                                              "mvar.tokenizer_sha256": tokenizer_fingerprint(out)})
     return outcome, out

@@ -24,18 +24,22 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from mvar.checkpoint import load_train_state
+from mvar import faults
+from mvar.checkpoint import TRAIN_STATE, load_train_state, staged_dir
+from mvar.files import save_torch
 from mvar.training.memory import PeakTracker
 from mvar.training.optim import build_optimizer
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:  # the core runs on any config of this shape
+    from mvar.training.config import RunConfig
 
-TRAIN_STATE = "train_state.pt"  # optimizer, schedule, loss scaler, step and the task's own state
+log = logging.getLogger(__name__)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -220,9 +224,9 @@ class Hooks:
 
 
 class Trainer:
-    """One loop for every task. ``cfg`` has ``optim``, ``run`` and ``data.batch_size`` sections."""
+    """One loop for every task; of ``cfg`` it reads the ``optim``, ``run`` and ``data.batch_size`` keys."""
 
-    def __init__(self, task: TrainTask, cfg, device: torch.device, rank: int = 0, world: int = 1):
+    def __init__(self, task: TrainTask, cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
         self.task, self.cfg, self.device, self.rank, self.world = task, cfg, device, rank, world
         opt, sched = build_optimizer(task.param_groups(), cfg.optim, self.images_per_step, cfg.run.steps,
                                      fused=device.type == "cuda")
@@ -238,12 +242,15 @@ class Trainer:
         return self.stepper.opt
 
     # -- checkpoints -------------------------------------------------------------
-    def save(self, out: Path, step: int, meta: dict | None = None) -> Path:
-        """The task's checkpoint directory at ``out`` plus the train state that ``restore`` reads."""
+    def save(self, out: Path, step: int, meta: dict | None = None, overwrite: bool = False) -> Path:
+        """The task's checkpoint directory at ``out`` plus the train state that ``restore`` reads,
+        written under a partial name and renamed when all of it is on disk (``staged_dir``)."""
         meta = {"step": step, **(meta or {})}
-        out = self.task.save_weights(Path(out), meta)
-        torch.save({**self.stepper.state_dict(), "task": self.task.state(), **meta}, out / TRAIN_STATE)
-        return out
+        with staged_dir(out, overwrite) as tmp:
+            self.task.save_weights(tmp, meta)
+            faults.point("checkpoint-model-written", step)  # testing aid: MVAR_FAULT (mvar.faults)
+            save_torch({**self.stepper.state_dict(), "task": self.task.state(), **meta}, tmp / TRAIN_STATE)
+        return Path(out)
 
     def restore(self, ckpt_dir: Path) -> int:
         """Weights, optimizer, schedule, scaler and task state of a checkpoint; returns its step."""

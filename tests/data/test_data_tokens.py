@@ -14,7 +14,7 @@ from mvar.data.manifest import DataError, read_manifest
 from mvar.data.samples import decode_tokens, split_scales
 from mvar.data.synth import write_synth
 from mvar.data.tario import iter_tar_samples
-from mvar.data.tokens import tokenize
+from mvar.data.tokens import token_usage, tokenize, usage_report
 from mvar.errors import UserError
 from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
 
@@ -57,6 +57,19 @@ def test_token_shards_hold_the_tokenizer_indices(tiny, data_cfg):
         expected = model.img_to_idx(x)
     for got, want in zip(split_scales(idx, PATCH_NUMS), expected):
         assert torch.equal(got, want)
+
+
+def test_usage_per_scale_counts_what_was_encoded(tiny, data_cfg, capsys):
+    tok_dir, model, images, tokens = tiny
+    x, _, _ = _eval_batches(images, data_cfg)
+    with torch.inference_mode():
+        expected = [torch.bincount(i.flatten(), minlength=32) for i in model.img_to_idx(x)]
+    counts = token_usage(tokens, read_manifest(tokens))
+    assert counts.shape == (4, 32) and counts.sum(1).tolist() == [24, 96, 216, 384]
+    assert all(torch.equal(c.long(), e) for c, e in zip(counts, expected))
+    report = usage_report(counts, list(PATCH_NUMS))
+    used = int((expected[3] > 0).sum())
+    assert f"scale 3 (4x4): {used:4d} codes ({100 * used / 32:5.1f} %)" in report
 
 
 def test_flipped_variant_is_the_mirrored_image(tiny, data_cfg):

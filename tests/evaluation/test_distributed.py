@@ -36,7 +36,7 @@ def test_workflow_evaluates_a_training_run_on_two_ray_workers_with_the_same_imag
                         "--feature-extractor-weights", eval_inputs.weights, "--num-per-class", "2", "--seed", "0",
                         "--cfg", "1.5", "--top-k", "900", "--top-p", "0.96", "--batch-size", "8",
                         "--num-workers", "2", "--cpus-per-worker", "0.5", "--out", str(tmp_path / "ray"),
-                        "--device", "cpu", "--set", "eval.samples_per_shard=8", "--set", "eval.isc_splits=2"])
+                        "--device", "cpu", "eval.samples_per_shard=8", "eval.isc_splits=2"])
     assert rc == 0
     import ray
     assert ray.is_initialized(), "an evaluation leaves a Ray it did not start running"

@@ -66,6 +66,7 @@ def test_training_run_is_evaluated_end_to_end_and_logged(eval_inputs, tmp_path):
     assert run.data.params["eval.cfg"] == "1.5" and run.data.params["eval.top_k"] == "900"
     assert run.data.params["eval.num_per_class"] == "2" and run.data.params["eval.seed"] == "0"
     assert run.data.tags["mvar.metrics_comparable"] == "false"
+    assert run.data.tags["mvar.feature_extractor"] == "inception-v3-compat"  # never mixed with a classifier's
     assert f"eval/{SETTING}/grid.png" in {a.path for a in c.list_artifacts(run_id, f"eval/{SETTING}")}
     assert run.info.status == "FINISHED"
     # another setting later: params are immutable, so it goes to a child run of the training run
@@ -212,3 +213,18 @@ def test_the_checkpoints_sampling_defaults_fill_what_is_not_given(eval_inputs, t
         (0.0, 1200, 0.99), (1.5, 1200, 0.99)]
     plain = eval_inputs.config(tmp_path / "ev", metrics=False)  # no `sampling` in it: the defaults
     assert plain.eval.settings(prepare(plain).sampling) == [SamplingConfig()]
+
+
+def test_check_runs_every_check_prints_ok_and_samples_nothing(eval_inputs, tmp_path, capsys):
+    from workflows.evaluate import main as workflow_main
+    store = tmp_path / "mlflow.db"
+    argv = ["--checkpoint", eval_inputs.checkpoint, "--reference", eval_inputs.ref_npz, "--feature-extractor-weights",
+            eval_inputs.weights, "--out", str(tmp_path / "o"), "--tracking-uri", f"sqlite:///{store}",
+            "eval.num_per_class=2", "eval.isc_splits=2", "--check"]
+    assert mvar_main(["eval", *argv]) == 0 and workflow_main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0] == out[1] and out[0].startswith("OK: checkpoint ")
+    assert "20 samples per setting, 1 setting(s)" in out[0]
+    assert not (tmp_path / "o").exists() and not store.exists()
+    assert mvar_main(["eval", *argv, "eval.classes=[0,99]"]) == 2
+    assert "eval.classes: ids [99] are outside" in capsys.readouterr().err

@@ -104,7 +104,7 @@ def test_sequence_attention_matches_brute_force_values_and_gradients(pattern, sc
 
 
 def test_masks_of_the_three_patterns():
-    spec = lambda p: AttentionSpec(p, (1, 2, 3, 4), window_size=3, markov_from_scale=2)  # noqa: E731
+    spec = lambda p: AttentionSpec(p, (1, 2, 3, 4), window_size=3, markov_from_scale=2, backend="auto")  # noqa: E731
     var, sm, mv = (sequence_mask(spec(p), (0, 1, 2, 3)) for p in ("var", "scale_markov", "mvar"))
     assert var[29, :].all() and not var[0, 1:].any()          # last token sees all, start token only itself
     assert sm[0].sum() == 1 and sm[29, :14].sum() == 0 and sm[29, 14:].all()
@@ -113,17 +113,17 @@ def test_masks_of_the_three_patterns():
 
 
 def test_groups_pack_dense_scales_and_isolate_windowed_ones():
-    spec = AttentionSpec("mvar", PATCH_NUMS, 7, 8)
+    spec = AttentionSpec("mvar", PATCH_NUMS, 7, 8, "auto")
     assert scale_groups(spec, tuple(range(10))) == (tuple(range(8)), (8,), (9,))
-    assert scale_groups(AttentionSpec("scale_markov", PATCH_NUMS), tuple(range(10))) == (tuple(range(10)),)
+    assert scale_groups(AttentionSpec("scale_markov", PATCH_NUMS, 7, 8, "auto"), tuple(range(10))) == (tuple(range(10)),)
 
 
 def test_attended_pairs_shrink_from_var_to_mvar():
-    pairs = {p: attended_pairs(AttentionSpec(p, PATCH_NUMS, 7, 8), tuple(range(10)))
+    pairs = {p: attended_pairs(AttentionSpec(p, PATCH_NUMS, 7, 8, "auto"), tuple(range(10)))
              for p in ("var", "scale_markov", "mvar")}
     cumulative = [sum(pn ** 2 for pn in PATCH_NUMS[: s + 1]) for s in range(10)]
     assert pairs["var"] == sum(pn ** 2 * cum for pn, cum in zip(PATCH_NUMS, cumulative))
-    assert pairs["var"] == int(sequence_mask(AttentionSpec("var", PATCH_NUMS), tuple(range(10))).sum())
+    assert pairs["var"] == int(sequence_mask(AttentionSpec("var", PATCH_NUMS, 7, 8, "auto"), tuple(range(10))).sum())
     assert pairs["scale_markov"] == sum(pn ** 4 for pn in PATCH_NUMS)
     assert pairs["mvar"] == sum(pn ** 4 for pn in PATCH_NUMS[:8]) + (169 + 256) * 49
     assert pairs["var"] > pairs["scale_markov"] > pairs["mvar"]

@@ -22,7 +22,17 @@ def test_named_sizes_are_valid_and_default_is_the_released_model():
     assert (cfg.vocab_size, cfg.z_channels, cfg.ch, cfg.num_tokens) == (4096, 32, 160, 680)
 
 
-@pytest.mark.parametrize("name", ["vae-tiny", "vae-tiny32"])
+def test_quickstart_tokenizer_has_token_maps_where_a_window_matters():
+    cfg = TokenizerConfig.named("vae-quick")
+    cfg.validate()
+    assert cfg.downsample == 8 and cfg.latent_size == 8 and cfg.vocab_size >= 256
+    assert len(cfg.patch_nums) >= 7 and cfg.patch_nums[-2:] == (6, 8)
+    model = MultiScaleVQVAE(cfg)
+    groups = {m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert groups == {8}
+
+
+@pytest.mark.parametrize("name", ["vae-tiny", "vae-tiny32", "vae-quick"])
 def test_encode_decode_shapes_and_index_ranges(name):
     cfg = TokenizerConfig.named(name)
     model = MultiScaleVQVAE(cfg).eval()

@@ -15,6 +15,6 @@ def test_progress_line_has_step_loss_lr_speed_and_eta(progress_line_pattern):
 
 
 def test_checkpoint_line_names_the_checkpoint_and_the_validation_metrics():
-    line = checkpoint_line(40, 40, {"step": 40, "train/loss": 1.9, "val/loss": 2.12341, "val/acc": 0.25})
+    line = checkpoint_line(40, 40, "step_00000040", {"step": 40, "train/loss": 1.9, "val/loss": 2.12341, "val/acc": 0.25})
     assert line == "step 40/40: checkpoint step_00000040, val/acc 0.2500, val/loss 2.1234"
-    assert checkpoint_line(20, 40, {"step": 20}) == "step 20/40: checkpoint step_00000020"
+    assert checkpoint_line(20, 40, "step_00000020", {"step": 20}) == "step 20/40: checkpoint step_00000020"

@@ -16,11 +16,17 @@ LOCAL = "workflows/configs/mvar_tiny_local.yaml"
 
 
 @pytest.fixture(autouse=True)
-def no_ray_started():
+def no_ray_started(monkeypatch):
+    """A bad-input run must fail before it starts or joins a Ray. Refusing the connection (rather than
+    asking whether a Ray is up) holds whatever another test of the session left running."""
     import ray
-    assert not ray.is_initialized()
+    from mvar import cluster
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a bad-input run must fail before Ray starts")
+    monkeypatch.setattr(cluster, "connect", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
     yield
-    assert not ray.is_initialized(), "a bad-input run must fail before Ray starts"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -148,3 +154,44 @@ def test_relative_paths_are_refused_inside_a_ray_job(tiny_inputs, monkeypatch):
         prepare(cfg)
     from mvar import cluster
     assert cluster.job_id() == "raysubmit_1"
+
+
+def test_a_config_is_validated_once_at_load_and_crosses_to_the_workers_as_itself(monkeypatch, tmp_path):
+    """The registry entry of `model_name` is merged as plain keys (no ModelConfig built and validated on the
+    way), and the driver hands Ray Train the loaded config object, not a dict the worker rebuilds."""
+    from mvar.models.config import ModelConfig
+    from mvar.training import launch
+    calls = []
+    validate = ModelConfig.validate
+    monkeypatch.setattr(ModelConfig, "validate", lambda self, prefix="": calls.append(prefix) or validate(self, prefix))
+    cfg = load_train_config(LOCAL, [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    assert calls == ["model."] and cfg.model.attention == "mvar" and cfg.model.depth == 2
+    seen = {}
+    monkeypatch.setattr(launch, "fit", lambda cfg, fn, loop_config, storage: seen.update(loop_config) or 1 / 0)
+    monkeypatch.setattr(launch, "attach_run", lambda *a: ("run-1", False))
+    monkeypatch.setattr(launch, "log_config", lambda *a: None)
+    monkeypatch.setattr(launch.cluster, "connect", lambda **kw: "local")  # Ray's side: the slow tests run it
+    monkeypatch.setattr(launch, "check_resources", lambda *a: None)
+    with pytest.raises(ZeroDivisionError):
+        launch.launch(cfg, None, {}, {})
+    assert seen["train"] is cfg and seen["run_id"] == "run-1" and calls == ["model."]
+
+
+def test_check_runs_every_check_of_the_run_prints_ok_and_makes_nothing(tiny_inputs, tmp_path, capsys, monkeypatch):
+    from mvar.cli import main as mvar_main
+    store = tmp_path / "mlflow.db"
+    argv = ["--config", LOCAL, *tiny_inputs.overrides("checked", **{"tracking.uri": f"sqlite:///{store}"}), "--check"]
+    assert main(argv) == 0 and mvar_main(["train", *argv]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0] == out[1] and out[0].startswith("OK: run 'checked'")
+    assert not store.exists() and not (tiny_inputs.root / "runs" / "checked").exists()
+    assert main([*argv, f"tokenizer={tmp_path}"]) == 2
+    assert "is not a tokenizer checkpoint" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main([*argv, f"tracking.uri=http://127.0.0.1:{port}"]) == 2
+    assert "does not answer" in capsys.readouterr().err

@@ -52,11 +52,17 @@ def vgg_weights(tmp_path_factory):
 
 
 @pytest.fixture
-def no_ray_started():
+def no_ray_started(monkeypatch):
+    """A bad-input run must fail before it starts or joins a Ray. Refusing the connection (rather than
+    asking whether a Ray is up) holds whatever another test of the session left running."""
     import ray
-    assert not ray.is_initialized()
+    from mvar import cluster
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a bad-input run must fail before Ray starts")
+    monkeypatch.setattr(cluster, "connect", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
     yield
-    assert not ray.is_initialized(), "a bad-input run must fail before Ray starts"
 
 
 # -- config ------------------------------------------------------------------------
@@ -229,6 +235,15 @@ def test_init_from_and_output_are_checked_before_ray(tiny_inputs, tmp_path):
     prepare(load_tokenizer_train_config(LOCAL, overrides(tiny_inputs, "good", init_from=tiny_inputs.tokenizer)))
 
 
+@pytest.mark.usefixtures("no_ray_started")
+def test_relative_paths_are_refused_inside_a_ray_job(tiny_inputs, monkeypatch):
+    """The generator's job-path check (mvar.cluster.check_job_paths) also guards the tokenizer's run."""
+    monkeypatch.setattr("mvar.cluster.in_ray_job", lambda: True)
+    cfg = load_tokenizer_train_config(LOCAL, overrides(tiny_inputs, "bad", output="out/tok"))
+    with pytest.raises(UserError, match="'output': 'out/tok' is relative, but a Ray job"):
+        prepare(cfg)
+
+
 # -- a real run -------------------------------------------------------------------------
 
 def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -273,3 +288,13 @@ def test_tiny_tokenizer_trains_and_its_output_tokenizes(tiny_inputs, tmp_path, c
     tokenize(str(out), tiny_inputs.images, str(tmp_path / "tokens"), progress=False)
     manifest = read_manifest(str(tmp_path / "tokens"))
     assert manifest.tokens["tokenizer_sha256"] == fingerprint and manifest.num_samples == 160
+
+
+@pytest.mark.usefixtures("no_ray_started")
+def test_check_runs_every_check_prints_ok_and_writes_nothing(tiny_inputs, tmp_path, capsys):
+    argv = ["--config", LOCAL, *overrides(tiny_inputs, "checked", output=tmp_path / "tok"), "--check"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith("OK: run 'checked'")
+    assert not (tmp_path / "tok").exists()
+    assert main([*argv, "losses.perceptual_weight=1", f"losses.perceptual_weights={tmp_path / 'none.pth'}"]) == 2
+    assert "none.pth" in capsys.readouterr().err

@@ -1,0 +1,91 @@
+"""`mvar train` and `mvar train-tokenizer`: a generator or a tokenizer trained with Ray Train.
+
+    mvar train --config workflows/configs/mvar_tiny_local.yaml [key.sub=value ...]
+    mvar train-tokenizer --config workflows/configs/tokenizer_tiny_local.yaml [key.sub=value ...]
+    ray job submit --working-dir . -- python -m workflows.train --config workflows/configs/mvar_d16_in256.yaml
+
+`python -m workflows.train` and `python -m workflows.train_tokenizer` are the same commands (what
+`ray job submit` runs). A run joins the cluster of `ray job submit` (or RAY_ADDRESS), else starts a
+local Ray on 127.0.0.1; rerunning the same command resumes it from its latest checkpoint into the
+same MLflow run.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from mvar.commands import add_config_arguments, add_verbose_argument, set_verbose
+
+TRAIN = "Train a VAR or MVAR generator with Ray Train."
+TRAIN_TOKENIZER = "Train the multi-scale VQ tokenizer on image shards with Ray Train."
+
+
+def register(subparsers) -> None:
+    configure_train(subparsers.add_parser("train", help="train a VAR or MVAR generator (Ray Train)",
+                                          description=TRAIN))
+    configure_train_tokenizer(subparsers.add_parser("train-tokenizer", help="train the VQ tokenizer (Ray Train)",
+                                                    description=TRAIN_TOKENIZER))
+
+
+def configure_train(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p, "YAML run config, e.g. workflows/configs/mvar_tiny_local.yaml")
+    add_verbose_argument(p)
+    p.set_defaults(func=run_train)
+
+
+def configure_train_tokenizer(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p, "YAML run config, e.g. workflows/configs/tokenizer_tiny_local.yaml")
+    add_verbose_argument(p)
+    p.set_defaults(func=run_train_tokenizer)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def check_store(tracking_cfg) -> None:
+    """The run's MLflow store answers (a UserError naming it if not); nothing is created in it."""
+    from mvar.tracking import Store
+    Store(tracking_cfg.uri).check(tracking_cfg.experiment)
+
+
+def run_config(args: argparse.Namespace, cfg, prepare, checked: str) -> bool:
+    """--print-config, or --check (``prepare`` and the MLflow store, then OK): True when the command is done."""
+    if args.print_config:
+        from mvar.config import dump_yaml
+        print(dump_yaml(cfg), end="")
+        return True
+    if args.check:
+        prepare(cfg)
+        check_store(cfg.tracking)
+        print(f"OK: run '{cfg.run.name}', {cfg.run.steps} steps: config, {checked} and the MLflow store checked "
+              "(Ray's resources: when the run starts)")
+        return True
+    return False
+
+
+def run_train(args: argparse.Namespace) -> int:
+    set_verbose(args)
+    _setup_logging()
+    from mvar.training import load_train_config, train
+    from mvar.training.launch import prepare
+    cfg = load_train_config(args.config, args.overrides)
+    if run_config(args, cfg, prepare, "tokenizer, shards, init_from"):
+        return 0
+    outcome = train(cfg)
+    print(f"done: {outcome.step} steps, MLflow run {outcome.run_id}, checkpoint {outcome.checkpoint}")
+    return 0
+
+
+def run_train_tokenizer(args: argparse.Namespace) -> int:
+    set_verbose(args)
+    _setup_logging()
+    from mvar.training.tokenizer_config import load_tokenizer_train_config
+    from mvar.training.tokenizer_loop import prepare, train_tokenizer
+    cfg = load_tokenizer_train_config(args.config, args.overrides)
+    if run_config(args, cfg, prepare, "shards, init_from, output, the perceptual weights"):
+        return 0
+    outcome, out = train_tokenizer(cfg)
+    print(f"done: {outcome.step} steps, MLflow run {outcome.run_id}, checkpoint {outcome.checkpoint}")
+    print(f"tokenizer: {out}")
+    return 0
