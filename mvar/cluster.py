@@ -15,8 +15,9 @@ are the ones carrying ``MVAR_LOCAL_RAY=<mark>`` in their environment (inherited 
 GCS, raylet, workers) and their children (the agents, whose process titles hide their environment).
 
 What a run prints: Ray's own messages below ERROR are off by default, through Ray's settings
-(the driver's ``ray`` logger, ``RAY_LOGGER_LEVEL`` for the ``ray`` loggers of the job's workers,
-Ray Train's ``LoggingConfig`` in `mvar.training.launch`); on a Ray bound to 127.0.0.1, where no
+(the driver's ``ray`` logger, ``RAY_LOGGER_LEVEL`` for the ``ray`` loggers of the job's workers),
+and Ray Train's INFO lines (``LoggingConfig`` at WARNING in `mvar.training.launch`: its warnings
+are about the run, e.g. a resource request delayed by an overloaded CPU); on a Ray bound to 127.0.0.1, where no
 node can be drained, Ray Train's preemption watcher is off too (its actor logs a C++ error at
 every start). The project's own lines and the workers' prints still reach the driver and
 `ray job logs`. ``MVAR_VERBOSE=1`` (the workflows' ``--verbose``) brings Ray's messages back.
