@@ -186,8 +186,9 @@ def chromium_paths() -> tuple[str, str]:
     return ensure_chromium()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser(chromium_paths, tmp_path_factory):
+    """One Chromium for every UI test module (its start costs seconds)."""
     chromium, chromedriver = chromium_paths
     b = Browser(chromium, chromedriver, tmp_path_factory.mktemp("browser"))
     yield b
