@@ -2,24 +2,21 @@
 
 A fresh MLflow server (SQLite store) on 127.0.0.1 gets two small runs logged through the project's
 own tracking code (`mvar.tracking`: the same params, tags and metric names a training run logs);
-headless Chromium (Debian's, driven through chromedriver) opens the experiment's runs in chart view
+headless Chromium (Debian's, driven with Selenium through Debian's chromedriver) opens the experiment's runs in chart view
 and the two runs' compare page and reads the rendered text. Screenshots (and the page text) are kept
 in `out/test-artifacts/mlflow-ui/` (or `$MVAR_TEST_ARTIFACTS/mlflow-ui/`) and in the test's tmp dir.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 import urllib.parse
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = "ui-test"
 
 
@@ -62,38 +59,16 @@ def logged(mlflow_server) -> Logged:
     return Logged(experiment_id(EXPERIMENT, mlflow_server), runs)
 
 
-@pytest.fixture(scope="module")
-def artifact_dirs(tmp_path_factory) -> list[Path]:
-    kept = Path(os.environ.get("MVAR_TEST_ARTIFACTS", REPO / "out" / "test-artifacts")) / "mlflow-ui"
-    dirs = [kept, tmp_path_factory.mktemp("mlflow-ui-shots")]
-    for d in dirs:
-        d.mkdir(parents=True, exist_ok=True)
-    return dirs
-
-
-def _keep(browser, dirs: list[Path], name: str) -> str:
-    """Screenshot and rendered text of the page into every artifact dir; the text."""
-    text = browser.text()
-    browser.screenshot(*(d / f"{name}.png" for d in dirs))
-    for d in dirs:
-        (d / f"{name}.txt").write_text(text)
-    return text
-
-
-def _open(browser, url: str, needles: list[str]) -> str:
-    browser.get(url)
-    text = browser.wait_for_text(needles, timeout=90)  # the SPA's first load takes 20-30 s on 2 busy cores
-    # the "MLflow Assistant" side panel covers a third of the page; close it when it is there
-    if browser.click_if_present('button[aria-label="Close"]', within_text="MLflow Assistant"):
-        text = browser.wait_for_text(needles, timeout=10)
-    return text
-
-
 def _missing(text: str, needles: list[str]) -> list[str]:
     return [n for n in needles if n not in text]
 
 
-def test_experiment_page_shows_both_runs_and_their_metrics(browser, mlflow_server, logged, artifact_dirs):
+@pytest.fixture(scope="module")
+def shots(artifact_dirs):
+    return artifact_dirs("mlflow-ui")
+
+
+def test_experiment_page_shows_both_runs_and_their_metrics(browser, mlflow_server, logged, shots):
     # MLflow 3 opens an experiment without a kind on its GenAI overview: ask for the training runs, charts view
     query = urllib.parse.urlencode({"workflowType": "machine_learning", "compareRunsMode": "CHART"})
     url = f"{mlflow_server}/#/experiments/{logged.experiment_id}/runs?{query}"
@@ -103,13 +78,13 @@ def test_experiment_page_shows_both_runs_and_their_metrics(browser, mlflow_serve
     # read on the compare page (a line chart of single points prints none)
     needles = [var.name, mvar.name, *metric_names, *(f"{r.name} ({m})" for r in logged.runs for m in metric_names)]
     browser.set_window(1600, 2000)
-    _open(browser, url, needles)
-    text = _keep(browser, artifact_dirs, "experiment-runs-charts")
+    browser.open(url, needles)
+    text = browser.keep(shots, "experiment-runs-charts")
     assert not _missing(text, needles), f"not on the experiment page: {_missing(text, needles)}; page text:\n{text[:3000]}"
     assert f"{len(logged.runs)} matching runs" in text
 
 
-def test_compare_page_lines_up_var_and_mvar(browser, mlflow_server, logged, artifact_dirs):
+def test_compare_page_lines_up_var_and_mvar(browser, mlflow_server, logged, shots):
     var, mvar = logged.runs
     query = urllib.parse.urlencode({"runs": json.dumps([var.run_id, mvar.run_id]),
                                     "experiments": json.dumps([logged.experiment_id])})
@@ -117,8 +92,8 @@ def test_compare_page_lines_up_var_and_mvar(browser, mlflow_server, logged, arti
     needles = ["Comparing 2 Runs", var.name, mvar.name, var.run_id, mvar.run_id, "model.attention", "mvar.variant",
                "eval/fid", "infer/peak_mem_mb", "train/loss", f"{var.fid:g}", f"{mvar.fid:g}"]
     browser.set_window(1600, 2400)  # tall enough for the params, metrics and tags tables under the plots
-    _open(browser, url, needles)
-    text = _keep(browser, artifact_dirs, "compare-runs")
+    browser.open(url, needles)
+    text = browser.keep(shots, "compare-runs")
     assert not _missing(text, needles), f"not on the compare page: {_missing(text, needles)}; page text:\n{text[:3000]}"
     # one column per run, in the order asked for: VAR's value comes first in each row
     assert re.search(r"model\.attention\s+var\s+mvar", text), "params row model.attention is not 'var | mvar'"
