@@ -214,3 +214,23 @@ def test_a_shard_manifest_is_a_dataset_of_the_run_logged_once(cfg):
     store.log_inputs(run_id, records)
     store.log_inputs(run_id, records)  # a resumed run logs them again: still one record each
     assert sorted(store.inputs(run_id), key=lambda r: r.context) == sorted(records, key=lambda r: r.context)
+
+
+def test_mlflow_gpu_system_metrics_have_nvidia_ml_py():
+    """MLflow's GPU sampler needs pynvml (nvidia-ml-py, a dependency, also pinned in the cluster image): here it
+    gets past the import and, where no GPU is, stops at NVML's own init instead; on a GPU it samples."""
+    import re
+    from pathlib import Path
+
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+    repo = Path(__file__).resolve().parents[1]
+    pins = [re.findall(r'"nvidia-ml-py==([\d.]+)"', (repo / f).read_text())
+            for f in ("pyproject.toml", "infra/cluster/Dockerfile")]
+    assert pins[0] and pins[0] == pins[1], pins
+    try:
+        monitor = GPUMonitor()
+    except RuntimeError as err:  # no GPU or driver on this machine
+        assert "Failed to initialize NVML" in str(err)
+    else:
+        monitor.collect_metrics()
+        assert any(k.startswith("gpu_0_") for k in monitor.metrics)

@@ -185,6 +185,7 @@ def _add_make_ref(commands) -> None:
                    help="inception, or a classifier from `mvar eval train-classifier`")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--batch-size", type=int, default=32, help="feature extractor batch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
     p.set_defaults(func=run_make_ref)
 
 
@@ -198,7 +199,7 @@ def run_make_ref(args: argparse.Namespace) -> int:
         raise UserError(f"--out must name a .npz file, got '{args.out}'")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     weights = resolve_weights(args.feature_extractor_weights, extractor=args.feature_extractor)
-    ref = compute_reference(args.shards, weights, device, args.batch_size)
+    ref = compute_reference(args.shards, weights, device, args.batch_size, progress=not args.no_progress)
     save_reference(args.out, ref)
     kind = ("official" if weights.official else "NOT the official weights") if args.feature_extractor == "inception" \
         else "a classifier: comparable only with numbers made with this file"

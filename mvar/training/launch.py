@@ -189,17 +189,26 @@ def log_datasets(cfg: RunConfig, store: Store, run_id: str) -> None:
 
 def fit(cfg: RunConfig, worker_fn, loop_config: dict, storage: str):
     """Ray Train's TorchTrainer with the run's scaling, storage, checkpoint retention and failure budget."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from mvar.training.backend import torch_config
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    # Ray Train's own INFO lines (worker group starts, each report and checkpoint) only when verbose:
+    # rank 0 prints the run's progress (mvar.training.ray_worker)
+    logging_config = LoggingConfig(log_level="INFO" if cluster.verbose() else "WARNING")
     trainer = TorchTrainer(
         worker_fn, train_loop_config=loop_config, torch_config=torch_config(s),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
                                      placement_strategy=s.placement_strategy),
-        run_config=RunConfig(name=cfg.run.name, storage_path=storage,
+        run_config=RunConfig(name=cfg.run.name, storage_path=storage, logging_config=logging_config,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures)))
     return trainer.fit()
@@ -309,6 +318,10 @@ def launch(cfg: RunConfig, worker_fn, loop_config: dict, tags: dict[str, str], r
     where = cluster.connect(env_vars={"MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0",
                                       "MLFLOW_DISABLE_TELEMETRY": "true", **faults.forwarded_env()})
     check_resources(cfg, where)
+    s = cfg.scaling
+    gpus = f", {s.gpus_per_worker:g} GPU" if s.use_gpu else ""
+    print(f"Ray Train: {s.num_workers} workers ({s.cpus_per_worker:g} CPU{gpus} each) on the {where} Ray; "
+          f"{cfg.run.steps} steps", flush=True)
     loop_config = {**loop_config, **workers_part, "train": cfg, "run_id": run_id}
     try:
         result = fit(cfg, worker_fn, loop_config, storage)
