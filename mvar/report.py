@@ -1,12 +1,13 @@
 """`mvar report --experiment NAME`: the ablation table of an MLflow experiment, with ratios to VAR.
 
 One row per run that carries `mvar.variant` (training runs, and evaluation runs of checkpoints
-that were not trained here); evaluation child runs and sweep parents are left out. Columns are
+that were not trained here, and a sweep's trials, nested under its run); evaluation child runs and sweep
+parents are left out. Columns are
 the paper's (inference time, attention GFLOPs, KV cache, inference memory, train s/it, train
 memory, FID, IS, precision, recall), each followed by its ratio to the VAR run of the same
 depth (the latest finished one). Written as Markdown, CSV and HTML with three plots (FID vs
 window size, inference memory vs depth per variant, the FID / memory Pareto front) and logged
-as the artifacts of a report run (tag `mvar.report`).
+as the artifacts of a report run (tag `mvar.report`), the table also with MLflow's ``log_table``.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def collect(experiment: str, uri: str = "") -> list[dict]:
     rows = []
     for run in Store(uri).runs(experiment):
         tags, params, metrics = run.tags, run.params, run.metrics
-        if "mvar.variant" not in tags or PARENT_TAG in tags or tags.get("mvar.report"):
+        nested_eval = PARENT_TAG in tags and "mvar.run_key" not in tags  # a sweep's trials are nested training runs
+        if "mvar.variant" not in tags or nested_eval or tags.get("mvar.report"):
             continue
         depth = params.get("model.depth") or _depth_of(tags.get("mvar.size", ""))
         rows.append({"run": run.name, "run_id": run.run_id, "status": run.status,
@@ -158,7 +160,12 @@ def write_plots(rows: list[dict], out: Path) -> list[Path]:
             _plot(out / "pareto_fid_memory.png", "FID vs inference memory", "peak MB", "FID", pts, front)]
 
 
-def log_report(experiment: str, uri: str, files: list[Path]) -> str:
+TABLE_FILE = "report/ablation_table.json"   # the table as MLflow's log_table stores it
+
+
+def log_report(experiment: str, uri: str, files: list[Path], rows: list[dict] = ()) -> str:
+    """A report run: the files as artifacts, and the table (one row per run, the same columns) with
+    ``log_table``, which MLflow's artifact view shows as a table."""
     from mvar import tracking
     from mvar.tracking import MlflowTracker, TrackingConfig
     cfg = TrackingConfig(uri=uri, experiment=experiment, system_metrics=False)
@@ -166,8 +173,14 @@ def log_report(experiment: str, uri: str, files: list[Path]) -> str:
     t = MlflowTracker(run_id, cfg)
     for f in files:
         t.log_artifact(f, "report")
+    if rows:
+        t.log_table({c: [_cell(r.get(c)) for r in rows] for c in table_columns()}, TABLE_FILE)
     t.close()
     return run_id
+
+
+def _cell(v):
+    return None if isinstance(v, float) and math.isnan(v) else v
 
 
 def make_report(experiment: str, out: str | Path, uri: str = "", log: bool = True) -> Report:
@@ -177,7 +190,7 @@ def make_report(experiment: str, out: str | Path, uri: str = "", log: bool = Tru
     add_ratios(rows)
     files = write_tables(rows, out) + write_plots(rows, out)
     if log:
-        log_report(experiment, uri, files)
+        log_report(experiment, uri, files, rows)
     return Report(rows=rows, markdown=to_markdown(rows), files=files)
 
 

@@ -1,6 +1,6 @@
 """`mvar eval`: sample a checkpoint on Ray workers and compute FID / IS / precision / recall.
 
-    mvar eval --run-id RUN | --checkpoint DIR --reference REF [--num-per-class 50] [--cfg 1.5,2.0] [key.sub=value ...]
+    mvar eval --run-id RUN | --checkpoint DIR | --model models:/NAME@ALIAS --reference REF [--num-per-class 50] [--cfg 1.5,2.0] [key.sub=value ...]
     mvar eval make-ref --shards DIR --out REF.npz [--feature-extractor classifier] [--feature-extractor-weights FILE]
     mvar eval standin-weights --out FILE [--seed 0]        # random Inception weights for offline tests
     mvar eval train-classifier --shards DIR --out FILE.pt [--eval-shards DIR]   # a feature extractor for labelled sets
@@ -29,7 +29,7 @@ FLAG_KEYS = {
     "feature_extractor_weights": "eval.feature_extractor_weights", "feature_extractor": "eval.feature_extractor",
     "num_workers": "eval.num_workers",
     "cpus_per_worker": "eval.cpus_per_worker", "out": "eval.out_dir", "device": "eval.device",
-    "checkpoint": "checkpoint", "run_id": "run_id", "tracking_uri": "tracking.uri", "experiment": "tracking.experiment",
+    "checkpoint": "checkpoint", "model": "model", "run_id": "run_id", "tracking_uri": "tracking.uri", "experiment": "tracking.experiment",
 }
 SWITCH_KEYS = {"use_gpu": "eval.use_gpu", "metrics": "eval.metrics", "track": "track"}
 LIST_FLAGS = ("classes", "cfg", "top_k", "top_p")
@@ -65,6 +65,9 @@ def add_eval_arguments(p: argparse.ArgumentParser, overrides: bool = True) -> No
     """The evaluation's flags: each a shorthand of one config key, named in its help."""
     p.add_argument("--checkpoint", help=f"model checkpoint directory ({_key('checkpoint')}; default: the run's "
                    "mvar.checkpoint tag)")
+    p.add_argument("--model", help=f"a registered model version: models:/NAME@ALIAS (latest, best) or "
+                   f"models:/NAME/VERSION, e.g. models:/mvar-tiny@best ({_key('model')}); results go into an "
+                   "eval-<checkpoint> run")
     p.add_argument("--run-id", help=f"MLflow training run: resolves the checkpoint and receives the results "
                    f"({_key('run_id')})")
     p.add_argument("--reference", help="reference images (shard set or ADM .npz) or a `mvar eval make-ref` file "

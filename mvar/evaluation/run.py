@@ -157,7 +157,8 @@ def job_paths(cfg: EvaluateConfig) -> dict[str, str]:
 def prepare(cfg: EvaluateConfig) -> Prepared:
     ecfg = cfg.eval
     cluster.check_job_paths(job_paths(cfg), cfg.tracking.uri if cfg.track else None)
-    checkpoint = cfg.checkpoint or runs.checkpoint_of_run(cfg.run_id, cfg.tracking.uri)
+    checkpoint = cfg.checkpoint or (runs.checkpoint_of_model(cfg.model, cfg.tracking.uri) if cfg.model
+                                    else runs.checkpoint_of_run(cfg.run_id, cfg.tracking.uri))
     checkpoint = str(Path(checkpoint).resolve())
     meta = read_checkpoint_meta(checkpoint)
     tok_cfg = read_tokenizer_config(checkpoint)
@@ -336,10 +337,13 @@ def setting_tags(prep: Prepared, out: Path) -> dict[str, str]:
 def resolve_runs(prep: Prepared, params: list[dict], names: list[str]) -> tuple[list[str], list[str]]:
     """(run id per setting, the runs this evaluation owns: made by it now or by an earlier attempt)."""
     cfg = prep.cfg
-    tags = {"mvar.variant": prep.model_cfg.attention, runs.CHECKPOINT_TAG: prep.checkpoint}
+    tags = {"mvar.variant": prep.model_cfg.attention, runs.CHECKPOINT_TAG: prep.checkpoint,
+            **({"mvar.model_uri": cfg.model} if cfg.model else {})}
     base, created = runs.base_run(cfg.tracking, cfg.run_id, prep.checkpoint, tags)
     ids = runs.setting_runs(cfg.tracking, base, params, names, tags)
     print(f"MLflow: logging to run(s) {', '.join(ids)} in {cfg.tracking.uri}", flush=True)
+    if cfg.eval.metrics:
+        runs.log_reference(cfg.tracking, ids, cfg.eval.reference)
     owned = sorted({i for i in ids + ([base] if created else []) if i != cfg.run_id})
     return ids, owned
 

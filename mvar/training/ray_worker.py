@@ -99,6 +99,8 @@ class RayHooks(Hooks):
     def checkpoint(self, trainer: Trainer, step: int, report: dict[str, float]) -> None:
         import ray.train
         name = rundir.checkpoint_name(step, self.taken)
+        if self.rank == 0:
+            self.log_samples(trainer, step)
         # on an object store rank 0 writes a local copy that Ray Train uploads
         local = tempfile.TemporaryDirectory(prefix="mvar-ckpt-") if self.rank == 0 and not self.run_dir else None
         with local or contextlib.nullcontext():
@@ -114,6 +116,12 @@ class RayHooks(Hooks):
             ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=name, checkpoint_upload_mode=mode)
         if self.rank == 0 and self.total_steps:
             progress.info(checkpoint_line(step, self.total_steps, name, report))
+
+    def log_samples(self, trainer: Trainer, step: int) -> None:
+        """The task's sample grid (if it has one) as MLflow image ``samples`` at this step (rank 0)."""
+        grid = trainer.task.sample_grid()
+        if grid is not None:
+            self.tracker.log_image(grid.mul(255).round().byte().permute(1, 2, 0).numpy(), "samples", step)
 
     def _write(self, trainer: Trainer, step: int, out: Path):
         import ray.train

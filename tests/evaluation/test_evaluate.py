@@ -70,6 +70,9 @@ def test_training_run_is_evaluated_end_to_end_and_logged(eval_inputs, tmp_path):
     assert run.data.tags["mvar.feature_extractor"] == "inception-v3-compat"  # never mixed with a classifier's
     assert f"eval/{SETTING}/grid.png" in {a.path for a in c.list_artifacts(run_id, f"eval/{SETTING}")}
     assert run.info.status == "FINISHED"
+    # the reference is the run's evaluation dataset, its digest from the shard manifest
+    [ref] = tracking.Store(eval_inputs.tracking_uri).inputs(run_id)
+    assert (ref.context, ref.source, ref.profile["num_samples"]) == ("evaluation", eval_inputs.ref_shards, 20)
     # another setting later: params are immutable, so it goes to a child run of the training run
     [child] = evaluate(eval_inputs.config(tmp_path / "ev", run_id=run_id, track=True, checkpoint="", cfg=[0.0],
                                           metrics=False))
