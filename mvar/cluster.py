@@ -13,6 +13,14 @@ the driver's process group does not reach it), keeps a list of the local Ray's p
 driver lives and ends them all as soon as the driver is gone, however it went. The Ray processes
 are the ones carrying ``MVAR_LOCAL_RAY=<mark>`` in their environment (inherited from the driver:
 GCS, raylet, workers) and their children (the agents, whose process titles hide their environment).
+
+What a run prints: Ray's own messages below ERROR are off by default, through Ray's settings
+(the driver's ``ray`` logger, ``RAY_LOGGER_LEVEL`` for the ``ray`` loggers of the job's workers),
+and Ray Train's INFO lines (``LoggingConfig`` at WARNING in `mvar.training.launch`: its warnings
+are about the run, e.g. a resource request delayed by an overloaded CPU); on a Ray bound to 127.0.0.1, where no
+node can be drained, Ray Train's preemption watcher is off too (its actor logs a C++ error at
+every start). The project's own lines and the workers' prints still reach the driver and
+`ray job logs`. ``MVAR_VERBOSE=1`` (the workflows' ``--verbose``) brings Ray's messages back.
 """
 from __future__ import annotations
 
@@ -41,9 +49,44 @@ _watchdog: subprocess.Popen | None = None
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
+VERBOSE_ENV = "MVAR_VERBOSE"
+
+
 def in_ray_job() -> bool:
     """True inside the entrypoint of `ray job submit`."""
     return bool(os.environ.get(JOB_CONFIG_ENV))
+
+
+def verbose() -> bool:
+    """MVAR_VERBOSE=1 (or a command's --verbose: mvar.commands.set_verbose): Ray's own INFO and WARNING messages are shown."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def quiet_env(loopback: bool) -> dict[str, str]:
+    """Environment of the job's Ray workers that keeps Ray's internal messages below ERROR out of the
+    driver's output (nothing when verbose). ``loopback``: the Ray is bound to 127.0.0.1, one node that
+    is never drained, so Ray Train's preemption watcher has nothing to watch."""
+    if verbose():
+        return {}
+    env = {"RAY_LOGGER_LEVEL": "error",  # the `ray` loggers of plain actors (Ray Train's placement group cleaner)
+           "MLFLOW_LOGGING_LEVEL": "WARNING"}  # rank 0's system-metrics monitor announces its start and stop
+    if loopback:
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    return env
+
+
+def quiet_train_worker() -> None:
+    """In a Ray Train worker: Ray Train logs each `ray.train.report` at INFO on a logger named by its
+    file path, outside the `ray.train` loggers that its LoggingConfig sets; give that logger the level."""
+    if verbose():
+        return
+    import ray.train.v2._internal.execution.context as train_context
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def ray_log_level() -> int:
+    """Level of the driver's `ray` logger."""
+    return logging.INFO if verbose() else logging.ERROR
 
 
 def check_job_paths(paths: dict[str, str], tracking_uri: str | None) -> None:
@@ -67,29 +110,35 @@ def connect(num_cpus: int | None = None, num_gpus: int | None = None, env_vars: 
     """Join the given cluster or start a local one; returns 'cluster' or 'local'."""
     import ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    runtime_env = {"env_vars": env_vars} if env_vars else None
     global _started_here
     if ray.is_initialized():
         return "local" if _started_here else "cluster"
     address = os.environ.get("RAY_ADDRESS", "")
     if address or in_ray_job():
         # a dashboard URL (http://...:8265) is what `ray job submit` wants; the driver joins via GCS
-        if address.startswith(("127.0.0.1", "localhost", "http://127.0.0.1", "http://localhost")):
+        # (inside `ray job submit` RAY_ADDRESS is the GCS of the head the job runs on: loopback on the stack)
+        loopback = address.startswith(("127.0.0.1", "localhost", "http://127.0.0.1", "http://localhost"))
+        if loopback:
             _advertise_loopback()  # else Ray rewrites loopback to the machine's address and the join hangs
         ray.init(address="auto" if address.startswith("http") or not address else address,
-                 runtime_env=runtime_env, log_to_driver=True)
+                 runtime_env=_runtime_env(env_vars, loopback), log_to_driver=True, logging_level=ray_log_level())
         return "cluster"
     _advertise_loopback()
     _start_watchdog()
     try:
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                  object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
-                 runtime_env=runtime_env, logging_level=logging.WARNING)
+                 runtime_env=_runtime_env(env_vars, True), logging_level=ray_log_level())
     except BaseException:
         _stop_watchdog()  # it ends whatever of the Ray had started
         raise
     _started_here = True
     return "local"
+
+
+def _runtime_env(env_vars: dict | None, loopback: bool) -> dict | None:
+    env = {**quiet_env(loopback), **({VERBOSE_ENV: "1"} if verbose() else {}), **(env_vars or {})}
+    return {"env_vars": env} if env else None
 
 
 def _advertise_loopback() -> None:

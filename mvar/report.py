@@ -1,12 +1,13 @@
 """`mvar report --experiment NAME`: the ablation table of an MLflow experiment, with ratios to VAR.
 
 One row per run that carries `mvar.variant` (training runs, and evaluation runs of checkpoints
-that were not trained here); evaluation child runs and sweep parents are left out. Columns are
+that were not trained here, and a sweep's trials, nested under its run); evaluation child runs and sweep
+parents are left out. Columns are
 the paper's (inference time, attention GFLOPs, KV cache, inference memory, train s/it, train
 memory, FID, IS, precision, recall), each followed by its ratio to the VAR run of the same
 depth (the latest finished one). Written as Markdown, CSV and HTML with three plots (FID vs
 window size, inference memory vs depth per variant, the FID / memory Pareto front) and logged
-as the artifacts of a report run (tag `mvar.report`).
+as the artifacts of a report run (tag `mvar.report`), the table also with MLflow's ``log_table``.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def collect(experiment: str, uri: str = "") -> list[dict]:
     for run in Store(uri).runs(experiment):
         tags, params, metrics = run.tags, run.params, run.metrics
         reference = tags.get(REFERENCE_TAG, "")
-        if ("mvar.variant" not in tags and not reference) or PARENT_TAG in tags or tags.get("mvar.report"):
+        nested_eval = PARENT_TAG in tags and "mvar.run_key" not in tags  # a sweep's trials are nested training runs
+        if ("mvar.variant" not in tags and not reference) or nested_eval or tags.get("mvar.report"):
             continue
         depth = params.get("model.depth") or _depth_of(tags.get("mvar.size", ""))
         rows.append({"run": run.name, "run_id": run.run_id, "status": run.status, "reference": reference,
@@ -210,7 +212,12 @@ def write_picture(panels: list[tuple[str, object]], path: Path, row_labels: list
     return path
 
 
-def log_report(experiment: str, uri: str, files: list[Path]) -> str:
+TABLE_FILE = "report/ablation_table.json"   # the table as MLflow's log_table stores it
+
+
+def log_report(experiment: str, uri: str, files: list[Path], rows: list[dict] = ()) -> str:
+    """A report run: the files as artifacts, and the table (one row per run, the same columns) with
+    ``log_table``, which MLflow's artifact view shows as a table."""
     from mvar import tracking
     from mvar.tracking import MlflowTracker, TrackingConfig
     cfg = TrackingConfig(uri=uri, experiment=experiment, system_metrics=False)
@@ -218,8 +225,14 @@ def log_report(experiment: str, uri: str, files: list[Path]) -> str:
     t = MlflowTracker(run_id, cfg)
     for f in files:
         t.log_artifact(f, "report")
+    if rows:
+        t.log_table({c: [_cell(r.get(c)) for r in rows] for c in table_columns()}, TABLE_FILE)
     t.close()
     return run_id
+
+
+def _cell(v):
+    return None if isinstance(v, float) and math.isnan(v) else v
 
 
 def tokenizer_markdown(experiment: str, uri: str = "") -> str:
@@ -256,7 +269,7 @@ def make_report(experiment: str, out: str | Path, uri: str = "", log: bool = Tru
     (out / "ablation.md").write_text(markdown)
     files += [Path(f) for f in extra_files]
     if log:
-        log_report(experiment, uri, files)
+        log_report(experiment, uri, files, rows)
     return Report(rows=rows, markdown=markdown, files=files)
 
 

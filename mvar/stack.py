@@ -1,9 +1,11 @@
-"""`mvar stack up | status | down`: a local Ray head and MLflow tracking server on 127.0.0.1.
+"""`mvar stack up | status | down`: a local Ray head, MLflow tracking server and optuna-dashboard on 127.0.0.1.
 
 The stack lives in one directory (default ``out/stack``): ``stack.json`` (the settings `up` used,
 so `status`, `down` and :func:`stack_env` need no flags), ``env.sh`` (the client environment),
 ``mlflow.db`` / ``mlartifacts`` (the tracking store), ``ray_auth_token`` (mode 0600), pid files and
 ``logs/``. Ray keeps its own session files in a short ``/tmp/mvar-ray-<hash>`` directory.
+optuna-dashboard serves the sweeps' Optuna storage (by default the project's SQLite file, the one
+`python -m sweeps.run` uses: `sweeps.storage`).
 
 Several Ray heads may run on one machine (other people's tests, other stacks), so `down` never runs
 ``ray stop`` (which stops every Ray process of the machine): it ends only the processes of this
@@ -11,7 +13,8 @@ head, found by the session id `up` started it in and by its private temp directo
 
 Every process a stack starts carries ``MVAR_STACK_DIR`` / ``MVAR_STACK_SERVICE`` in its environment,
 which its children inherit: so the stack owns the whole tree of each server even when a parent dies
-(``mlflow server`` is a parent whose uvicorn child serves the port and outlives it). `status` reports
+(``mlflow server`` is a parent whose uvicorn child serves the port and outlives it; optuna-dashboard
+is one process). `status` reports
 such a survivor, `up` adopts one that still answers and ends one that does not, `down` stops them all;
 only a port held by a process without the marker is someone else's and refused.
 """
@@ -35,7 +38,11 @@ from mvar.errors import UserError
 HOST = "127.0.0.1"
 DEFAULT_DIR = "out/stack"
 STATE_FILE, ENV_FILE, TOKEN_FILE = "stack.json", "env.sh", "ray_auth_token"
-RAY_PID_FILE, MLFLOW_PID_FILE = "ray.pid", "mlflow.pid"
+RAY_PID_FILE, MLFLOW_PID_FILE, OPTUNA_PID_FILE = "ray.pid", "mlflow.pid", "optuna-dashboard.pid"
+SERVICES = ("ray", "mlflow", "optuna")
+# the servers started as a process group of their own, with the pid file of the group's leader and a
+# word of its command line (so a reused pid is not taken for ours)
+SERVERS = {"mlflow": (MLFLOW_PID_FILE, "mlflow"), "optuna": (OPTUNA_PID_FILE, "optuna")}
 RAY_START_TIMEOUT_S = 120.0  # `ray start` takes ~10 s alone, more when the machine is busy
 READY_TIMEOUT_S = 180.0  # MLflow needs ~20 s to answer on 2 idle cores, a minute when busy
 STOP_GRACE_S = 8.0
@@ -51,6 +58,8 @@ class StackSpec:
     ray_port: int = 6379
     dashboard_port: int = 8265
     mlflow_port: int = 5000
+    optuna_port: int = 8080        # optuna-dashboard's own default
+    optuna_storage: str = ""       # the storage it serves; `up` fills in the sweeps' default when empty
     num_cpus: int | None = None
     num_gpus: int | None = None
     object_store_mb: int = 2000
@@ -72,6 +81,10 @@ class StackSpec:
     @property
     def mlflow_url(self) -> str:
         return f"http://{HOST}:{self.mlflow_port}"
+
+    @property
+    def optuna_url(self) -> str:
+        return f"http://{HOST}:{self.optuna_port}"
 
     @property
     def token_path(self) -> Path:
@@ -112,6 +125,7 @@ def _save_spec(spec: StackSpec) -> None:
 def _client_vars(spec: StackSpec) -> dict[str, str]:
     env = {"RAY_ADDRESS": spec.dashboard_url, "RAY_AUTH_MODE": spec.auth,
            "MLFLOW_TRACKING_URI": spec.mlflow_url,
+           "MVAR_OPTUNA_DASHBOARD_URL": spec.optuna_url,
            "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
            # Ray turns a loopback address into the machine's public one (where nothing of this stack
            # listens) unless it believes multi-node clusters are off: keep 127.0.0.1 as it is, for
@@ -149,6 +163,10 @@ def _child_env(spec: StackSpec, service: str) -> dict[str, str]:
     env.pop("MVAR_LOCAL_RAY", None)  # a local Ray's mark (mvar.cluster): its watchdog would end the stack with it
     env[OWNER_ENV], env[SERVICE_ENV] = spec.dir, service
     env.pop("RAY_ADDRESS", None)  # the head takes its addresses from flags
+    if service == "ray":
+        # the head's workers: Ray Train's placement group cleaner asks the State API about its controller,
+        # and without an address it guesses among every Ray of the machine (an error when there are several)
+        env["RAY_ADDRESS"] = f"{HOST}:{spec.ray_port}"
     # jobs run `python ...` from PATH: make that the interpreter that has ray and mvar installed
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["AUTOSCALER_METRIC_PORT"] = str(spec.extra_ports["autoscaler_metrics"])
@@ -224,6 +242,14 @@ def _ray_answers(spec: StackSpec) -> bool:
 
 def _mlflow_answers(spec: StackSpec) -> bool:
     return _http_status(spec.mlflow_url + "/health") == 200
+
+
+def _optuna_answers(spec: StackSpec) -> bool:
+    return _http_status(spec.optuna_url + "/api/studies") == 200
+
+
+def _answers(spec: StackSpec, service: str) -> bool:
+    return {"ray": _ray_answers, "mlflow": _mlflow_answers, "optuna": _optuna_answers}[service](spec)
 
 
 # --------------------------------------------------------------------------- processes
@@ -349,25 +375,34 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def _mlflow_pid(spec_dir: Path) -> int | None:
-    """The pid in mlflow.pid if that process is still our MLflow server's parent (its own process group)."""
+def _server_pid(spec_dir: Path, service: str) -> int | None:
+    """The pid in the service's pid file if that process is still the leader of our server's own process group."""
     import psutil
-    pid = _read_pid(spec_dir / MLFLOW_PID_FILE)
+    pid_file, word = SERVERS[service]
+    pid = _read_pid(spec_dir / pid_file)
     if pid is None:
         return None
     try:
         proc = psutil.Process(pid)
-        ours = _alive(proc) and os.getpgid(pid) == pid and "mlflow" in " ".join(proc.cmdline())
+        ours = _alive(proc) and os.getpgid(pid) == pid and word in " ".join(proc.cmdline())
     except (psutil.Error, OSError):
         return None
     return pid if ours else None
 
 
 def mlflow_processes(spec_dir: Path) -> list:
-    """Every live process of this stack's MLflow server: the marked ones and the parent's process group."""
+    return server_processes(spec_dir, "mlflow")
+
+
+def optuna_processes(spec_dir: Path) -> list:
+    return server_processes(spec_dir, "optuna")
+
+
+def server_processes(spec_dir: Path, service: str) -> list:
+    """Every live process of this stack's server `service`: the marked ones and the leader's process group."""
     import psutil
-    found = {p.pid: p for p in marked_processes(spec_dir, "mlflow")}
-    leader = _mlflow_pid(spec_dir)
+    found = {p.pid: p for p in marked_processes(spec_dir, service)}
+    leader = _server_pid(Path(spec_dir), service)
     if leader is not None:
         for proc in psutil.process_iter():
             try:
@@ -393,16 +428,16 @@ def port_holder(port: int) -> int | None:
     return None
 
 
-def _stop_mlflow(spec_dir: Path) -> str:
-    procs = mlflow_processes(spec_dir)
+def _stop_server(spec_dir: Path, service: str) -> str:
+    procs = server_processes(spec_dir, service)
     if not procs:
-        return "mlflow: not running"
+        return f"{service}: not running"
     # the whole tree at once (as the process-group signal did), parent or not: uvicorn stops cleanly on SIGTERM
     _terminate(procs, STOP_GRACE_S)
-    left = mlflow_processes(spec_dir)
+    left = server_processes(spec_dir, service)
     if left:
-        raise UserError(f"mlflow: could not stop pids {[p.pid for p in left]}")
-    return f"mlflow: stopped (pids {sorted(p.pid for p in procs)})"
+        raise UserError(f"{service}: could not stop pids {[p.pid for p in left]}")
+    return f"{service}: stopped (pids {sorted(p.pid for p in procs)})"
 
 
 # --------------------------------------------------------------------------- starting
@@ -466,6 +501,57 @@ def _start_mlflow(spec: StackSpec) -> int:
     return proc.pid
 
 
+def _optuna_executable() -> str:
+    beside = Path(sys.executable).parent / "optuna-dashboard"
+    if beside.is_file():
+        return str(beside)
+    import shutil
+    found = shutil.which("optuna-dashboard")
+    if found is None:
+        raise UserError("the `optuna-dashboard` command was not found (pip install optuna-dashboard)")
+    return found
+
+
+def optuna_storage(flag: str = "") -> str:
+    """The storage optuna-dashboard serves: --optuna-storage, else the sweeps' own rule (MVAR_OPTUNA_STORAGE,
+    else the project's SQLite file, made absolute). A password is refused: it would stand in stack.json and
+    in the server's command line (PostgreSQL takes it from PGPASSWORD, which the server inherits)."""
+    from sweeps.storage import masked, storage_url
+    from sweeps.study import has_password
+    url = storage_url(flag)
+    if has_password(url):
+        raise UserError(f"--optuna-storage '{masked(url)}' holds a password; give the URL without it and the "
+                        f"password in PGPASSWORD (or ~/.pgpass)")
+    return url
+
+
+def _create_optuna_tables(url: str) -> None:
+    """optuna-dashboard opens a storage without creating Optuna's tables: an empty or new database (the
+    sweeps' SQLite file before the first sweep) gets them here, as the first sweep would."""
+    import optuna
+
+    from sweeps.storage import masked
+    try:
+        storage = optuna.storages.RDBStorage(url)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"--optuna-storage '{masked(url)}' cannot be opened ({type(err).__name__}: {first}); "
+                        f"check the URL, the database and PGUSER/PGPASSWORD, or pass another --optuna-storage") from err
+    storage.engine.dispose()
+
+
+def _start_optuna(spec: StackSpec) -> int:
+    d = spec.path
+    # wsgiref: one process (threads per request), as for MLflow
+    cmd = [_optuna_executable(), spec.optuna_storage, "--host", HOST, "--port", str(spec.optuna_port),
+           "--server", "wsgiref"]
+    with open(d / "logs" / "optuna-dashboard.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=d, env=_child_env(spec, "optuna"), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    (d / OPTUNA_PID_FILE).write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
 def _wait_ray_start(spec: StackSpec, proc: subprocess.Popen) -> None:
     log = spec.path / "logs" / "ray-start.log"
     try:
@@ -480,16 +566,18 @@ def _wait_ray_start(spec: StackSpec, proc: subprocess.Popen) -> None:
 
 
 def _wait_ready(spec: StackSpec, names: list[str]) -> None:
-    """Poll until every named service answers; fail early when the MLflow server process died."""
-    checks = {"ray": _ray_answers, "mlflow": _mlflow_answers}
+    """Poll until every named service answers; fail early when a server process died."""
     logs = {"ray": f"{spec.path / 'logs' / 'ray-start.log'} and {spec.temp_dir}/session_latest/logs",
-            "mlflow": str(spec.path / "logs" / "mlflow.log")}
+            "mlflow": str(spec.path / "logs" / "mlflow.log"),
+            "optuna": str(spec.path / "logs" / "optuna-dashboard.log")}
+    titles = {"mlflow": "the MLflow server", "optuna": "optuna-dashboard"}
     waiting = list(names)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while waiting:
-        waiting = [n for n in waiting if not checks[n](spec)]
-        if "mlflow" in waiting and _mlflow_pid(spec.path) is None:
-            raise UserError(f"the MLflow server exited during start-up; see {logs['mlflow']}")
+        waiting = [n for n in waiting if not _answers(spec, n)]
+        for name in (n for n in waiting if n in SERVERS):
+            if _server_pid(spec.path, name) is None:
+                raise UserError(f"{titles[name]} exited during start-up; see {logs[name]}")
         if "ray" in waiting and _gcs_pid(spec) is None:
             raise UserError(f"the Ray head is gone (no gcs_server left); see {logs['ray']}")
         if waiting and time.monotonic() > deadline:
@@ -505,9 +593,9 @@ def status(directory: str | os.PathLike = DEFAULT_DIR) -> list[ServiceStatus]:
     """Whether each service of the stack in `directory` runs and answers."""
     spec = load_spec(directory)
     if spec is None:
-        return [ServiceStatus("ray", False, "", None, "never started here"),
-                ServiceStatus("mlflow", False, "", None, "never started here")]
-    return [_ray_status(spec), _mlflow_status(spec)]
+        return [ServiceStatus(name, False, "", None, "never started here") for name in SERVICES]
+    return [_ray_status(spec), _server_status(spec, "mlflow", spec.mlflow_url, spec.mlflow_port),
+            _server_status(spec, "optuna", f"{spec.optuna_url} ({spec.optuna_storage})", spec.optuna_port)]
 
 
 def _ray_status(spec: StackSpec) -> ServiceStatus:
@@ -523,26 +611,26 @@ def _ray_status(spec: StackSpec) -> ServiceStatus:
     return ServiceStatus("ray", ok, address, gcs[0], "" if ok else "processes up but the jobs API does not answer")
 
 
-def _mlflow_status(spec: StackSpec) -> ServiceStatus:
-    procs = mlflow_processes(spec.path)
+def _server_status(spec: StackSpec, service: str, address: str, port: int) -> ServiceStatus:
+    procs = server_processes(spec.path, service)
     if not procs:
-        return ServiceStatus("mlflow", False, spec.mlflow_url, None)
-    parent, serving = _mlflow_pid(spec.path), _listener_pid(procs, spec.mlflow_port)
-    ok = serving is not None and _mlflow_answers(spec)
+        return ServiceStatus(service, False, address, None)
+    parent, serving = _server_pid(spec.path, service), _listener_pid(procs, port)
+    ok = serving is not None and _answers(spec, service)
     if parent is not None:
-        return ServiceStatus("mlflow", ok, spec.mlflow_url, parent,
-                             "" if ok else "process up but /health does not answer")
-    gone = f"its parent pid {_read_pid(spec.path / MLFLOW_PID_FILE)} is gone"
+        return ServiceStatus(service, ok, address, parent, "" if ok else "process up but it does not answer")
+    gone = f"its parent pid {_read_pid(spec.path / SERVERS[service][0])} is gone"
     if ok:  # the uvicorn worker outlived `mlflow server`: it still serves, and it is ours
-        return ServiceStatus("mlflow", True, spec.mlflow_url, serving, f"{gone}; its server process still serves")
-    return ServiceStatus("mlflow", False, spec.mlflow_url, None, f"{gone}; {len(procs)} processes of it left, "
+        return ServiceStatus(service, True, address, serving, f"{gone}; its server process still serves")
+    return ServiceStatus(service, False, address, None, f"{gone}; {len(procs)} processes of it left, "
                          "not answering (`up` ends them, so does `down`)", leftover=True)
 
 
 def _check_ports(spec: StackSpec, names: list[str]) -> None:
     wanted = {"ray": [("Ray GCS", "--ray-port", spec.ray_port), ("Ray dashboard", "--dashboard-port",
                                                                   spec.dashboard_port)],
-              "mlflow": [("MLflow", "--mlflow-port", spec.mlflow_port)]}
+              "mlflow": [("MLflow", "--mlflow-port", spec.mlflow_port)],
+              "optuna": [("optuna-dashboard", "--optuna-port", spec.optuna_port)]}
     for name in names:
         for what, flag, port in wanted[name]:
             if port_in_use(port) and _end_own_holder(spec, port):
@@ -563,7 +651,7 @@ def _end_own_holder(spec: StackSpec, port: int) -> bool:
         env = psutil.Process(holder).environ() if holder else {}
     except psutil.Error:
         return False
-    if env.get(OWNER_ENV) != spec.dir or env.get(SERVICE_ENV) not in ("ray", "mlflow"):
+    if env.get(OWNER_ENV) != spec.dir or env.get(SERVICE_ENV) not in SERVICES:
         return False
     _terminate(marked_processes(spec.dir, env[SERVICE_ENV]), STOP_GRACE_S)
     return True
@@ -583,13 +671,14 @@ def _end_leftovers(spec: StackSpec, services: list[ServiceStatus]) -> list[str]:
     for s in services:
         if s.leftover:
             lines.append(f"ended leftovers of {s.name}: " + (_stop_ray(spec) if s.name == "ray"
-                                                                else _stop_mlflow(spec.path)))
+                                                                else _stop_server(spec.path, s.name)))
     return lines
 
 
 def up(spec: StackSpec) -> list[str]:
     """Start what is not running yet; return the lines to print."""
     spec.dir = str(_resolve_dir(spec.dir))
+    spec.optuna_storage = optuna_storage(spec.optuna_storage)
     previous = load_spec(spec.dir)
     running: set[str] = set()
     notes: list[str] = []
@@ -597,14 +686,17 @@ def up(spec: StackSpec) -> list[str]:
         services = status(spec.dir)
         notes = _end_leftovers(previous, services)
         running = {s.name for s in services if s.pid and not s.leftover}
-        if running == {"ray", "mlflow"}:
-            # processes of both are there: at most still starting (e.g. a concurrent `up`)
+        if running == set(SERVICES):
+            # processes of all are there: at most still starting (e.g. a concurrent `up`)
             _wait_ready(previous, [s.name for s in services if not s.running])
             return [f"stack already up in {spec.dir}"] + _settings_note(spec, previous) + _describe(previous)
-        if running:  # a half-up stack: finish it with the settings its running half uses
+        if running:  # a half-up stack: finish it with the settings its running part uses
             notes, spec = notes + _settings_note(spec, previous), previous
-    todo = [n for n in ("ray", "mlflow") if n not in running]
+            spec.optuna_storage = spec.optuna_storage or optuna_storage()  # a stack.json from before optuna
+    todo = [n for n in SERVICES if n not in running]
     _check_ports(spec, todo)  # before starting anything
+    if "optuna" in todo:
+        _create_optuna_tables(spec.optuna_storage)
     (spec.path / "logs").mkdir(parents=True, exist_ok=True)
     if "ray" in todo:
         spec.temp_dir = _ray_temp_dir(spec.path)
@@ -624,8 +716,11 @@ def up(spec: StackSpec) -> list[str]:
 def _settings_note(requested: StackSpec, kept: StackSpec) -> list[str]:
     # only settings the flags changed from their defaults: a bare `mvar stack up` asks for nothing
     defaults = StackSpec(dir="")
-    keys = ("ray_port", "dashboard_port", "mlflow_port", "num_cpus", "num_gpus", "object_store_mb", "auth")
+    keys = ("ray_port", "dashboard_port", "mlflow_port", "optuna_port", "num_cpus", "num_gpus", "object_store_mb",
+            "auth")
     changed = [k for k in keys if getattr(requested, k) not in (getattr(kept, k), getattr(defaults, k))]
+    if kept.optuna_storage and requested.optuna_storage not in (kept.optuna_storage, optuna_storage()):
+        changed.append("optuna_storage")
     if not changed:
         return []
     return [(f"note: the running stack keeps its settings, ignored: {', '.join(changed)} "
@@ -636,6 +731,8 @@ def _start_all(spec: StackSpec, todo: list[str]) -> None:
     # MLflow first: it is the slower one and comes up while `ray start` runs
     if "mlflow" in todo:
         _start_mlflow(spec)
+    if "optuna" in todo:
+        _start_optuna(spec)
     if "ray" in todo:
         proc = _start_ray(spec)
         spec.ray_session_id = proc.pid  # start_new_session: the session id is the leader's pid
@@ -647,13 +744,15 @@ def _start_all(spec: StackSpec, todo: list[str]) -> None:
 def _stop_started(spec: StackSpec, todo: list[str]) -> None:
     if "ray" in todo:
         _stop_ray(spec)
-    if "mlflow" in todo:
-        _stop_mlflow(spec.path)
+    for name in SERVERS:
+        if name in todo:
+            _stop_server(spec.path, name)
 
 
 def _describe(spec: StackSpec) -> list[str]:
     lines = [f"  ray dashboard / jobs API: {spec.dashboard_url}  (GCS {HOST}:{spec.ray_port}, auth {spec.auth})",
              f"  mlflow UI / tracking:     {spec.mlflow_url}",
+             f"  optuna-dashboard:         {spec.optuna_url}  (storage {spec.optuna_storage})",
              f"environment ({spec.path / ENV_FILE}):"]
     lines += [f"  export {k}={shlex.quote(v)}" for k, v in _client_vars(spec).items()]
     lines.append(f"use it in a shell with: source {spec.path / ENV_FILE}")
@@ -661,11 +760,11 @@ def _describe(spec: StackSpec) -> list[str]:
 
 
 def down(directory: str | os.PathLike = DEFAULT_DIR) -> list[str]:
-    """Stop this stack's Ray head and MLflow server; safe to repeat."""
+    """Stop this stack's Ray head, MLflow server and optuna-dashboard; safe to repeat."""
     d = _resolve_dir(directory)
     spec = load_spec(d)
-    lines = [_stop_ray(spec) if spec is not None else "ray: not running", _stop_mlflow(d)]
-    for name in (RAY_PID_FILE, MLFLOW_PID_FILE):
+    lines = [_stop_ray(spec) if spec is not None else "ray: not running", *(_stop_server(d, n) for n in SERVERS)]
+    for name in (RAY_PID_FILE, MLFLOW_PID_FILE, OPTUNA_PID_FILE):
         (d / name).unlink(missing_ok=True)
     return lines
 
@@ -673,9 +772,9 @@ def down(directory: str | os.PathLike = DEFAULT_DIR) -> list[str]:
 # --------------------------------------------------------------------------- command line
 
 def register(subparsers) -> None:
-    stack = subparsers.add_parser("stack", help="a local Ray head + MLflow server on 127.0.0.1",
-                                  description="Start, inspect and stop a local Ray head (jobs API, dashboard) "
-                                              "and MLflow tracking server, both on 127.0.0.1.")
+    stack = subparsers.add_parser("stack", help="a local Ray head + MLflow server + optuna-dashboard on 127.0.0.1",
+                                  description="Start, inspect and stop a local Ray head (jobs API, dashboard), "
+                                              "an MLflow tracking server and optuna-dashboard, all on 127.0.0.1.")
     commands = stack.add_subparsers(dest="stack_command", metavar="STACK_COMMAND", help="what to do with the stack")
     commands.required = True
     _add_up(commands)
@@ -688,13 +787,18 @@ def register(subparsers) -> None:
 
 
 def _add_up(commands) -> None:
-    p = commands.add_parser("up", help="start the Ray head and the MLflow server (no-op when up)",
-                            description="Start a Ray head and an MLflow tracking server on 127.0.0.1 and "
-                                        "write DIR/env.sh with the client environment.")
+    p = commands.add_parser("up", help="start the Ray head, the MLflow server and optuna-dashboard (no-op when up)",
+                            description="Start a Ray head, an MLflow tracking server and optuna-dashboard (over "
+                                        "the sweeps' Optuna storage) on 127.0.0.1 and write DIR/env.sh with the "
+                                        "client environment.")
     p.add_argument("--dir", default=DEFAULT_DIR, help=f"stack directory (default {DEFAULT_DIR})")
     p.add_argument("--ray-port", type=int, default=6379, help="Ray GCS port")
     p.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard and jobs API port")
-    p.add_argument("--mlflow-port", type=int, default=5000, help="MLflow tracking server port")
+    p.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI and tracking port")
+    p.add_argument("--optuna-port", type=int, default=8080, help="optuna-dashboard port")
+    p.add_argument("--optuna-storage", default="",
+                   help="Optuna storage URL optuna-dashboard serves (default: MVAR_OPTUNA_STORAGE, else the sweeps' "
+                        "sqlite:///out/optuna/optuna.db); no password in it (PGPASSWORD)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may schedule (default: all)")
     p.add_argument("--num-gpus", type=int, default=None, help="GPUs Ray may schedule (default: detected)")
     p.add_argument("--object-store-mb", type=int, default=2000, help="Ray object store size in MB")
@@ -704,18 +808,20 @@ def _add_up(commands) -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    for flag, value in (("--ray-port", args.ray_port), ("--dashboard-port", args.dashboard_port),
-                        ("--mlflow-port", args.mlflow_port)):
+    flags = (("--ray-port", args.ray_port), ("--dashboard-port", args.dashboard_port),
+             ("--mlflow-port", args.mlflow_port), ("--optuna-port", args.optuna_port))
+    for flag, value in flags:
         if not 1024 <= value <= 65535:
             raise UserError(f"{flag} must be between 1024 and 65535, got {value}")
-    ports = [args.ray_port, args.dashboard_port, args.mlflow_port]
-    if len(set(ports)) != 3:
-        raise UserError(f"--ray-port, --dashboard-port and --mlflow-port must differ, got {ports}")
+    ports = [value for _, value in flags]
+    if len(set(ports)) != len(ports):
+        raise UserError(f"--ray-port, --dashboard-port, --mlflow-port and --optuna-port must differ, got {ports}")
     if args.object_store_mb < 80:  # Ray refuses object stores below 75 MiB
         raise UserError(f"--object-store-mb must be >= 80, got {args.object_store_mb}")
     spec = StackSpec(dir=args.dir, ray_port=args.ray_port, dashboard_port=args.dashboard_port,
-                     mlflow_port=args.mlflow_port, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                     object_store_mb=args.object_store_mb, auth=args.auth)
+                     mlflow_port=args.mlflow_port, optuna_port=args.optuna_port, optuna_storage=args.optuna_storage,
+                     num_cpus=args.num_cpus, num_gpus=args.num_gpus, object_store_mb=args.object_store_mb,
+                     auth=args.auth)
     print("\n".join(up(spec)))
     return 0
 

@@ -8,7 +8,8 @@ histories (``get``, ``history``), sets tags, ends runs (``terminate``) and keeps
 is the project's (``RunRecord``), never MLflow's entities.
 
 Workers log through a ``Tracker``: ``log_params``, ``set_tags``,
-``log_metrics(metrics, step)``, ``log_artifact``, ``log_text``, ``close``.
+``log_metrics(metrics, step)``, ``log_artifact``, ``log_text``, ``log_image(image, key, step)``,
+``log_table``, ``close``.
 Rank 0 gets an ``MlflowTracker`` bound to one run id; other ranks get a
 ``NullTracker``. Metrics and artifacts are sent by a background thread that
 retries, so a tracking server that goes away mid-run costs log lines, not the
@@ -22,10 +23,12 @@ working directory (which a Ray job deletes with its session).
 """
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import queue
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +38,6 @@ from typing import Any
 
 from mvar.config import check, flatten
 from mvar.errors import UserError
-from mvar.files import one_line
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ class TrackingConfig:
     uri: str = ""                 # '' = MLFLOW_TRACKING_URI, else sqlite under out/mlflow
     experiment: str = "mvar"
     run_name: str = ""            # '' = the training run's name
+    parent_run_id: str = ""       # a training run nested under this run (a sweep's trial under the sweep's run)
     system_metrics: bool = True   # MLflow's CPU/GPU/memory sampler on rank 0
     system_metrics_interval_s: float = 10.0
     retry_s: float = 600.0        # how long queued metrics wait for a server that went away
@@ -101,6 +104,39 @@ def git_commit(cwd: str | Path | None = None) -> str:
         return os.environ.get("MVAR_GIT_COMMIT", "unknown")
 
 
+def source_name(argv: list[str] | None = None) -> str:
+    """What started this process, as MLflow's Source column shows it: ``mvar train``, ``workflows/train.py``
+    (a module of this checkout, by its path in it), else the program's file name."""
+    argv = sys.argv if argv is None else argv
+    if not argv or not argv[0]:
+        return "python"
+    prog = Path(argv[0])
+    root = Path(__file__).resolve().parents[1]
+    if prog.name == "mvar" or prog.resolve() == root / "mvar" / "cli.py":
+        return f"mvar {argv[1]}" if len(argv) > 1 and not argv[1].startswith("-") else "mvar"
+    try:
+        return str(prog.resolve().relative_to(root))
+    except ValueError:
+        return prog.name
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (a container's arbitrary uid)
+        return os.environ.get("USER", "unknown")
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags (the UI's Source, Version and User columns) and ``mvar.git_commit`` (with
+    '-dirty' when the checkout differs from its commit; MLflow's commit tag is the bare hash)."""
+    from mvar import cluster  # cluster imports nothing of tracking at module level
+    commit = git_commit()
+    return {"mlflow.source.name": source_name(), "mlflow.source.type": "JOB" if cluster.in_ray_job() else "LOCAL",
+            "mlflow.source.git.commit": commit.removesuffix("-dirty"), "mlflow.user": _user(),
+            "mvar.git_commit": commit}
+
+
 PARENT_TAG = "mlflow.parentRunId"   # MLflow's nesting: the UI shows such a run under its parent
 CHECKPOINT_TAG = "mvar.checkpoint"   # a training run's final checkpoint; a model version's checkpoint
 
@@ -118,6 +154,17 @@ class RunRecord:
     tags: dict[str, str]
     metrics: dict[str, float]    # the latest value of each key
     artifact_uri: str
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """A data set a run read (MLflow's Datasets column and panel): ``context`` is training or evaluation."""
+
+    name: str
+    digest: str                  # same data, same digest (from the shards' sha256 values)
+    source: str                  # where it lies (directory or URL)
+    profile: dict[str, Any]      # counts, classes ...
+    context: str = "training"
 
 
 def _record(run) -> RunRecord:
@@ -176,8 +223,9 @@ class Store:
     # -- runs ----------------------------------------------------------------------------------
     def create_run(self, experiment: str, name: str, tags: dict[str, str] | None = None,
                    parent: str | None = None) -> str:
-        """A new run of ``experiment`` (the checkout's commit tagged), nested under ``parent`` if given."""
-        all_tags = {"mvar.git_commit": git_commit(), **(tags or {})}
+        """A new run of ``experiment`` (MLflow's source tags and the checkout's commit tagged), nested under
+        ``parent`` if given. The one place the project makes runs."""
+        all_tags = {**source_tags(), **(tags or {})}
         if parent:
             all_tags[PARENT_TAG] = parent
         return self.client.create_run(self.experiment_id(experiment), run_name=name, tags=all_tags).info.run_id
@@ -234,6 +282,32 @@ class Store:
         from mlflow.entities import RunTag
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def log_inputs(self, run_id: str, datasets: list[DatasetRecord]) -> None:
+        """The run's data sets (``mlflow.log_input``'s record: name, digest, source, profile, context). MLflow
+        keeps one record per data set and run, so a resumed run logging them again adds nothing."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+        inputs = [DatasetInput(Dataset(d.name, d.digest, "local" if "://" not in d.source else
+                                       d.source.split("://", 1)[0], json.dumps({"uri": d.source}),
+                                       profile=json.dumps(d.profile)), [InputTag(MLFLOW_DATASET_CONTEXT, d.context)])
+                  for d in datasets]
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
+
+    def inputs(self, run_id: str) -> list[DatasetRecord]:
+        """The data sets logged for ``run_id``."""
+        import json
+
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+        out = []
+        for i in self.client.get_run(run_id).inputs.dataset_inputs:
+            d, tags = i.dataset, {t.key: t.value for t in i.tags}
+            out.append(DatasetRecord(d.name, d.digest, json.loads(d.source).get("uri", d.source),
+                                     json.loads(d.profile or "{}"), tags.get(MLFLOW_DATASET_CONTEXT, "")))
+        return out
+
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         """(step, value) of every logged value of ``key``, by step (then time)."""
         metrics = sorted(self.client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
@@ -258,41 +332,81 @@ class Store:
         self.client.set_terminated(run_id, status)
 
     # -- registered models ---------------------------------------------------------------------
-    def register_model(self, name: str, run_id: str, location: str, tags: dict[str, str] | None = None) -> str:
-        """A new version of registered model ``name`` (created if missing) for the checkpoint at ``location``
-        made by ``run_id``; returns the version."""
+    def register_model(self, name: str, run_id: str, location: str, tags: dict[str, str] | None = None,
+                       step: int = 0, metrics: dict[str, float] | None = None) -> str:
+        """The version of registered model ``name`` (created if missing) for the checkpoint at ``location``
+        made by ``run_id``: a new one, or the one that already names this location (a rerun registers
+        nothing twice). With it, an MLflow 3 LoggedModel of the run; the version names the checkpoint
+        itself (tag ``mvar.checkpoint``, and its ``source`` where the store takes a path: no copy of the
+        weights), links the run (its metrics) and the LoggedModel, and carries the checkpoint's ``step``
+        and ``metrics`` as tags."""
+        c = self.client
+        found = c.search_model_versions(f"name = '{name}' and tags.`{CHECKPOINT_TAG}` = '{location}'")
+        if found:
+            return str(min(int(v.version) for v in found))
         try:
-            self.client.create_registered_model(name)
+            c.create_registered_model(name, tags={"mvar.model": name})
         except Exception as err:  # only "exists already" is expected
             if "RESOURCE_ALREADY_EXISTS" not in str(getattr(err, "error_code", "")) + str(err):
                 raise
-        version = self.client.create_model_version(name, location, run_id=run_id,
-                                                   tags={CHECKPOINT_TAG: location, **(tags or {})})
-        return str(version.version)
+        model_id = self._logged_model(name, run_id, location, step, metrics or {})
+        all_tags = {CHECKPOINT_TAG: location, "mvar.step": str(step), "mvar.logged_model": model_id,
+                    **{k: f"{v:.6g}" for k, v in (metrics or {}).items()}, **(tags or {})}
+        # a tracking server takes no local path as a version's source: it gets the LoggedModel, which it
+        # resolves itself; a store opened in this process (SQLite) takes the checkpoint's location
+        source = f"models:/{model_id}" if self.uri.startswith(("http://", "https://")) else location
+        return str(c.create_model_version(name, source, run_id=run_id, tags=all_tags, model_id=model_id).version)
+
+    def _logged_model(self, name: str, run_id: str, location: str, step: int, metrics: dict[str, float]) -> str:
+        """An MLflow 3 LoggedModel of ``run_id`` (the experiment's Models tab), the checkpoint's metrics as its
+        tags: logged as metrics with the model's id they would enter the run's history a second time."""
+        from mlflow.entities import LoggedModelStatus
+        c = self.client
+        model = c.create_logged_model(self.get(run_id).experiment_id, name=name, source_run_id=run_id,
+                                      tags={CHECKPOINT_TAG: location, **{k: f"{v:.6g}" for k, v in metrics.items()}},
+                                      params={"step": str(step)}, model_type="mvar-checkpoint")
+        c.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        return model.model_id
+
+    def model_version(self, model_uri: str) -> dict[str, str] | None:
+        """The tags (and ``version``, ``run_id``, ``source``) of the version ``models:/NAME@ALIAS`` names; None if none."""
+        name, alias, version = _parse_model_uri(model_uri)
+        try:
+            if version == "latest":  # MLflow's spelling of the newest version
+                newest = self.client.search_model_versions(f"name = '{name}'", max_results=1,
+                                                           order_by=["version_number DESC"])
+                if not newest:
+                    return None
+                version = newest[0].version
+            mv = (self.client.get_model_version_by_alias(name, alias) if alias
+                  else self.client.get_model_version(name, version))
+        except Exception:  # noqa: BLE001 - unknown model or alias: none
+            return None
+        return {**mv.tags, "version": str(mv.version), "run_id": mv.run_id or "", "source": mv.source}
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         """``models:/NAME@ALIAS`` names ``version`` from now on (an alias moves, a version stays)."""
         self.client.set_registered_model_alias(name, alias, str(version))
 
     def resolve_model(self, model_uri: str) -> str:
-        """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> the checkpoint location of that version."""
-        name, alias, version = _parse_model_uri(model_uri)
-        try:
-            mv = (self.client.get_model_version_by_alias(name, alias) if alias
-                  else self.client.get_model_version(name, version))
-        except Exception as err:  # unknown model, alias or version: one message
+        """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``models:/NAME/latest`` -> the checkpoint location of
+        that version."""
+        _parse_model_uri(model_uri)  # the form first: its own error
+        mv = self.model_version(model_uri)
+        if mv is None:
+            known = ", ".join(sorted(m.name for m in self.client.search_registered_models(max_results=50)))
             raise UserError(f"'{model_uri}' is not a registered model version in {self.uri} "
-                            f"({one_line(err)[:200]})") from err
-        return mv.tags.get(CHECKPOINT_TAG) or mv.source
+                            f"(registered models: {known or 'none'})")
+        return mv.get(CHECKPOINT_TAG) or mv["source"]
 
 
 def _parse_model_uri(model_uri: str) -> tuple[str, str, str]:
-    """(name, alias, version) of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    """(name, alias, version) of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (VERSION may be ``latest``)."""
     rest = model_uri[len("models:/"):] if model_uri.startswith("models:/") else ""
     name, at, alias = rest.partition("@")
     if not at:
         name, _, version = rest.partition("/")
-        if name and version.isdigit():
+        if name and (version.isdigit() or version == "latest"):
             return name, "", version
     elif name and alias and "/" not in name:
         return name, alias, ""
@@ -327,6 +441,8 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_dir: str | None = None) -> None: ...
     def log_text(self, text: str, name: str) -> None: ...
+    def log_image(self, image, key: str, step: int) -> None: ...
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None: ...
     def flush(self, timeout_s: float | None = None) -> bool: return True
     def close(self, status: str = "FINISHED") -> None: ...
 
@@ -349,11 +465,10 @@ class MlflowTracker(NullTracker):
 
     # -- the interface -------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
+        """MLflow's client splits the batch (100 params a request) and its store truncates long values."""
         from mlflow.entities import Param
-        items = [Param(k, _param_value(v)) for k, v in flatten(params).items()]
-        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            chunk = items[i:i + 100]
-            self._submit(lambda c=chunk: self._client.log_batch(self.run_id, params=c))
+        items = [Param(k, str(v)) for k, v in flatten(params).items()]
+        self._submit(lambda: self._client.log_batch(self.run_id, params=items))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -373,6 +488,14 @@ class MlflowTracker(NullTracker):
 
     def log_text(self, text: str, name: str) -> None:
         self._submit(lambda: self._client.log_text(self.run_id, text, name))
+
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        """Columns of equal length as an MLflow table artifact (``artifact_file``: a .json path)."""
+        self._submit(lambda: self._client.log_table(self.run_id, data, artifact_file))
+
+    def log_image(self, image, key: str, step: int) -> None:
+        """An image (uint8 (H, W, 3) array) under ``key`` at ``step``: MLflow's image view steps through them."""
+        self._submit(lambda: self._client.log_image(self.run_id, image, key=key, step=step))
 
     def start_system_metrics(self) -> None:
         """MLflow's sampler of CPU, memory (and GPU with nvidia-ml-py) into this run."""
@@ -439,7 +562,3 @@ class MlflowTracker(NullTracker):
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
-
-def _param_value(v: Any) -> str:
-    text = str(v)
-    return text if len(text) <= 6000 else text[:5997] + "..."  # MLflow's param value limit

@@ -28,7 +28,7 @@ import optuna
 
 from mvar.config import ConfigError, flatten, from_dict
 from mvar.errors import UserError
-from mvar.tracking import Store
+from mvar.tracking import PARENT_TAG, Store
 from mvar.training.config import TrainConfig, load_train_config
 from mvar.training.launch import run_key, storage_location
 from sweeps import runs
@@ -66,7 +66,8 @@ def trial_config(ctx: SweepContext, key: int, params: dict) -> tuple[TrainConfig
     t = ctx.tracking
     overrides = (ctx.pre.overrides + [override(k, v) for k, v in params.items()]
                  + [f"run.name={name}", f"run.storage_path={storage_location(ctx.pre.base.run.storage_path)}",
-                    f"tracking.uri={t.uri}", f"tracking.experiment={t.cfg.experiment}", f"tracking.run_name={name}"])
+                    f"tracking.uri={t.uri}", f"tracking.experiment={t.cfg.experiment}", f"tracking.run_name={name}",
+                    f"tracking.parent_run_id={t.parent_run_id}"])
     try:
         return load_train_config(ctx.study.base_config, overrides), overrides
     except ConfigError as err:
@@ -74,7 +75,8 @@ def trial_config(ctx: SweepContext, key: int, params: dict) -> tuple[TrainConfig
 
 
 class TrainingRun:
-    """The MLflow training run of a trial, found by its `mvar.run_key` tag once the driver made it."""
+    """The MLflow training run of a trial, found under the sweep's run by its `mvar.run_key` tag once the
+    training driver made it there."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg, self.name = cfg, cfg.run.name
@@ -85,7 +87,8 @@ class TrainingRun:
 
     def find(self) -> str:
         if not self.run_id:
-            self.run_id = self.store.find_run(self.experiment, {"mvar.run_key": self.key}) or ""
+            nested = {PARENT_TAG: self.cfg.tracking.parent_run_id} if self.cfg.tracking.parent_run_id else {}
+            self.run_id = self.store.find_run(self.experiment, {"mvar.run_key": self.key, **nested}) or ""
         return self.run_id
 
     def new_val_loss(self) -> list[tuple[int, float]]:
@@ -233,13 +236,12 @@ class Objective:
         trial.set_user_attr("trial_key", key)
         params = suggest(trial, ctx.study.search_space)
         cfg, overrides = trial_config(ctx, key, params)
-        child = runs.child_run(ctx.tracking, key, params)
-        trial.set_user_attr("mlflow_run_id", child)
         run, state, metrics = TrainingRun(cfg), "FAIL", {}
         try:
             t0 = time.monotonic()
             train(ctx, trial, run, overrides, key)
             trial.set_user_attr("train_run_id", run.run_id)
+            trial.set_user_attr("mlflow_run_id", run.run_id)
             t1 = time.monotonic()
             metrics = measure(ctx, cfg, run.run_id)
             metrics.update({"sweep/train_s": t1 - t0, "sweep/eval_s": time.monotonic() - t1})
@@ -255,18 +257,16 @@ class Objective:
             trial.study.enqueue_trial(params, user_attrs={"trial_key": key})
             raise
         finally:
-            self._finish(trial, key, child, run, state, metrics)
+            self._finish(trial, key, run, state, metrics)
         print(f"trial {trial.number} ({params}): "
               + ", ".join(f"{n} {v:.4g}" for n, v in zip(ctx.study.objectives, values))
               + f" (training {metrics['sweep/train_s']:.0f} s, evaluation {metrics['sweep/eval_s']:.0f} s)", flush=True)
         return values[0] if len(values) == 1 else values
 
-    def _finish(self, trial, key: int, child: str, run: TrainingRun, state: str, metrics: dict) -> None:
-        """Link the child and the training run, log the child's numbers; never hides the trial's own error."""
-        t = self.ctx.tracking
+    def _finish(self, trial, key: int, run: TrainingRun, state: str, metrics: dict) -> None:
+        """The trial's tags and timings on its training run; never hides the trial's own error."""
         try:
             if run.find():
-                runs.link(t, child, run.run_id, key, trial.number)
-            runs.finish_child(t, child, state, metrics, {"mvar.optuna_trial": str(trial.number)}, run.curve())
-        except Exception as err:  # noqa: BLE001 - MLflow trouble costs the child's numbers, not the trial
-            log.warning("MLflow: could not finish the child run %s of trial %d: %s", child, trial.number, err)
+                runs.finish_trial(self.ctx.tracking, run.run_id, key, trial.number, state, metrics)
+        except Exception as err:  # noqa: BLE001 - MLflow trouble costs the trial's tags, not the trial
+            log.warning("MLflow: could not tag the training run of trial %d: %s", trial.number, err)

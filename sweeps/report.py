@@ -4,9 +4,14 @@
   (the config keys), user attrs (every metric the trial's runs logged, the MLflow run ids);
 - `pareto_front.png`: eval/fid against infer/peak_mem_mb of every complete trial, the
   non-dominated ones joined (both lower is better), whatever the study's objectives;
+- `history_<objective>.png` (`/` as `_`: `history_eval_fid.png`): Optuna's optimisation history
+  of each objective (every complete trial's value and the best so far);
 - `importances.json` (+ `importances.png` for the first objective): Optuna's parameter
   importances per objective, or the reason there are none (fewer than 2 complete trials,
   a parameter that never varied ...).
+
+The plots are Optuna's own (`optuna.visualization.matplotlib`), with the trials' numbers and
+settings written next to the Pareto front's points.
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
+
+from sweeps.storage import quiet_experimental
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +36,7 @@ def write_report(study: optuna.Study, objectives: dict[str, str], out: Path) -> 
     matplotlib.use("Agg")
     out.mkdir(parents=True, exist_ok=True)
     files = [write_trials(study, out / "trials.csv")]
-    for make in (write_pareto, write_importances):
+    for make in (write_pareto, write_history, write_importances):
         try:
             files += make(study, objectives, out)
         except Exception as err:  # noqa: BLE001 - a missing plot must not hide the sweep's results
@@ -52,26 +59,61 @@ def pareto_points(study: optuna.Study) -> tuple[list[tuple[float, float, int]], 
     return pts, sorted(front)
 
 
-def write_pareto(study: optuna.Study, objectives: dict[str, str], out: Path) -> list[Path]:
+def points_study(study: optuna.Study) -> optuna.Study:
+    """An in-memory study of the complete trials' (peak memory, FID), both minimised, whatever the sweep's
+    objectives: Optuna's Pareto-front plot draws a study's own values, and the front asked for is this one."""
+    points = optuna.create_study(directions=["minimize", "minimize"], study_name=study.study_name)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if MEMORY in t.user_attrs and QUALITY in t.user_attrs:
+            points.add_trial(optuna.create_trial(params=t.params, distributions=t.distributions,
+                                                 values=[t.user_attrs[MEMORY], t.user_attrs[QUALITY]],
+                                                 user_attrs={"number": t.number}))
+    return points
+
+
+def _save(ax, path: Path) -> Path:
     import matplotlib.pyplot as plt
-    pts, front = pareto_points(study)
-    if not pts:
+    ax.figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(ax.figure)
+    return path
+
+
+def write_pareto(study: optuna.Study, objectives: dict[str, str], out: Path) -> list[Path]:
+    from optuna.visualization.matplotlib import plot_pareto_front
+    points = points_study(study)
+    if not points.trials:
         raise ValueError(f"no complete trial with both {QUALITY} and {MEMORY} (yet)")
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts], c="0.6", label="trials")
-    ax.plot([p[0] for p in front], [p[1] for p in front], "o-", c="tab:red", label="Pareto front")
-    for mem, fid, number in pts:
-        params = study.trials[number].params
-        ax.annotate(f"{number}: " + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in params.items()),
-                    (mem, fid), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel(f"{MEMORY} (sampling)")
-    ax.set_ylabel(QUALITY)
-    ax.set_title(f"{study.study_name}: quality vs memory")
-    ax.legend()
-    path = out / "pareto_front.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return [path]
+    with quiet_experimental():
+        ax = plot_pareto_front(points, target_names=[f"{MEMORY} (sampling)", QUALITY])
+    for t in points.trials:  # which trial and which settings each point is
+        label = f"{t.user_attrs['number']}: " + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in t.params.items())
+        ax.annotate(label, tuple(t.values), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_title(f"{study.study_name}: quality vs memory (Pareto front)")
+    return [_save(ax, out / "pareto_front.png")]
+
+
+def write_history(study: optuna.Study, objectives: dict[str, str], out: Path) -> list[Path]:
+    """Optuna's optimisation history (each complete trial's value and the best so far), per objective."""
+    from optuna.visualization.matplotlib import plot_optimization_history
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise ValueError("no complete trial (yet)")
+    files = []
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    for i, (name, direction) in enumerate(objectives.items()):
+        with quiet_experimental():
+            ax = plot_optimization_history(study, target=lambda t, i=i: t.values[i], target_name=name)
+        # with a target Optuna draws no best-so-far line (it cannot know the direction): the objective's own
+        pick = min if direction == "minimize" else max
+        best = [pick(t.values[i] for t in complete[:k + 1]) for k in range(len(complete))]
+        ax.plot([t.number for t in complete], best, c="tab:red", label=f"best {name} so far")
+        ax.legend()
+        ax.set_title(f"{study.study_name}: optimisation history of {name} ({direction})")
+        files.append(_save(ax, out / f"history_{slug(name)}.png"))
+    return files
+
+
+def slug(metric: str) -> str:
+    return metric.replace("/", "_")
 
 
 def importances(study: optuna.Study, objectives: dict[str, str]) -> dict[str, dict]:
@@ -92,19 +134,17 @@ def importances(study: optuna.Study, objectives: dict[str, str]) -> dict[str, di
 
 
 def write_importances(study: optuna.Study, objectives: dict[str, str], out: Path) -> list[Path]:
-    import matplotlib.pyplot as plt
+    from optuna.visualization.matplotlib import plot_param_importances
     result = importances(study, objectives)
     path = out / "importances.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     name = next(iter(objectives))
-    first = result[name]
-    if "error" in first:
-        log.info("report: no parameter importances for %s: %s", name, first["error"])
+    if "error" in result[name]:
+        log.info("report: no parameter importances for %s: %s", name, result[name]["error"])
         return [path]
-    fig, ax = plt.subplots(figsize=(6, 1.5 + 0.4 * len(first)))
-    ax.barh(list(first), list(first.values()))
-    ax.set_xlabel(f"importance for {name}")
-    png = out / "importances.png"
-    fig.savefig(png, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return [path, png]
+    sign = -1.0 if objectives[name] == "maximize" else 1.0
+    with quiet_experimental(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "PedAnovaImportanceEvaluator computes", UserWarning)  # the sign is set
+        ax = plot_param_importances(study, target=lambda t: sign * t.values[0], target_name=name)
+    ax.set_title(f"{study.study_name}: parameter importances for {name}", loc="left")  # in place of Optuna's
+    return [path, _save(ax, out / "importances.png")]

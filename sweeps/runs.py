@@ -1,11 +1,11 @@
-"""The MLflow side of a sweep: one parent run per study, one child run per trial.
+"""The MLflow side of a sweep: one parent run per study; each trial's training run is its child.
 
 The parent (tags `mvar.study`, `mvar.sweep=parent`, `mvar.study_key` = storage#study) is found
-again by a rerun of the same study. A child (tags `mvar.sweep=trial`, `mvar.trial` = the
-trial's number, or for a retried trial the number of the trial it retries) is found again
-the same way, so a retried trial keeps its child. The child links to the trial's training
-run (tag `mvar.train_run_id`); the training run gets `mvar.study`, `mvar.trial` and
-`mvar.sweep_run_id` back.
+again by a rerun of the same study. A trial's training process gets the parent's id
+(`tracking.parent_run_id`), so its driver makes the training run nested under the parent (or
+finds it again there by its `mvar.run_key`: a retried trial, or a rerun of the sweep, continues
+the same run, with its curves). When the trial ends, the run gets the tags `mvar.sweep=trial`,
+`mvar.trial` (the first attempt's number), `mvar.optuna_trial`, `mvar.trial_state`.
 """
 from __future__ import annotations
 
@@ -54,37 +54,19 @@ def parent_run(t: SweepTracking, study: StudyConfig, storage_shown: str, sampler
     return run_id, False
 
 
-def child_run(t: SweepTracking, trial_key: int, params: dict) -> str:
-    """The child run of trial ``trial_key`` (the first attempt's number), made on its first attempt."""
+def finish_trial(t: SweepTracking, train_run_id: str, trial_key: int, optuna_number: int, state: str,
+                 metrics: dict[str, float] | None = None) -> None:
+    """The trial's training run (nested under the parent since its driver made it) gets the trial's tags and
+    the sweep's timings; its objectives are its own metrics already (training, evaluation). A pruned run
+    was marked KILLED when it was stopped; the training driver set the status of every other one."""
     store = Store(t.uri)
-    run_id, found = store.find_or_create(t.cfg.experiment, {"mvar.trial": str(trial_key)}, f"trial-{trial_key}",
-                                         {"mvar.study": t.study_name, "mvar.sweep": "trial"},
-                                         parent=t.parent_run_id, oldest=True)
-    if found:
-        store.reopen(run_id)
-        return run_id
-    tr = MlflowTracker(run_id, t.cfg)
-    tr.log_params(params)
-    tr.close(status="")
-    return run_id
-
-
-def link(t: SweepTracking, child_id: str, train_run_id: str, trial_key: int, optuna_number: int) -> None:
-    store = Store(t.uri)
-    store.set_tags(child_id, {"mvar.train_run_id": train_run_id, "mvar.optuna_trial": optuna_number})
-    store.set_tags(train_run_id, {"mvar.study": t.study_name, "mvar.trial": trial_key, "mvar.sweep_run_id": child_id})
-
-
-def finish_child(t: SweepTracking, child_id: str, state: str, metrics: dict[str, float] | None = None,
-                 tags: dict[str, str] | None = None, curve: list[tuple[int, float]] = ()) -> None:
-    """Objectives (and the evaluation's other numbers) as metrics; FINISHED, KILLED (pruned) or FAILED."""
-    tr = MlflowTracker(child_id, replace(t.cfg, retry_s=min(t.cfg.retry_s, 60.0)))
-    tr.set_tags({"mvar.trial_state": state, **(tags or {})})
-    for step, value in curve:
-        tr.log_metrics({"val/loss": value}, step)
-    if metrics:
-        tr.log_metrics(metrics, 0)
-    tr.close(status={"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED"))
+    store.set_tags(train_run_id, {"mvar.study": t.study_name, "mvar.sweep": "trial", "mvar.trial": trial_key,
+                                  "mvar.optuna_trial": optuna_number, "mvar.trial_state": state})
+    timings = {k: v for k, v in (metrics or {}).items() if k.startswith("sweep/")}
+    if timings:
+        tr = MlflowTracker(train_run_id, replace(t.cfg, retry_s=min(t.cfg.retry_s, 60.0)))
+        tr.log_metrics(timings, 0)
+        tr.close(status="")
 
 
 def finish_parent(t: SweepTracking, status: str, metrics: dict[str, float], tags: dict[str, str],

@@ -45,6 +45,24 @@ def test_sample_writes_a_reproducible_grid(imported, tmp_path):
     assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
 
 
+def test_sample_and_eval_take_a_registered_model(imported, tmp_path, capsys):
+    from mvar.tracking import Store
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    store = Store(uri)
+    store.set_alias("mvar-tiny", "best", store.register_model("mvar-tiny", store.create_run("t", "train"), str(imported)))
+    args = ["--classes", "1,2", "--seed", "0"]
+    assert main(["sample", "--checkpoint", str(imported), *args, "--out", str(tmp_path / "a.png")]) == 0
+    for model in ("models:/mvar-tiny@best", "models:/mvar-tiny/1"):
+        assert main(["sample", "--model", model, "--tracking-uri", uri, *args, "--out", str(tmp_path / "b.png")]) == 0
+        assert Image.open(tmp_path / "a.png").tobytes() == Image.open(tmp_path / "b.png").tobytes()
+    assert main(["eval", "--model", "models:/mvar-tiny@best", "--tracking-uri", uri, "--no-metrics", "--check"]) == 0
+    assert f"OK: checkpoint {imported}" in capsys.readouterr().out
+    for cmd in (["sample", "--out", str(tmp_path / "c.png")], ["eval", "--no-metrics", "--check"]):
+        assert main([*cmd, "--model", "models:/mvar-tiny@nope", "--tracking-uri", uri]) == 2
+        err = capsys.readouterr().err
+        assert "'models:/mvar-tiny@nope' is not a registered model version" in err and "mvar-tiny" in err
+
+
 def test_sample_defaults_come_from_the_checkpoint_and_flags_win(imported, tmp_path, capsys):
     import shutil
 

@@ -1,6 +1,7 @@
 """The local Ray of `mvar.cluster.connect()`: a driver killed with SIGKILL leaves no Ray process behind."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -75,3 +76,17 @@ def test_a_sigkilled_driver_leaves_no_ray_process_behind(tmp_path):
         for p in tree:  # whatever the outcome, nothing of this test stays
             if _alive(p):
                 p.kill()
+
+
+def test_ray_noise_settings_are_off_with_mvar_verbose(monkeypatch):
+    """Ray's own messages below ERROR are kept out of the driver's output by Ray's settings, unless verbose."""
+    from mvar import cluster
+    monkeypatch.delenv(cluster.VERBOSE_ENV, raising=False)
+    quiet = cluster.quiet_env(loopback=False)
+    assert quiet["RAY_LOGGER_LEVEL"] == "error" and "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in quiet
+    assert cluster.quiet_env(loopback=True)["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert cluster.ray_log_level() == logging.ERROR
+    monkeypatch.setenv(cluster.VERBOSE_ENV, "1")
+    assert cluster.verbose() and cluster.quiet_env(loopback=True) == {}
+    assert cluster.ray_log_level() == logging.INFO
+    assert cluster._runtime_env({"A": "b"}, True) == {"env_vars": {cluster.VERBOSE_ENV: "1", "A": "b"}}

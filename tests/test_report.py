@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -32,16 +33,21 @@ def store(tmp_path):
         t.log_params({"model": {"depth": depth, "window_size": window, "attention": variant}})
         t.log_metrics(metrics, 1)
         t.close()
-    # an evaluation child run is not a row of its own
+    # an evaluation child run is not a row of its own; a sweep's trial (a nested training run) is
     child = tracking.start_run(cfg, "eval-child", tags={"mvar.variant": "mvar"}, parent_run_id=run_id)
     MlflowTracker(child, cfg).close()
+    trial = tracking.start_run(cfg, "sweep-trial", tags={"mvar.variant": "mvar", "mvar.run_key": "/runs/s-t0"},
+                               parent_run_id=run_id)
+    t = MlflowTracker(trial, cfg)
+    t.log_params({"model": {"depth": 4, "window_size": 2, "attention": "mvar"}})
+    t.close()
     return cfg
 
 
 def test_table_has_a_row_per_run_and_ratios_to_var_of_the_same_depth(store, tmp_path):
     report = make_report("abl", tmp_path / "out", store.uri)
     rows = {r["run"]: r for r in report.rows}
-    assert set(rows) == {f"{v}-d{d}-k{k}" for v, d, k, _ in RUNS}
+    assert set(rows) == {f"{v}-d{d}-k{k}" for v, d, k, _ in RUNS} | {"sweep-trial"}
     assert rows["mvar-d2-k3"]["infer mem MB x VAR"] == pytest.approx(0.5)
     assert rows["mvar-d4-k3"]["infer mem MB x VAR"] == pytest.approx(0.4)  # against var-d4, not var-d2
     assert rows["var-d2-k3"]["FID x VAR"] == pytest.approx(1.0)
@@ -51,13 +57,21 @@ def test_table_has_a_row_per_run_and_ratios_to_var_of_the_same_depth(store, tmp_
     assert names == {"ablation.md", "ablation.csv", "ablation.html", "fid_vs_window.png", "memory_vs_depth.png",
                      "pareto_fid_memory.png"}
     with open(tmp_path / "out" / "ablation.csv") as fh:
-        assert len(list(csv.DictReader(fh))) == len(RUNS)
+        assert len(list(csv.DictReader(fh))) == len(RUNS) + 1
     assert "| mvar-d2-k5 | mvar | 2 | 5 |" in report.markdown
     c = tracking.client(store.uri)
     logged = c.search_runs([c.get_experiment_by_name("abl").experiment_id], "tags.`mvar.report` = 'true'")
     assert len(logged) == 1
     assert {a.path for a in c.list_artifacts(logged[0].info.run_id, "report")} >= {"report/ablation.md",
                                                                                    "report/pareto_fid_memory.png"}
+    # the same table through MLflow's log_table
+    run = c.get_run(logged[0].info.run_id)
+    assert {"path": "report/ablation_table.json", "type": "table"} in json.loads(run.data.tags["mlflow.loggedArtifacts"])
+    table = json.loads(open(c.download_artifacts(run.info.run_id, "report/ablation_table.json", str(tmp_path))).read())
+    assert table["columns"][:4] == ["run", "variant", "depth", "window"] and len(table["data"]) == len(RUNS) + 1
+    by_run = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
+    assert by_run["mvar-d2-k3"]["infer mem MB x VAR"] == pytest.approx(0.5)
+    assert by_run["mvar-d2-k3"]["FID"] == pytest.approx(39.0) and by_run["mvar-d2-k3"]["IS"] is None
 
 
 def test_pareto_front_keeps_only_undominated_points():

@@ -1,4 +1,4 @@
-"""`mvar stack up | status | down` end to end: a real Ray head and MLflow server on free ports.
+"""`mvar stack up | status | down` end to end: a real Ray head, MLflow server and optuna-dashboard on free ports.
 
 One stack serves the whole module (starting it costs ~30 s); the last test takes it down and the
 fixture's finalizer takes it down again whatever happened, so no server outlives the tests.
@@ -42,9 +42,10 @@ def _free_ports(n: int) -> list[int]:
 @pytest.fixture(scope="module")
 def up_stack(tmp_path_factory):
     d = tmp_path_factory.mktemp("stack") / "stack"
-    ray_port, dash_port, mlflow_port = _free_ports(3)
+    ray_port, dash_port, mlflow_port, optuna_port = _free_ports(4)
     argv = ["stack", "up", "--dir", str(d), "--ray-port", str(ray_port), "--dashboard-port", str(dash_port),
-            "--mlflow-port", str(mlflow_port), "--num-cpus", "1", "--object-store-mb", "200"]
+            "--mlflow-port", str(mlflow_port), "--optuna-port", str(optuna_port),
+            "--optuna-storage", f"sqlite:///{d.parent / 'optuna.db'}", "--num-cpus", "1", "--object-store-mb", "200"]
     try:
         assert main(argv) == 0
         yield d, argv
@@ -55,12 +56,33 @@ def up_stack(tmp_path_factory):
             shutil.rmtree(spec.temp_dir, ignore_errors=True)  # Ray's session logs of this test head
 
 
-def test_status_reports_both_services_running(up_stack, capsys):
+def test_status_reports_every_service_running(up_stack, capsys):
     d, _ = up_stack
     capsys.readouterr()
     assert main(["stack", "status", "--dir", str(d)]) == 0
     out = capsys.readouterr().out
-    assert out.count("running") == 2 and "not running" not in out and out.count("pid ") == 2
+    assert out.count("running") == 3 and "not running" not in out and out.count("pid ") == 3
+
+
+def test_optuna_dashboard_serves_the_sweeps_storage(up_stack):
+    """optuna-dashboard answers on its port with its page and the studies of the storage it was given
+    (a study made here after `up` shows: it reads the same SQLite file)."""
+    import json
+
+    import optuna
+    d, _ = up_stack
+    spec = stack.load_spec(d)
+    assert spec.optuna_storage == f"sqlite:///{d.parent / 'optuna.db'}"
+    assert stack.stack_env(d)["MVAR_OPTUNA_DASHBOARD_URL"] == spec.optuna_url
+    assert f"MVAR_OPTUNA_DASHBOARD_URL={spec.optuna_url}" in (d / "env.sh").read_text()
+    study = optuna.create_study(study_name="stack-test", storage=spec.optuna_storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    with urllib.request.urlopen(spec.optuna_url + "/dashboard", timeout=20) as page:
+        assert page.status == 200 and b"<html" in page.read().lower()
+    with urllib.request.urlopen(spec.optuna_url + "/api/studies", timeout=20) as api:
+        [listed] = [s for s in json.loads(api.read())["study_summaries"] if s["study_name"] == "stack-test"]
+    with urllib.request.urlopen(f"{spec.optuna_url}/api/studies/{listed['study_id']}", timeout=20) as api:
+        assert len(json.loads(api.read())["trials"]) == 2
 
 
 def test_up_again_says_so(up_stack, capsys):
@@ -95,10 +117,11 @@ def test_jobs_api_refuses_requests_without_the_token(up_stack):
 
 def test_every_server_listens_on_loopback_only(up_stack, listeners):
     spec = stack.load_spec(up_stack[0])
-    procs = stack.head_processes(spec) + stack.mlflow_processes(spec.path)
+    procs = stack.head_processes(spec) + stack.mlflow_processes(spec.path) + stack.optuna_processes(spec.path)
     watch = listeners.Watch(lambda: [p.pid for p in procs])
     watch.sample()
-    assert {port for _, _, port in watch.seen} >= {spec.ray_port, spec.dashboard_port, spec.mlflow_port}
+    assert {port for _, _, port in watch.seen} >= {spec.ray_port, spec.dashboard_port, spec.mlflow_port,
+                                                    spec.optuna_port}
     watch.assert_listeners_on("127.0.0.1", expect=("gcs_server", "raylet", "dashboard", "uvicorn"))
 
 
@@ -224,24 +247,26 @@ def test_down_stops_only_this_stack(up_stack, capsys):
         other.kill()
         other.wait()
     assert stack.head_processes(spec) == [] and stack.mlflow_processes(spec.path) == []
+    assert stack.optuna_processes(spec.path) == []
     assert not any(p.is_running() and p.status() != "zombie" for p in mlflow_procs)
-    assert not (d / "mlflow.pid").exists() and not (d / "ray.pid").exists()
+    assert not any((d / f).exists() for f in ("mlflow.pid", "ray.pid", "optuna-dashboard.pid"))
     capsys.readouterr()
     assert main(["stack", "status", "--dir", str(d)]) == 1
-    assert capsys.readouterr().out.count("not running") == 2
-    for port in (spec.ray_port, spec.dashboard_port, spec.mlflow_port):
+    assert capsys.readouterr().out.count("not running") == 3
+    for port in (spec.ray_port, spec.dashboard_port, spec.mlflow_port, spec.optuna_port):
         assert not stack.port_in_use(port), port
     assert main(["stack", "down", "--dir", str(d)]) == 0  # idempotent
 
 
 def test_up_refuses_an_occupied_mlflow_port(tmp_path, capsys):
-    ray_port, dash_port = _free_ports(2)
+    ray_port, dash_port, optuna_port = _free_ports(3)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         rc = main(["stack", "up", "--dir", str(tmp_path / "s"), "--ray-port", str(ray_port),
-                   "--dashboard-port", str(dash_port), "--mlflow-port", str(port)])
+                   "--dashboard-port", str(dash_port), "--mlflow-port", str(port), "--optuna-port", str(optuna_port),
+                   "--optuna-storage", f"sqlite:///{tmp_path / 'optuna.db'}"])
     assert rc == 2
     err = capsys.readouterr().err
     assert f"port {port}" in err and "MLflow" in err and "--mlflow-port" in err

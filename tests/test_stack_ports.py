@@ -56,3 +56,16 @@ def test_a_port_held_by_anyone_else_is_refused_naming_the_holder(tmp_path, mark)
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_bad_optuna_storage_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    """optuna-dashboard's storage: a password in the URL, or a database that cannot be opened, is one error
+    naming --optuna-storage, and `up` starts nothing."""
+    monkeypatch.delenv("MVAR_OPTUNA_STORAGE", raising=False)
+    with pytest.raises(UserError, match=r"--optuna-storage .*\*\*\*.*PGPASSWORD"):
+        stack.optuna_storage("postgresql://mvar:secret@127.0.0.1:5432/optuna")
+    spec = _spec(tmp_path)
+    spec.optuna_storage = f"sqlite:///{tmp_path}/missing-dir/optuna.db"
+    with pytest.raises(UserError, match=r"--optuna-storage 'sqlite:///.*missing-dir/optuna.db' cannot be opened"):
+        stack.up(spec)
+    assert stack.load_spec(spec.dir) is None and not (tmp_path / "missing-dir").exists()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,11 @@ def test_run_holds_params_tags_metrics_and_artifacts(cfg, tmp_path):
     run = c.get_run(run_id)
     assert run.data.params["model.depth"] == "2" and run.data.params["optim.lr"] == "0.0001"
     assert run.data.tags["mvar.variant"] == "mvar" and run.data.tags["mvar.git_commit"]
+    # MLflow's own source tags: the UI's Source, Version and User columns
+    tags = run.data.tags
+    assert tags["mlflow.source.git.commit"] == tracking.git_commit().removesuffix("-dirty")
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.user"] and tags["mlflow.source.name"]
     assert run.info.status == "FINISHED"
     assert [m.step for m in c.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
     assert tracking.last_logged_step(run_id, "train/loss", cfg.uri) == 3
@@ -37,6 +43,28 @@ def test_run_holds_params_tags_metrics_and_artifacts(cfg, tmp_path):
     assert {"config.yaml", "files/a.txt"} <= names
     # artifacts sit beside the database, not in the working directory
     assert str(tmp_path) in run.info.artifact_uri
+
+
+def test_source_name_is_the_command_or_the_checkout_path():
+    root = str(Path(tracking.__file__).resolve().parents[1])
+    assert tracking.source_name(["/usr/bin/mvar", "train", "--config", "x.yaml"]) == "mvar train"
+    assert tracking.source_name(["/venv/bin/mvar", "--help"]) == "mvar"
+    assert tracking.source_name([f"{root}/mvar/cli.py", "eval", "--run-id", "r"]) == "mvar eval"
+    assert tracking.source_name([f"{root}/workflows/train.py", "--config", "x"]) == "workflows/train.py"
+    assert tracking.source_name(["/elsewhere/tool.py"]) == "tool.py"
+
+
+def test_params_past_one_batch_and_past_the_value_limit_reach_the_store(cfg):
+    """MLflow's client splits a batch of > 100 params and its store truncates a value of > 6000 characters:
+    the tracker hands both over as they are."""
+    run_id = tracking.start_run(cfg, "many")
+    t = MlflowTracker(run_id, cfg)
+    t.log_params({"p": {f"k{i:03d}": i for i in range(250)}, "long": "x" * 7000})
+    t.close()
+    assert t.failures == 0
+    params = tracking.client(cfg.uri).get_run(run_id).data.params
+    assert len(params) == 251 and params["p.k249"] == "249"
+    assert params["long"] == "x" * 6000
 
 
 def test_resumed_tracker_skips_steps_already_logged_per_key(cfg):
@@ -149,13 +177,60 @@ def test_store_registers_checkpoints_as_model_versions_and_resolves_aliases(cfg,
     first = store.register_model("mvar-tiny", run_id, str(tmp_path / "step_1"))
     second = store.register_model("mvar-tiny", run_id, str(tmp_path / "step_2"), tags={"mvar.step": "2"})
     assert (first, second) == ("1", "2")
+    assert store.register_model("mvar-tiny", run_id, str(tmp_path / "step_1")) == "1"  # a rerun: the same version
+    third = store.register_model("mvar-tiny", run_id, str(tmp_path / "step_3"), step=3, metrics={"val/loss": 2.5})
+    mv = store.model_version(f"models:/mvar-tiny/{third}")
+    assert (mv["mvar.step"], mv["val/loss"], mv["run_id"]) == ("3", "2.5", run_id)
+    model = tracking.client(cfg.uri).get_logged_model(mv["mvar.logged_model"])  # MLflow 3's LoggedModel
+    assert model.source_run_id == run_id and model.tags["val/loss"] == "2.5" and model.params["step"] == "3"
+    assert store.history(run_id, "val/loss") == []  # the run's own history is left as it was
     store.set_alias("mvar-tiny", "best", first)
     assert store.resolve_model("models:/mvar-tiny@best") == str(tmp_path / "step_1")
     store.set_alias("mvar-tiny", "best", second)  # an alias moves
     assert store.resolve_model("models:/mvar-tiny@best") == str(tmp_path / "step_2")
     assert store.resolve_model("models:/mvar-tiny/1") == str(tmp_path / "step_1")
-    with pytest.raises(UserError, match="'models:/mvar-tiny@nope' is not a registered model version"):
+    assert store.resolve_model("models:/mvar-tiny/latest") == str(tmp_path / "step_3")  # MLflow's newest version
+    with pytest.raises(UserError, match=r"'models:/mvar-tiny@nope' is not a registered model version .*mvar-tiny"):
         store.resolve_model("models:/mvar-tiny@nope")
     for bad in ("mvar-tiny@best", "models:/mvar-tiny", "models:/@best", "models:/a/b@c"):
         with pytest.raises(UserError, match="not of the form models:/NAME@ALIAS"):
             store.resolve_model(bad)
+
+
+def test_a_shard_manifest_is_a_dataset_of_the_run_logged_once(cfg):
+    from dataclasses import replace
+
+    from mvar.data.manifest import Manifest, ShardInfo, describe
+    shards = [ShardInfo("shard-000000.tar", 40, "a" * 64, 1000), ShardInfo("shard-000001.tar", 20, "b" * 64, 500)]
+    manifest = Manifest("images", 60, ["cat", "dog"], 64, "png", shards)
+    d = describe(manifest, "/data/train-images/")
+    assert (d["name"], d["source"]) == ("train-images", "/data/train-images/")
+    assert d["profile"]["num_samples"] == 60 and d["profile"]["classes"] == ["cat", "dog"]
+    other = describe(replace(manifest, shards=[shards[0], replace(shards[1], sha256="c" * 64)]), "/data/train-images")
+    assert other["digest"] != d["digest"]  # other bytes, other digest
+    store = tracking.Store(cfg.uri)
+    run_id = store.create_run("t", "train")
+    records = [tracking.DatasetRecord(**d, context="training"), tracking.DatasetRecord(**other, context="evaluation")]
+    store.log_inputs(run_id, records)
+    store.log_inputs(run_id, records)  # a resumed run logs them again: still one record each
+    assert sorted(store.inputs(run_id), key=lambda r: r.context) == sorted(records, key=lambda r: r.context)
+
+
+def test_mlflow_gpu_system_metrics_have_nvidia_ml_py():
+    """MLflow's GPU sampler needs pynvml (nvidia-ml-py, a dependency, also pinned in the cluster image): here it
+    gets past the import and, where no GPU is, stops at NVML's own init instead; on a GPU it samples."""
+    import re
+    from pathlib import Path
+
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+    repo = Path(__file__).resolve().parents[1]
+    pins = [re.findall(r'"nvidia-ml-py==([\d.]+)"', (repo / f).read_text())
+            for f in ("pyproject.toml", "infra/cluster/Dockerfile")]
+    assert pins[0] and pins[0] == pins[1], pins
+    try:
+        monitor = GPUMonitor()
+    except RuntimeError as err:  # no GPU or driver on this machine
+        assert "Failed to initialize NVML" in str(err)
+    else:
+        monitor.collect_metrics()
+        assert any(k.startswith("gpu_0_") for k in monitor.metrics)

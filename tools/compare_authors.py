@@ -223,22 +223,26 @@ def contender(impl: str, variant: str, spec: dict):
 
 def ab_worker(spec: dict) -> dict:
     """Generate times of several implementations in ONE process, call by call in turn: robust to load
-    that changes over minutes (peaks are not measured here: they need a process each)."""
+    that changes over minutes (peaks are not measured here: they need a process each). Also the
+    process's CPU seconds per call: at one thread (--threads 1) they count the work done, not the
+    time other processes held the cores, so they compare implementations on a shared machine."""
     import torch
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     fns = {f"{impl} {variant}": contender(impl, variant, spec) for impl, variant in spec["contenders"]}
     times: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     with torch.no_grad():
         for fn in fns.values():
             fn()  # warm-up
         for _ in range(spec["ab_rounds"]):
             for name, fn in fns.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 times[name].append(time.perf_counter() - t0)
-    return {"times": times, "load": os.getloadavg()}
+                cpu[name].append(time.process_time() - c0)
+    return {"times": times, "cpu_times": cpu, "load": os.getloadavg()}
 
 
 # -- the driver ---------------------------------------------------------------------------------------
@@ -277,8 +281,9 @@ def measure(impl: str, variant: str, args, resolution: int, batch: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure_in_turn(wanted: list[tuple[str, str]], args, resolution: int, batch: int) -> dict[tuple[str, str], list]:
-    """Generate times of every column from one process, the implementations taking turns call by call."""
+def measure_in_turn(wanted: list[tuple[str, str]], args, resolution: int, batch: int) -> tuple[dict, dict]:
+    """Generate times of every column from one process, the implementations taking turns call by call:
+    (wall seconds, CPU seconds), each {(impl, variant): [per call]}."""
     from mvar.measure import MALLOC_ENV
 
     spec = {"contenders": wanted, "size": args.size, "batch": batch, "resolution": resolution, "cfg": args.cfg,
@@ -289,8 +294,8 @@ def measure_in_turn(wanted: list[tuple[str, str]], args, resolution: int, batch:
                           cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"the in-turn timing at {resolution} px failed:\n{proc.stderr.strip()[-3000:]}")
-    times = json.loads(proc.stdout.strip().splitlines()[-1])["times"]
-    return {tuple(name.split(" ", 1)): t for name, t in times.items()}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return tuple({tuple(name.split(" ", 1)): t for name, t in out[key].items()} for key in ("times", "cpu_times"))
 
 
 def cell(results: list[dict], key: str, fmt: str) -> str:
@@ -298,7 +303,8 @@ def cell(results: list[dict], key: str, fmt: str) -> str:
     return ", ".join(fmt.format(v) for v in values) if values else "-"
 
 
-def markdown_table(resolution: int, batch: int, measured: dict, in_turn: dict | None = None) -> str:
+def markdown_table(resolution: int, batch: int, measured: dict, in_turn: dict | None = None,
+                   in_turn_cpu: dict | None = None) -> str:
     cols = [c for c in COLUMNS if measured.get(c) or (in_turn and c in in_turn)]
     head = [f"{resolution} px, batch {batch}"] + [f"{impl} {'MVAR' if v == 'mvar' else v.replace('var', 'VAR')}"
                                                   for impl, v in cols]
@@ -306,6 +312,10 @@ def markdown_table(resolution: int, batch: int, measured: dict, in_turn: dict | 
     if in_turn:
         lines.append("| " + " | ".join(["generate a batch, s (in turn, one process: median)"]
                                        + [f"{statistics.median(in_turn[c]):.2f}" if c in in_turn else "-"
+                                          for c in cols]) + " |")
+    if in_turn_cpu:
+        lines.append("| " + " | ".join(["generate a batch, CPU s (in turn: median)"]
+                                       + [f"{statistics.median(in_turn_cpu[c]):.2f}" if c in in_turn_cpu else "-"
                                           for c in cols]) + " |")
     for label, key, fmt in ROWS:
         label = label + " (own process)" if key == "infer_latency_s" else label
@@ -318,9 +328,10 @@ def median_of(measured: dict, col: tuple[str, str], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def ratios(resolution: int, measured: dict, in_turn: dict | None = None) -> list[str]:
+def ratios(resolution: int, measured: dict, in_turn: dict | None = None, in_turn_cpu: dict | None = None) -> list[str]:
     """The issue's targets, as measured: ours against the authors', and MVAR against our VAR. Generate
-    times come from the in-turn run when there is one (load that changes over minutes cancels out)."""
+    times come from the in-turn run when there is one (load that changes over minutes cancels out);
+    the same ratios in CPU seconds follow when they were measured."""
     def m(impl, v, key):
         if key == "infer_latency_s" and in_turn and (impl, v) in in_turn:
             return statistics.median(in_turn[(impl, v)])
@@ -339,6 +350,18 @@ def ratios(resolution: int, measured: dict, in_turn: dict | None = None) -> list
     sm, mv = m("ours", "scale_markov", "infer_latency_s"), m("ours", "mvar", "infer_latency_s")
     if sm and mv:
         out.append(f"ours mvar / ours scale_markov generate time = {mv / sm:.3f}")
+    if in_turn_cpu:
+        cpu = {c: statistics.median(v) for c, v in in_turn_cpu.items()}
+        for v in ("var", "mvar"):
+            if ("authors", v) in cpu and ("ours", v) in cpu:
+                out.append(f"{v}: ours / authors generate CPU s = {cpu[('ours', v)] / cpu[('authors', v)]:.3f} "
+                           "(target <= 1)")
+        for v in ("scale_markov", "mvar"):
+            if ("ours", v) in cpu and ("ours", "var") in cpu:
+                out.append(f"ours {v} / ours var generate CPU s = {cpu[('ours', v)] / cpu[('ours', 'var')]:.3f}")
+        if ("ours", "mvar") in cpu and ("ours", "scale_markov") in cpu:
+            out.append(f"ours mvar / ours scale_markov generate CPU s = "
+                       f"{cpu[('ours', 'mvar')] / cpu[('ours', 'scale_markov')]:.3f}")
     return [f"{resolution} px: {line}" for line in out]
 
 
@@ -362,17 +385,19 @@ def run(args) -> int:
             for impl, variant in wanted:
                 print(f"measuring {impl} {variant} at {resolution} px ...", file=sys.stderr, flush=True)
                 measured[(impl, variant)].append(measure(impl, variant, args, resolution, batch))
-        in_turn = None
+        in_turn = in_turn_cpu = None
         if args.ab_rounds > 0:
             print(f"timing all in turn at {resolution} px ...", file=sys.stderr, flush=True)
-            in_turn = measure_in_turn(wanted, args, resolution, batch)
-        table = markdown_table(resolution, batch, measured, in_turn)
-        lines = ratios(resolution, measured, in_turn)
+            in_turn, in_turn_cpu = measure_in_turn(wanted, args, resolution, batch)
+        table = markdown_table(resolution, batch, measured, in_turn, in_turn_cpu)
+        lines = ratios(resolution, measured, in_turn, in_turn_cpu)
         ours = bench_table([runs[0] for (impl, _), runs in measured.items() if impl == "ours" and runs])
         print(table + "\n\n" + "\n".join(lines) + "\n\nours, as `mvar bench` prints it (first round):\n" + ours
               + "\n", flush=True)
         report["tables"][str(resolution)] = {"markdown": table, "ratios": lines, "batch": batch, "ours": ours,
                                              "in_turn_s": {f"{i} {v}": t for (i, v), t in (in_turn or {}).items()},
+                                             "in_turn_cpu_s": {f"{i} {v}": t for (i, v), t in
+                                                               (in_turn_cpu or {}).items()},
                                              "results": {f"{i} {v}": r for (i, v), r in measured.items()}}
     report["load_after"] = os.getloadavg()
     if args.plot and not args.in_turn_only:  # ours, every resolution: how each variant's cost grows with the work

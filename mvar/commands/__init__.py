@@ -16,6 +16,7 @@ No heavy import here or in the command modules' parsers: `mvar --help` stays fas
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -73,6 +74,18 @@ def add_config_arguments(p: argparse.ArgumentParser, config_help: str, overrides
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--check", action="store_true", help=check_help or "check the config and every input the run "
                    "would check before it starts, print OK, exit")
+
+
+def add_verbose_argument(p: argparse.ArgumentParser) -> None:
+    """`--verbose`: Ray's own INFO/WARNING messages back in the output (mvar.cluster.verbose)."""
+    p.add_argument("--verbose", action="store_true", help="also Ray's own INFO/WARNING messages (hidden by "
+                   "default), in this process and its Ray workers; the same as MVAR_VERBOSE=1")
+
+
+def set_verbose(args: argparse.Namespace) -> None:
+    """--verbose into the environment, where Ray workers and sweep trials' processes inherit it."""
+    if getattr(args, "verbose", False):
+        os.environ["MVAR_VERBOSE"] = "1"  # mvar.cluster.VERBOSE_ENV (not imported: `mvar --help` stays light)
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None, name: str = "") -> int:

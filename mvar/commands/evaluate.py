@@ -1,6 +1,6 @@
 """`mvar eval`: sample a checkpoint on Ray workers and compute FID / IS / precision / recall.
 
-    mvar eval --run-id RUN | --checkpoint DIR --reference REF [--num-per-class 50] [--cfg 1.5,2.0] [key.sub=value ...]
+    mvar eval --run-id RUN | --checkpoint DIR | --model models:/NAME@ALIAS --reference REF [--num-per-class 50] [--cfg 1.5,2.0] [key.sub=value ...]
     mvar eval make-ref --shards DIR --out REF.npz [--feature-extractor classifier] [--feature-extractor-weights FILE]
     mvar eval standin-weights --out FILE [--seed 0]        # random Inception weights for offline tests
     mvar eval train-classifier --shards DIR --out FILE.pt [--eval-shards DIR]   # a feature extractor for labelled sets
@@ -29,7 +29,7 @@ FLAG_KEYS = {
     "feature_extractor_weights": "eval.feature_extractor_weights", "feature_extractor": "eval.feature_extractor",
     "num_workers": "eval.num_workers",
     "cpus_per_worker": "eval.cpus_per_worker", "out": "eval.out_dir", "device": "eval.device",
-    "checkpoint": "checkpoint", "run_id": "run_id", "tracking_uri": "tracking.uri", "experiment": "tracking.experiment",
+    "checkpoint": "checkpoint", "model": "model", "run_id": "run_id", "tracking_uri": "tracking.uri", "experiment": "tracking.experiment",
 }
 SWITCH_KEYS = {"use_gpu": "eval.use_gpu", "metrics": "eval.metrics", "track": "track"}
 LIST_FLAGS = ("classes", "cfg", "top_k", "top_p")
@@ -65,6 +65,9 @@ def add_eval_arguments(p: argparse.ArgumentParser, overrides: bool = True) -> No
     """The evaluation's flags: each a shorthand of one config key, named in its help."""
     p.add_argument("--checkpoint", help=f"model checkpoint directory ({_key('checkpoint')}; default: the run's "
                    "mvar.checkpoint tag)")
+    p.add_argument("--model", help=f"a registered model version: models:/NAME@ALIAS (latest, best) or "
+                   f"models:/NAME/VERSION, e.g. models:/mvar-tiny@best ({_key('model')}); results go into an "
+                   "eval-<checkpoint> run")
     p.add_argument("--run-id", help=f"MLflow training run: resolves the checkpoint and receives the results "
                    f"({_key('run_id')})")
     p.add_argument("--reference", help="reference images (shard set or ADM .npz) or a `mvar eval make-ref` file "
@@ -182,6 +185,7 @@ def _add_make_ref(commands) -> None:
                    help="inception, or a classifier from `mvar eval train-classifier`")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--batch-size", type=int, default=32, help="feature extractor batch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
     p.set_defaults(func=run_make_ref)
 
 
@@ -195,7 +199,7 @@ def run_make_ref(args: argparse.Namespace) -> int:
         raise UserError(f"--out must name a .npz file, got '{args.out}'")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     weights = resolve_weights(args.feature_extractor_weights, extractor=args.feature_extractor)
-    ref = compute_reference(args.shards, weights, device, args.batch_size)
+    ref = compute_reference(args.shards, weights, device, args.batch_size, progress=not args.no_progress)
     save_reference(args.out, ref)
     kind = ("official" if weights.official else "NOT the official weights") if args.feature_extractor == "inception" \
         else "a classifier: comparable only with numbers made with this file"

@@ -17,7 +17,12 @@ def _classes(text: str) -> list[int]:
 def register(subparsers) -> None:
     p = subparsers.add_parser("sample", help="sample a grid of images from a checkpoint",
                               description="Sample class-conditional images from a checkpoint and save them as one grid.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (mvar import-var or a training run)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="checkpoint directory (mvar import-var or a training run)")
+    which.add_argument("--model", help="a registered model version: models:/NAME@ALIAS (latest, best) or "
+                       "models:/NAME/VERSION, e.g. models:/mvar-tiny@best")
+    p.add_argument("--tracking-uri", default="", help="MLflow store of --model (default: MLFLOW_TRACKING_URI, "
+                   "else sqlite under out/mlflow)")
     p.add_argument("--classes", type=_classes, default=None, help="class ids, e.g. 1,2,3 (default: random)")
     p.add_argument("--num", type=int, default=8, help="number of images when --classes is not given")
     p.add_argument("--per-class", type=int, default=1, help="images per class id")
@@ -45,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
     from mvar.sampling import make_generator, sample_images
 
     overrides = {k: v for k, v in (("attention", args.attention), ("window_size", args.window_size)) if v is not None}
+    if args.model:
+        from mvar.tracking import Store
+        args.checkpoint = Store(args.tracking_uri).resolve_model(args.model)
+        print(f"{args.model}: {args.checkpoint}")
     model, tokenizer, cfg, _ = load_checkpoint(args.checkpoint, args.device, overrides)
     device = torch.device(args.device)
     if args.classes is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from mvar.commands import add_config_arguments
+from mvar.commands import add_config_arguments, add_verbose_argument, set_verbose
 
 DESCRIPTION = "Run an Optuna study whose trials are training + evaluation runs on Ray."
 
@@ -34,9 +34,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, "", overrides_help="key.sub=value for the base training config of every trial; "
                          "study.key=value for the study file (anywhere on the line)",
                          check_help="check the study file, its inputs and the storage, print OK, run nothing")
+    add_verbose_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    set_verbose(args)  # the trials' training processes inherit it
     from sweeps.run import run_sweep
     return run_sweep(args)

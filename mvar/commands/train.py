@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mvar.commands import add_config_arguments
+from mvar.commands import add_config_arguments, add_verbose_argument, set_verbose
 
 TRAIN = "Train a VAR or MVAR generator with Ray Train."
 TRAIN_TOKENIZER = "Train the multi-scale VQ tokenizer on image shards with Ray Train."
@@ -29,11 +29,13 @@ def register(subparsers) -> None:
 
 def configure_train(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, "YAML run config, e.g. workflows/configs/mvar_tiny_local.yaml")
+    add_verbose_argument(p)
     p.set_defaults(func=run_train)
 
 
 def configure_train_tokenizer(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, "YAML run config, e.g. workflows/configs/tokenizer_tiny_local.yaml")
+    add_verbose_argument(p)
     p.set_defaults(func=run_train_tokenizer)
 
 
@@ -63,6 +65,7 @@ def run_config(args: argparse.Namespace, cfg, prepare, checked: str) -> bool:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    set_verbose(args)
     _setup_logging()
     from mvar.training import load_train_config, train
     from mvar.training.launch import prepare
@@ -75,6 +78,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_train_tokenizer(args: argparse.Namespace) -> int:
+    set_verbose(args)
     _setup_logging()
     from mvar.training.tokenizer_config import load_tokenizer_train_config
     from mvar.training.tokenizer_loop import prepare, train_tokenizer

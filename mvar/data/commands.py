@@ -66,7 +66,7 @@ def _add_pack(commands) -> None:
     p.add_argument("--format", choices=("png", "jpg"), default="png", help="png is lossless (default)")
     p.add_argument("--order-seed", type=int, default=0, help="seed of the class-mixing file order")
     p.add_argument("--no-shuffle", action="store_true", help="keep sorted order (class by class)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
     p.set_defaults(func=run_pack)
 
 
@@ -92,12 +92,13 @@ def _add_verify(commands) -> None:
     p.add_argument("location", help="shard directory or URL")
     p.add_argument("--workers", type=int, default=1, help="shards checked in parallel")
     p.add_argument("--shard-opener", default="", help="e.g. 'pipe:aws s3 cp {url} -'")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
     p.set_defaults(func=run_verify)
 
 
 def run_verify(args: argparse.Namespace) -> int:
     from mvar.data.verify import stray_files, verify
-    manifest, reports = verify(args.location, args.workers, args.shard_opener)
+    manifest, reports = verify(args.location, args.workers, args.shard_opener, progress=not args.no_progress)
     bad = [r for r in reports if r.problems]
     for report in bad:
         print(f"BAD {report.name}: " + "; ".join(report.problems), file=sys.stderr)
@@ -121,7 +122,7 @@ def _add_tokenize(commands) -> None:
     p.add_argument("--flip", action="store_true", help="also store the tokens of the mirrored image")
     p.add_argument("--batch-size", type=int, default=64, help="images per tokenizer batch")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda when present)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
     p.set_defaults(func=run_tokenize)
 
 

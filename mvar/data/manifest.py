@@ -7,6 +7,7 @@ no timestamps, so the same inputs give byte-identical manifests.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -71,6 +72,20 @@ class Manifest:
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         data.pop("num_classes", None)
         return from_dict(cls, data)
+
+
+def describe(manifest: Manifest, location: str) -> dict[str, Any]:
+    """What a tracking store records of a shard set (``mvar.tracking.DatasetRecord``): its name, a digest of
+    its shards' sha256 values (same shards, same digest), its location and a profile of counts and classes."""
+    digest = hashlib.sha256("".join(f"{s.name}:{s.sha256}\n" for s in manifest.shards).encode()).hexdigest()
+    profile = {"kind": manifest.kind, "num_samples": manifest.num_samples, "num_shards": len(manifest.shards),
+               "num_classes": manifest.num_classes, "image_size": manifest.image_size,
+               "sample_format": manifest.sample_format, "num_bytes": sum(s.num_bytes for s in manifest.shards),
+               "classes": manifest.class_names[:20] + (["..."] if manifest.num_classes > 20 else [])}
+    if manifest.tokens.get("tokenizer_sha256"):
+        profile["tokenizer_sha256"] = manifest.tokens["tokenizer_sha256"]
+    name = location.rstrip("/").rsplit("/", 1)[-1] or location
+    return {"name": name, "digest": digest[:16], "source": location, "profile": profile}
 
 
 def write_manifest(directory: str, manifest: Manifest) -> str:

@@ -13,7 +13,6 @@ import hashlib
 import logging
 import multiprocessing
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -173,7 +172,7 @@ def _source(tree: SourceTree, opts: PackOptions, src: str) -> dict:
 
 def pack(src: str, out: str, opts: PackOptions) -> Manifest:
     """Pack (or finish packing) `src` into `out`; returns the written manifest."""
-    from tqdm import tqdm
+    from mvar import progress
 
     opts.check()
     tree = scan_tree(src, opts.seed, opts.shuffle)
@@ -184,8 +183,7 @@ def pack(src: str, out: str, opts: PackOptions) -> Manifest:
         tasks = (os.path.join(tree.root, path) for i in pending for _, path, _ in items[i])
         done = len(tree.files) - sum(len(v) for v in items.values())
         with _Pool(opts.workers or os.cpu_count() or 1) as pool, \
-                tqdm(total=len(tree.files), initial=done, unit="img", file=sys.stderr,
-                     disable=not opts.progress, desc=f"pack {out}") as bar:
+                progress.bar(len(tree.files), f"pack {out}", initial=done, flag=opts.progress) as bar:
             results = pool.imap(load_and_crop, ((t, opts.image_size, opts.fmt) for t in tasks))
             for i in pending:
                 stats: dict = {"undecodable": []}

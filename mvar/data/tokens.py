@@ -10,7 +10,6 @@ tokenizer refuses these shards.
 from __future__ import annotations
 
 import logging
-import sys
 import tarfile
 from typing import Iterator
 
@@ -124,7 +123,7 @@ def _token_manifest(src: Manifest, cfg, fingerprint: str, flip: bool, records,
 def tokenize(tokenizer: str, src: str, out: str, flip: bool = False, batch_size: int = 64,
              device: str = "auto", progress: bool = True) -> Manifest:
     """Encode every image shard of `src` into a token shard under `out` (resumable)."""
-    from tqdm import tqdm
+    from mvar import progress as bars
 
     src_manifest = open_shard_set(src, kind="images")
     dev = _device(device)
@@ -137,8 +136,7 @@ def tokenize(tokenizer: str, src: str, out: str, flip: bool = False, batch_size:
     with ShardSetWriter(out, plan) as job:
         pending = [i for i in range(num_shards) if not job.is_done(i)]
         done = src_manifest.num_samples - sum(src_manifest.shards[i].num_samples for i in pending)
-        with tqdm(total=src_manifest.num_samples, initial=done, unit="img", file=sys.stderr,
-                  disable=not progress, desc=f"tokenize {out}") as bar:
+        with bars.bar(src_manifest.num_samples, f"tokenize {out}", initial=done, flag=progress) as bar:
             worker = _ShardTokenizer(model, src_manifest, flip, batch_size, dev, bar)
             for i in pending:
                 info, stats = src_manifest.shards[i], {"undecodable": []}

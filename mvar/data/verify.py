@@ -1,6 +1,7 @@
 """`mvar data verify`: re-read every shard and compare it with its manifest."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing
 import os
@@ -90,14 +91,17 @@ def stray_files(location: str, manifest: Manifest) -> list[str]:
     return sorted(n for n in names if (n.endswith(".tar") or TMP_MARK in n) and n not in listed)
 
 
-def verify(location: str, workers: int = 1, opener: str = "") -> tuple[Manifest, list[ShardReport]]:
-    """(manifest, one report per shard in manifest order)."""
+def verify(location: str, workers: int = 1, opener: str = "",
+           progress: bool = True) -> tuple[Manifest, list[ShardReport]]:
+    """(manifest, one report per shard in manifest order); a bar counts the samples of the checked shards."""
+    from mvar import progress as bars
     manifest = read_manifest(location)
     tasks = [(storage.apply_opener(storage.join(location, s.name), opener), s, manifest)
              for s in manifest.shards]
-    if workers > 1:
-        with multiprocessing.Pool(workers) as pool:
-            reports = pool.map(_verify_task, tasks, chunksize=1)
-    else:
-        reports = [_verify_task(t) for t in tasks]
+    with bars.bar(manifest.num_samples, f"verify {location}", unit="sample", flag=progress) as bar, \
+            (multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext()) as pool:
+        reports = []
+        for report in (pool.imap(_verify_task, tasks, chunksize=1) if pool else map(_verify_task, tasks)):
+            reports.append(report)
+            bar.update(report.num_samples)
     return manifest, reports

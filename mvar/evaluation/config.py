@@ -122,13 +122,17 @@ class EvalConfig:
 class EvaluateConfig:
     """What `python -m workflows.evaluate` and `mvar eval` run."""
 
-    checkpoint: str = ""             # model checkpoint directory; '' = the run's `mvar.checkpoint` tag
+    checkpoint: str = ""             # model checkpoint directory; '' = the model's, else the run's `mvar.checkpoint`
+    model: str = ""                  # a registered model version, models:/NAME@ALIAS or models:/NAME/VERSION
     run_id: str = ""                 # MLflow run to log into (a training run); '' = a new run `eval-<name>`
     track: bool = True               # false: no MLflow at all
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(system_metrics=False))
 
     def validate(self, prefix: str = "") -> None:
-        check(bool(self.checkpoint or self.run_id), prefix + "checkpoint",
-              "give a checkpoint directory (--checkpoint) or a training run (--run-id)")
+        check(bool(self.checkpoint or self.run_id or self.model), prefix + "checkpoint",
+              "give a checkpoint directory (--checkpoint), a registered model (--model) or a training run (--run-id)")
+        check(not (self.checkpoint and self.model), prefix + "model", "names a checkpoint too: give --checkpoint "
+              "or --model, not both")
+        check(self.track or not self.model, prefix + "model", "is looked up in MLflow: drop --no-tracking")
         check(self.track or not self.run_id, prefix + "run_id", "needs tracking (drop --no-tracking)")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mvar import cluster
+from mvar import cluster, progress
 from mvar.checkpoint import read_checkpoint_meta, tokenizer_dir
 from mvar.checkpoint import read_tokenizer_config as checkpoint_tokenizer_config
 from mvar.config import ConfigError, from_dict
@@ -157,7 +157,8 @@ def job_paths(cfg: EvaluateConfig) -> dict[str, str]:
 def prepare(cfg: EvaluateConfig) -> Prepared:
     ecfg = cfg.eval
     cluster.check_job_paths(job_paths(cfg), cfg.tracking.uri if cfg.track else None)
-    checkpoint = cfg.checkpoint or runs.checkpoint_of_run(cfg.run_id, cfg.tracking.uri)
+    checkpoint = cfg.checkpoint or (runs.checkpoint_of_model(cfg.model, cfg.tracking.uri) if cfg.model
+                                    else runs.checkpoint_of_run(cfg.run_id, cfg.tracking.uri))
     checkpoint = str(Path(checkpoint).resolve())
     meta = read_checkpoint_meta(checkpoint)
     tok_cfg = read_tokenizer_config(checkpoint)
@@ -205,8 +206,9 @@ def sample_setting(prep: Prepared, s: SamplingConfig, shards_dir: Path, workers:
         reused = plan.num_shards - len(pending)
         print(f"{setting_name(s)}: {plan.num_samples} samples in {plan.num_shards} shards, {reused} reused, "
               f"{len(pending)} to sample", flush=True)
+        bars = ("ray" if ecfg.num_workers > 0 else "tqdm") if progress.enabled() else ""
         jobs = [SampleJob(prep.checkpoint, prep.overrides, str(shards_dir), run, spec["plan"], asdict(s),
-                          sampling_device(ecfg), ecfg.threads, ecfg.amp)
+                          sampling_device(ecfg), ecfg.threads, ecfg.amp, bars)
                 for run in split_contiguous(pending, max(1, ecfg.num_workers))]
         workers.run(jobs)
         records = job.records(plan.num_shards)
@@ -277,7 +279,8 @@ def quality_metrics(ecfg: EvalConfig, image_size: int, out_root: Path, shards_di
     from mvar.metrics.inception import ISC_LAYER
     weights, reference = checked if checked else prepare_reference(ecfg, image_size)
     ref = reference_for(ecfg, weights, reference, out_root)
-    features = image_features(str(shards_dir), weights, metrics_device(ecfg), ecfg.feature_batch_size)
+    features = image_features(str(shards_dir), weights, metrics_device(ecfg), ecfg.feature_batch_size,
+                              f"features of {shards_dir.parent.name}")
     m = fidelity_metrics(features, ref, ecfg.prc_neighborhood, ecfg.isc_splits)
     if ecfg.feature_extractor == "classifier":
         m.update(class_accuracy(features[ISC_LAYER], features[LABELS]))
@@ -334,10 +337,13 @@ def setting_tags(prep: Prepared, out: Path) -> dict[str, str]:
 def resolve_runs(prep: Prepared, params: list[dict], names: list[str]) -> tuple[list[str], list[str]]:
     """(run id per setting, the runs this evaluation owns: made by it now or by an earlier attempt)."""
     cfg = prep.cfg
-    tags = {"mvar.variant": prep.model_cfg.attention, runs.CHECKPOINT_TAG: prep.checkpoint}
+    tags = {"mvar.variant": prep.model_cfg.attention, runs.CHECKPOINT_TAG: prep.checkpoint,
+            **({"mvar.model_uri": cfg.model} if cfg.model else {})}
     base, created = runs.base_run(cfg.tracking, cfg.run_id, prep.checkpoint, tags)
     ids = runs.setting_runs(cfg.tracking, base, params, names, tags)
     print(f"MLflow: logging to run(s) {', '.join(ids)} in {cfg.tracking.uri}", flush=True)
+    if cfg.eval.metrics:
+        runs.log_reference(cfg.tracking, ids, cfg.eval.reference)
     owned = sorted({i for i in ids + ([base] if created else []) if i != cfg.run_id})
     return ids, owned
 

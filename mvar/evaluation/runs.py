@@ -1,7 +1,8 @@
 """Which MLflow run each evaluated setting is logged to, and the logging itself.
 
 A training run carries the tag ``mvar.checkpoint`` (its final checkpoint directory); ``--run-id``
-resolves the checkpoint through it and the results go into that run. Without ``--run-id`` an
+resolves the checkpoint through it and the results go into that run. ``--model models:/NAME@ALIAS``
+resolves it through the model registry (the version's checkpoint) and is evaluated as ``--checkpoint``. Without ``--run-id`` an
 evaluation run ``eval-<checkpoint name>`` is made (and found again by a rerun of the same
 command). MLflow params are immutable, so one setting goes into the run itself only when the
 run has no ``eval.*`` params yet or exactly these; otherwise (several settings, or another one
@@ -17,8 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from mvar.errors import UserError
+from mvar.files import file_sha256
 from mvar.tracking import (
     CHECKPOINT_TAG,
+    DatasetRecord,
     MlflowTracker,
     RunRecord,
     Store,
@@ -42,6 +45,39 @@ def checkpoint_of_run(run_id: str, uri: str) -> str:
         raise UserError(f"MLflow run '{run_id}' has no '{CHECKPOINT_TAG}' tag (did its training finish a "
                         f"checkpoint?); pass --checkpoint DIR to evaluate a checkpoint directly")
     return path
+
+
+def checkpoint_of_model(model_uri: str, uri: str) -> str:
+    """The checkpoint directory a registered model version (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``)
+    points at; a UserError naming the model when the store does not know it."""
+    return Store(uri).resolve_model(model_uri)
+
+
+HASHED_BYTES = 1 << 29   # a reference file up to 512 MiB is hashed for its dataset digest; a larger one by size
+
+
+def reference_dataset(location: str) -> DatasetRecord:
+    """The evaluation's reference as an MLflow dataset: a shard set by its manifest, an .npz file by its bytes."""
+    from mvar.data.manifest import describe, read_manifest
+    from mvar.data.storage import is_local
+    if not location.endswith(".npz"):
+        return DatasetRecord(**describe(read_manifest(location), location), context="evaluation")
+    path = Path(location).resolve() if is_local(location) else Path(location)
+    size = path.stat().st_size
+    digest = (file_sha256(path) if size <= HASHED_BYTES
+              else hashlib.sha256(f"{path.name}:{size}".encode()).hexdigest())
+    return DatasetRecord(path.name, digest[:16], str(path), {"kind": "npz", "num_bytes": size}, "evaluation")
+
+
+def log_reference(cfg: TrackingConfig, run_ids: list[str], location: str) -> None:
+    """The reference as the dataset of each run the evaluation logs to; trouble costs the record only."""
+    try:
+        record = reference_dataset(location)
+        store = Store(cfg.uri)
+        for run_id in sorted(set(run_ids)):
+            store.log_inputs(run_id, [record])
+    except Exception as err:  # noqa: BLE001 - a convenience of the UI, never the evaluation's end
+        log.warning("MLflow: the reference '%s' was not logged as a dataset: %s", location, err)
 
 
 def eval_key(params: dict) -> str:

@@ -35,6 +35,7 @@ class SampleJob:
     device: str = "cpu"
     threads: int = 1
     amp: bool = True
+    progress: str = ""           # "" none, "tqdm" in this process, "ray" in a Ray task (the driver draws it)
 
 
 @dataclass
@@ -116,6 +117,16 @@ def warm_up(model, tokenizer, plan: SamplePlan, shard: int, s: SamplingConfig, d
         return
 
 
+def progress_bar(mode: str, total: int, desc: str):
+    """The bar of one worker's images: tqdm on this process's stderr, or Ray's tqdm, whose state goes to the
+    driver through the task's output (the driver decided that a person watches: mvar.progress.enabled)."""
+    if mode == "ray":
+        from ray.experimental.tqdm_ray import tqdm
+        return tqdm(total=total, desc=desc, unit="img")
+    from mvar import progress
+    return progress.bar(total, desc, flag=mode == "tqdm")
+
+
 def sample_shards(job: dict) -> dict:
     """Make the shards of ``job`` (a SampleJob as a dict); returns {'shards', 'seconds', 'images'}."""
     from mvar.checkpoint import load_checkpoint
@@ -129,10 +140,17 @@ def sample_shards(job: dict) -> dict:
         if spec.shards:
             warm_up(model, tokenizer, plan, spec.shards[0], sampling, device, spec.amp)
         t0, images = time.perf_counter(), 0
-        for shard in spec.shards:
-            write_shard(model, tokenizer, plan, shard, sampling, spec.out, device, spec.amp)
-            lo, hi = plan.shard_range(shard)
-            images += hi - lo
+        total = sum(hi - lo for lo, hi in map(plan.shard_range, spec.shards))
+        desc = f"sample {os.path.basename(os.path.dirname(spec.out))} shards {spec.shards[0] if spec.shards else 0}+"
+        bar = progress_bar(spec.progress, total, desc)
+        try:
+            for shard in spec.shards:
+                write_shard(model, tokenizer, plan, shard, sampling, spec.out, device, spec.amp)
+                lo, hi = plan.shard_range(shard)
+                images += hi - lo
+                bar.update(hi - lo)
+        finally:
+            bar.close()
         return {"shards": list(spec.shards), "seconds": time.perf_counter() - t0, "images": images}
     finally:
         torch.set_num_threads(threads_before)

@@ -61,26 +61,31 @@ def reference_from_features(features: dict[str, torch.Tensor], image_size: int, 
 
 
 def image_features(location: str, weights: FeatureWeights, device: torch.device,
-                   batch_size: int = 32) -> dict[str, torch.Tensor]:
+                   batch_size: int = 32, progress: str = "") -> dict[str, torch.Tensor]:
     """Features of every image of a shard set or `.npz` (see `extract_features`), and their class labels
-    under LABELS ((N,) int64, -1 where the set has none)."""
+    under LABELS ((N,) int64, -1 where the set has none). ``progress``: the title of a progress bar
+    (mvar.progress: drawn on a terminal only), none when empty."""
+    from mvar import progress as bars
     extractor = feature_extractor(weights, device)
     labels: list[int] = []
+    total = open_image_set(location).num_images if progress else None
 
-    def images():
+    def images(bar):
         for image, label in iter_labelled_images(location):
             labels.append(label)
+            bar.update(1)
             yield image
 
-    out = extract_features(batched_tensors(images(), batch_size), extractor, device)
+    with bars.bar(total, progress, flag=bool(progress)) as bar:
+        out = extract_features(batched_tensors(images(bar), batch_size), extractor, device)
     out[LABELS] = torch.tensor(labels, dtype=torch.int64)
     return out
 
 
 def compute_reference(location: str, weights: FeatureWeights, device: torch.device,
-                      batch_size: int = 32) -> Reference:
+                      batch_size: int = 32, progress: bool = True) -> Reference:
     image_set = open_image_set(location)
-    features = image_features(location, weights, device, batch_size)
+    features = image_features(location, weights, device, batch_size, f"make-ref {location}" if progress else "")
     source = location if "://" in location else str(Path(location).resolve())
     return reference_from_features(features, image_set.image_size, weights.sha256, source, weights.extractor)
 
@@ -191,7 +196,7 @@ def score_images(location: str, ref: Reference, weights: FeatureWeights, device:
     """The metrics of an image set (samples, or real images for a floor) against ``ref``: FID, IS,
     precision, recall, and with the classifier the class accuracy of its labelled images."""
     check_reference(ref, "reference", open_image_set(location).image_size, weights, prc_k)
-    features = image_features(location, weights, device, batch_size)
+    features = image_features(location, weights, device, batch_size, f"features of {location}")
     metrics = fidelity_metrics(features, ref, prc_k, isc_splits)
     if weights.extractor != FEATURE_EXTRACTOR:
         metrics.update(class_accuracy(features[ISC_LAYER], features[LABELS]))

@@ -109,6 +109,9 @@ class LoopConfig:
     # auto: bf16 autocast on GPU, fp32 on CPU; fp16: autocast + GradScaler (the authors' --fp16=1, GPU only)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     tf32: bool = True              # TF32 matmuls and convolutions on CUDA (the authors' --tf32)
+    # at each checkpoint rank 0 samples one image of each class 0..N-1 (same seed every time) and logs the
+    # grid to MLflow (`log_image`, key `samples`, the checkpoint's step); 0 = off
+    sample_images: int = 10
 
     def schedule_for(self, attention: str) -> str:
         if self.scale_schedule != "auto":
@@ -117,6 +120,7 @@ class LoopConfig:
 
     def validate(self, prefix: str = "") -> None:
         check(self.cycle_ratio >= 1, prefix + "cycle_ratio", f"must be >= 1, got {self.cycle_ratio}")
+        check(self.sample_images >= 0, prefix + "sample_images", "must be >= 0 (0 = no sample grids)")
 
 
 @dataclass

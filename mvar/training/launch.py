@@ -20,6 +20,7 @@ from pathlib import Path
 from mvar import cluster, faults, tracking
 from mvar.config import dump_yaml, flatten, to_dict
 from mvar.data.loader import open_shard_set
+from mvar.data.manifest import describe, read_manifest
 from mvar.data.storage import is_local
 from mvar.errors import UserError
 from mvar.models.config import split_name
@@ -153,10 +154,11 @@ def model_tags(cfg: TrainConfig) -> dict[str, str]:
 
 
 def attach_run(cfg: RunConfig, store: Store, storage: str, tags: dict[str, str]) -> tuple[str, bool]:
-    """(MLflow run id, resumed?): the run of an earlier attempt of this run name and storage, else a new one."""
+    """(MLflow run id, resumed?): the run of an earlier attempt of this run name and storage, else a new one;
+    nested under ``tracking.parent_run_id`` when set (a sweep's trial: found again under the same parent)."""
     tags = {"mvar.ray_job_id": cluster.job_id() or "none", "mvar.storage": storage, **tags}
     return store.find_or_create(cfg.tracking.experiment, {"mvar.run_key": run_key(cfg, storage)},
-                                cfg.tracking.run_name or cfg.run.name, tags)
+                                cfg.tracking.run_name or cfg.run.name, tags, parent=cfg.tracking.parent_run_id or None)
 
 
 def log_config(cfg: RunConfig, store: Store, run_id: str, resumed: bool) -> None:
@@ -175,25 +177,79 @@ def log_config(cfg: RunConfig, store: Store, run_id: str, resumed: bool) -> None
     t.close(status="")
 
 
+def log_datasets(cfg: RunConfig, store: Store, run_id: str) -> None:
+    """The run's shard sets as its MLflow datasets (training: data.shards, evaluation: data.eval_shards)."""
+    records = [tracking.DatasetRecord(**describe(read_manifest(loc), storage_location(loc)), context=context)
+               for context, loc in (("training", cfg.data.shards), ("evaluation", cfg.data.eval_shards)) if loc]
+    try:
+        store.log_inputs(run_id, records)
+    except Exception as err:  # noqa: BLE001 - a convenience of the UI, never the run's end
+        log.warning("MLflow: the run's datasets were not logged: %s", err)
+
+
 def fit(cfg: RunConfig, worker_fn, loop_config: dict, storage: str):
     """Ray Train's TorchTrainer with the run's scaling, storage, checkpoint retention and failure budget."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from mvar.training.backend import torch_config
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    # Ray Train's own INFO lines (worker group starts, each report and checkpoint) only when verbose:
+    # rank 0 prints the run's progress (mvar.training.ray_worker)
+    logging_config = LoggingConfig(log_level="INFO" if cluster.verbose() else "WARNING")
     trainer = TorchTrainer(
         worker_fn, train_loop_config=loop_config, torch_config=torch_config(s),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
                                      placement_strategy=s.placement_strategy),
-        run_config=RunConfig(name=cfg.run.name, storage_path=storage,
+        run_config=RunConfig(name=cfg.run.name, storage_path=storage, logging_config=logging_config,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures)))
     return trainer.fit()
 
 
-def finish(store: Store, run_id: str, result) -> TrainOutcome:
+def _checkpoint_metrics(metrics: dict) -> tuple[int, dict[str, float]]:
+    """(step, the metrics a checkpoint was reported with: train/loss, val/* ...)."""
+    numbers = {k: float(v) for k, v in metrics.items()
+               if "/" in k and isinstance(v, (int, float)) and math.isfinite(float(v))}
+    return int(metrics.get("step", 0)), numbers
+
+
+def register_checkpoints(store: Store, run_id: str, name: str, result) -> None:
+    """The final checkpoint as a version of model ``name`` (alias ``final``; MLflow reserves ``latest`` for the
+    newest version, ``models:/NAME/latest``), and the best by val/loss of
+    the checkpoints the run keeps (``run.keep_checkpoints``) too (alias ``best``: moved only to a version with
+    a lower val/loss than the alias names now, or one of this run). Registry trouble costs the versions, not
+    the run."""
+    kept = [(c.path, m or {}) for c, m in (getattr(result, "best_checkpoints", None) or [])]
+    final = result.checkpoint.path
+    try:
+        step, metrics = _checkpoint_metrics(next((m for p, m in kept if p == final), result.metrics or {}))
+        version = store.register_model(name, run_id, final, {"mvar.kind": "final"}, step, metrics)
+        store.set_alias(name, "final", version)
+        print(f"model registry: models:/{name}@final is version {version} (step {step})", flush=True)
+        scored = [(m["val/loss"], p, m) for p, m in kept if isinstance(m.get("val/loss"), (int, float))]
+        if not scored:
+            return
+        loss, path, best_metrics = min(scored, key=lambda x: x[0])
+        step, metrics = _checkpoint_metrics(best_metrics)
+        version = store.register_model(name, run_id, path, {"mvar.kind": "best"}, step, metrics)
+        now = store.model_version(f"models:/{name}@best")
+        if now is None or now["run_id"] == run_id or loss < float(now.get("val/loss", "inf")):
+            store.set_alias(name, "best", version)
+            print(f"model registry: models:/{name}@best is version {version} (step {step}, val/loss {loss:.4g})",
+                  flush=True)
+    except Exception as err:  # noqa: BLE001 - the training itself succeeded
+        log.warning("model registry: the checkpoints of run %s were not registered as '%s': %s", run_id, name, err)
+
+
+def finish(store: Store, run_id: str, result, register_as: str = "") -> TrainOutcome:
     ret = getattr(result, "return_value", None) or {}
     checkpoint = result.checkpoint.path if result.checkpoint is not None else ""
     if checkpoint:
@@ -211,6 +267,8 @@ def finish(store: Store, run_id: str, result) -> TrainOutcome:
         store.set_tags(run_id, {"mvar.stopped": f"{status} at step {step}"})
         store.terminate(run_id, "FAILED")
         raise TrainingFailed(stopped[status])
+    if checkpoint and register_as:
+        register_checkpoints(store, run_id, register_as, result)
     store.terminate(run_id, "FINISHED")
     return TrainOutcome(run_id=run_id, checkpoint=checkpoint, step=step, status=status)
 
@@ -241,8 +299,9 @@ def worker_error(err: Exception) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def launch(cfg: RunConfig, worker_fn, loop_config: dict, tags: dict[str, str]) -> TrainOutcome:
-    """Attach the MLflow run, start or join Ray, fit, record the final checkpoint.
+def launch(cfg: RunConfig, worker_fn, loop_config: dict, tags: dict[str, str], register_as: str = "") -> TrainOutcome:
+    """Attach the MLflow run, start or join Ray, fit, record the final checkpoint (and register it, and the
+    best, as versions of model ``register_as`` when given).
 
     ``worker_fn`` receives ``loop_config`` plus ``train`` (the config itself: Ray's pickling is its one
     serialisation, and the worker does not validate it again) and ``run_id``.
@@ -253,11 +312,16 @@ def launch(cfg: RunConfig, worker_fn, loop_config: dict, tags: dict[str, str]) -
     uri = cfg.tracking.uri = store.uri  # workers on other nodes must log to the same absolute store
     run_id, resumed = attach_run(cfg, store, storage, tags)
     log_config(cfg, store, run_id, resumed)
+    log_datasets(cfg, store, run_id)
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}; "
           f"checkpoints under {run_key(cfg, storage)}", flush=True)
     where = cluster.connect(env_vars={"MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0",
                                       "MLFLOW_DISABLE_TELEMETRY": "true", **faults.forwarded_env()})
     check_resources(cfg, where)
+    s = cfg.scaling
+    gpus = f", {s.gpus_per_worker:g} GPU" if s.use_gpu else ""
+    print(f"Ray Train: {s.num_workers} workers ({s.cpus_per_worker:g} CPU{gpus} each) on the {where} Ray; "
+          f"{cfg.run.steps} steps", flush=True)
     loop_config = {**loop_config, **workers_part, "train": cfg, "run_id": run_id}
     try:
         result = fit(cfg, worker_fn, loop_config, storage)
@@ -271,11 +335,12 @@ def launch(cfg: RunConfig, worker_fn, loop_config: dict, tags: dict[str, str]) -
     finally:
         if workers_part:
             rundir.prune(Path(workers_part["run_dir"]))
-    return finish(store, run_id, result)
+    return finish(store, run_id, result, register_as)
 
 
 def train(cfg: TrainConfig) -> TrainOutcome:
     """Check every input, then train the generator with Ray Train."""
     from mvar.training.loop import train_worker
     prep = prepare(cfg)
-    return launch(cfg, train_worker, {"tokenizer_sha256": prep.tokenizer_sha256}, model_tags(cfg))
+    tags = model_tags(cfg)
+    return launch(cfg, train_worker, {"tokenizer_sha256": prep.tokenizer_sha256}, tags, tags["mvar.model"])

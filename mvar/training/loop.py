@@ -120,6 +120,26 @@ class GeneratorTask(TrainTask):
         self.model.train()
         return {"val/loss": (total[0] / total[1].clamp(min=1)).item()}
 
+    def sample_grid(self) -> torch.Tensor | None:
+        """One image of each class 0..train.sample_images-1 (the run's sampling.* settings, seed run.seed:
+        the same noise at every checkpoint, so the grids show the model change)."""
+        from torchvision.utils import make_grid
+
+        from mvar.sampling import make_generator, sample_images
+        n = min(self.cfg.train.sample_images, self.cfg.model.num_classes)
+        if n == 0:
+            return None
+        s = self.cfg.sampling
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                imgs = sample_images(self.model, self.tokenizer, torch.arange(n, device=self.device), cfg=s.cfg,
+                                     top_k=s.top_k, top_p=s.top_p, generator=make_generator(self.cfg.run.seed,
+                                                                                            self.device))
+        finally:
+            self.model.train()
+        return make_grid(imgs.float().clamp(0, 1).cpu(), nrow=min(n, 10), padding=2)
+
     def save_weights(self, out: Path, meta: dict) -> Path:
         """A model checkpoint (what `mvar sample` and `mvar eval` load) with the run's sampling defaults."""
         return save_checkpoint(out, self.model, self.tokenizer, self.tok_cfg, extra={

@@ -29,6 +29,33 @@ from mvar.training.config import RunConfig
 from mvar.training.trainer import Hooks, Trainer, TrainTask, batches, enable_tf32
 
 log = logging.getLogger(__name__)
+# rank 0's progress lines: a logger, as Ray Train sends a worker's prints to its root logger anyway (and,
+# where something has wrapped sys.stdout, to the stream as well: each line twice)
+progress = logging.getLogger("mvar.progress")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(step: int, total: int, metrics: dict[str, float]) -> str:
+    """One console line of a log step from its interval metrics: step/total, loss, lr, speed and ETA
+    (the steps left at this interval's seconds per step)."""
+    step_s = metrics.get("perf/step_s", 0.0)
+    parts = [f"step {step}/{total} ({100 * step / total:.0f}%)"]
+    if "train/loss" in metrics:
+        parts.append(f"loss {metrics['train/loss']:.4f}")
+    if "train/lr" in metrics:
+        parts.append(f"lr {metrics['train/lr']:.2e}")
+    parts += [f"{step_s:.3f} s/step", f"{metrics.get('perf/images_per_s', 0.0):.1f} images/s",
+              f"ETA {_duration((total - step) * step_s)}"]
+    return "  ".join(parts)
+
+
+def checkpoint_line(step: int, total: int, name: str, report: dict[str, float]) -> str:
+    vals = "".join(f", {k} {v:.4f}" for k, v in sorted(report.items()) if k.startswith("val/"))
+    return f"step {step}/{total}: checkpoint {name}{vals}"
 
 
 class RunStopped(Exception):
@@ -50,10 +77,13 @@ def all_ranks_ok(device, ok: bool) -> bool:
 
 
 class RayHooks(Hooks):
-    """Metrics to the run's tracker (rank 0), checkpoints to Ray Train, epoch and bad samples of the loader."""
+    """Metrics to the run's tracker (rank 0), checkpoints to Ray Train, epoch and bad samples of the loader.
+    Rank 0 also prints a progress line at each log step and checkpoint: worker output reaches the
+    driver's console and `ray job logs`."""
 
-    def __init__(self, tracker, rank: int, loader, config: dict, run_name: str):
+    def __init__(self, tracker, rank: int, loader, config: dict, run_name: str, total_steps: int = 0):
         self.tracker, self.rank, self.loader, self.run_name = tracker, rank, loader, run_name
+        self.total_steps = total_steps
         self.run_id = config.get("run_id", "")
         self.run_dir = Path(config["run_dir"]) if config.get("run_dir") else None
         self.taken = set(config.get("skip_checkpoints") or ())  # names Ray still holds (damaged ones)
@@ -63,10 +93,14 @@ class RayHooks(Hooks):
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.tracker.log_metrics(metrics, step)
+        if self.rank == 0 and self.total_steps and "perf/step_s" in metrics:  # interval metrics, not val/*
+            progress.info(progress_line(step, self.total_steps, metrics))
 
     def checkpoint(self, trainer: Trainer, step: int, report: dict[str, float]) -> None:
         import ray.train
         name = rundir.checkpoint_name(step, self.taken)
+        if self.rank == 0:
+            self.log_samples(trainer, step)
         # on an object store rank 0 writes a local copy that Ray Train uploads
         local = tempfile.TemporaryDirectory(prefix="mvar-ckpt-") if self.rank == 0 and not self.run_dir else None
         with local or contextlib.nullcontext():
@@ -80,6 +114,14 @@ class RayHooks(Hooks):
                 raise RunStopped("disk_full", step, error or "rank 0 could not write the checkpoint")
             mode = ray.train.CheckpointUploadMode.NO_UPLOAD if self.run_dir else ray.train.CheckpointUploadMode.SYNC
             ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=name, checkpoint_upload_mode=mode)
+        if self.rank == 0 and self.total_steps:
+            progress.info(checkpoint_line(step, self.total_steps, name, report))
+
+    def log_samples(self, trainer: Trainer, step: int) -> None:
+        """The task's sample grid (if it has one) as MLflow image ``samples`` at this step (rank 0)."""
+        grid = trainer.task.sample_grid()
+        if grid is not None:
+            self.tracker.log_image(grid.mul(255).round().byte().permute(1, 2, 0).numpy(), "samples", step)
 
     def _write(self, trainer: Trainer, step: int, out: Path):
         import ray.train
@@ -155,6 +197,9 @@ def run_worker(config: dict, cfg_type: type, build_task) -> dict:
     and from the driver's check of the run directory ``run_dir``, ``skip_checkpoints``, ``resume_from``."""
     import ray.train
     import ray.train.torch
+
+    from mvar import cluster
+    cluster.quiet_train_worker()
     cfg = config["train"]
     if not isinstance(cfg, cfg_type):  # a programming error, not bad input
         raise TypeError(f"run_worker: config['train'] is a {type(cfg).__name__}, expected a {cfg_type.__name__}")
@@ -173,7 +218,7 @@ def run_worker(config: dict, cfg_type: type, build_task) -> dict:
     data = Counted(batches(loader, start))
     try:
         try:
-            result = trainer.run(data, start, RayHooks(tracker, rank, loader, config, cfg.run.name))
+            result = trainer.run(data, start, RayHooks(tracker, rank, loader, config, cfg.run.name, cfg.run.steps))
         except RunStopped as stop:
             result = {"status": stop.status, "step": stop.step, "message": str(stop)}
         result["ranks"] = steps_by_rank(start, result, data.n)

@@ -116,6 +116,10 @@ class TrainTask:
         """`val/*` metrics at each checkpoint; called on every rank."""
         return {}
 
+    def sample_grid(self) -> torch.Tensor | None:
+        """A grid of samples, (3, H, W) in [0, 1], at each checkpoint (rank 0 only); None: this task has none."""
+        return None
+
     def state(self) -> dict:
         """The task's own resumable state (a second optimizer ...), saved in the train state."""
         return {}

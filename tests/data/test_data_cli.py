@@ -11,7 +11,20 @@ def test_synth_then_verify(tmp_path, capsys):
                  "--num-classes", "3", "--shard-size", "10"]) == 0
     assert read_manifest(out).num_samples == 30
     assert main(["data", "verify", out]) == 0
-    assert "ok: 3 shards, 30 samples" in capsys.readouterr().out
+    got = capsys.readouterr()
+    assert "ok: 3 shards, 30 samples" in got.out and "verify" not in got.err  # stderr is no terminal: no bar
+
+
+def test_verify_draws_a_bar_over_the_samples_unless_told_not_to(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "s")
+    assert main(["data", "synth", "--out", out, "--num-images", "30", "--image-size", "16",
+                 "--num-classes", "3", "--shard-size", "10", "--seed", "1"]) == 0
+    monkeypatch.setenv("MVAR_PROGRESS", "1")  # as on a terminal (mvar.progress)
+    assert main(["data", "verify", out, "--workers", "2"]) == 0
+    err = capsys.readouterr().err
+    assert f"verify {out}: 100%" in err and "30/30 " in err
+    assert main(["data", "verify", out, "--no-progress"]) == 0
+    assert "verify" not in capsys.readouterr().err
 
 
 def test_pack_cli_reports_skips(make_tree, tmp_path, capsys):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections import Counter
 
@@ -69,6 +70,9 @@ def test_training_run_is_evaluated_end_to_end_and_logged(eval_inputs, tmp_path):
     assert run.data.tags["mvar.feature_extractor"] == "inception-v3-compat"  # never mixed with a classifier's
     assert f"eval/{SETTING}/grid.png" in {a.path for a in c.list_artifacts(run_id, f"eval/{SETTING}")}
     assert run.info.status == "FINISHED"
+    # the reference is the run's evaluation dataset, its digest from the shard manifest
+    [ref] = tracking.Store(eval_inputs.tracking_uri).inputs(run_id)
+    assert (ref.context, ref.source, ref.profile["num_samples"]) == ("evaluation", eval_inputs.ref_shards, 20)
     # another setting later: params are immutable, so it goes to a child run of the training run
     [child] = evaluate(eval_inputs.config(tmp_path / "ev", run_id=run_id, track=True, checkpoint="", cfg=[0.0],
                                           metrics=False))
@@ -94,8 +98,11 @@ def test_checkpoint_without_run_gets_its_own_run_and_several_settings_get_childr
     assert all(r.reused_shards == 2 for r in again)
 
 
-def test_same_seed_same_samples_and_an_interrupted_run_resumes(eval_inputs, tmp_path):
+def test_same_seed_same_samples_and_an_interrupted_run_resumes(eval_inputs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MVAR_PROGRESS", "1")  # the bar as on a terminal (mvar.progress)
     first = evaluate(eval_inputs.config(tmp_path / "a", metrics=False))[0]
+    assert re.search(r"sample \S+ shards 0\+: 100%\|.*\| 20/20 ", capsys.readouterr().err)
+    monkeypatch.delenv("MVAR_PROGRESS")  # stderr is no terminal here: no bars
     reference = shard_bytes(tmp_path / "a")
     assert len(reference) == 3
     evaluate(eval_inputs.config(tmp_path / "c", metrics=False))
@@ -108,6 +115,7 @@ def test_same_seed_same_samples_and_an_interrupted_run_resumes(eval_inputs, tmp_
     (samples / "manifest.json").unlink()
     kept = {n: os.stat(samples / n).st_mtime_ns for n in ("shard-000000.tar", "shard-000002.tar")}
     second = evaluate(eval_inputs.config(tmp_path / "a", metrics=False))[0]
+    assert "sample " not in capsys.readouterr().err
     assert second.reused_shards == 2
     assert {n: os.stat(samples / n).st_mtime_ns for n in kept} == kept  # finished shards untouched
     assert not list(samples.glob("*.tmp-*"))                              # partial ones dropped, never reused

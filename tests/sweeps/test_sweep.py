@@ -108,23 +108,25 @@ def test_three_trial_sweep_end_to_end(k_depth, sweep_inputs, local_ray):
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 3 and study.metric_names == ["eval/fid", "infer/peak_mem_mb"]
     assert len({tuple(sorted(t.params.items())) for t in complete}) == 3  # three grid points
-    # MLflow: one parent, a child per trial with the objectives, each linked to its training run
+    # MLflow: one parent; each trial's training run is its child (no other runs), with its curves and objectives
     [parent] = k_depth.runs(**{"mvar.sweep": "parent"})
     assert parent.info.status == "FINISHED" and parent.data.params["study.storage"] == sweep_inputs.storage
     assert parent.data.metrics["sweep/complete"] == 3
     children = k_depth.runs(**{"mvar.sweep": "trial"})
     assert len(children) == 3
+    nested = tracking.Store(k_depth.uri).children(parent.info.run_id)
+    assert sorted(nested) == sorted(c.info.run_id for c in children)  # the killed attempt's run too: it resumed
     for trial in complete:
-        [child] = [c for c in children if c.data.tags["mvar.trial"] == str(trial.user_attrs["trial_key"])]
-        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id and child.info.status == "FINISHED"
-        assert child.data.metrics["eval/fid"] == pytest.approx(trial.values[0])
-        assert child.data.metrics["infer/peak_mem_mb"] == pytest.approx(trial.values[1])
-        assert child.data.params == {k: str(v) for k, v in trial.params.items()}
-        train = tracking.client(k_depth.uri).get_run(child.data.tags["mvar.train_run_id"])
-        assert train.info.status == "FINISHED" and train.data.tags["mvar.study"] == "kd"
+        [train] = [c for c in children if c.data.tags["mvar.trial"] == str(trial.user_attrs["trial_key"])]
+        assert train.data.tags["mlflow.parentRunId"] == parent.info.run_id and train.info.status == "FINISHED"
+        assert train.info.run_id == trial.user_attrs["train_run_id"] and "mvar.run_key" in train.data.tags
+        assert train.data.tags["mvar.trial_state"] == "COMPLETE"
         assert train.data.metrics["eval/fid"] == pytest.approx(trial.values[0])  # the evaluation logged there
-        assert train.data.params["model.window_size"] == str(trial.params["model.window_size"])
+        assert train.data.metrics["infer/peak_mem_mb"] == pytest.approx(trial.values[1])
+        assert {k: train.data.params[k] for k in trial.params} == {k: str(v) for k, v in trial.params.items()}
+        assert train.data.params["tracking.parent_run_id"] == parent.info.run_id
         assert steps(k_depth.uri, train.info.run_id, "val/loss") == [25, 50, 75, 100]
+        assert steps(k_depth.uri, train.info.run_id, "train/loss")[-1] == 100
     # the parent's report
     c = tracking.client(k_depth.uri)
     assert {a.path for a in c.list_artifacts(parent.info.run_id, "report")} >= {
@@ -151,7 +153,7 @@ def test_killed_trial_is_retried_once_and_resumes_its_training_run(k_depth, step
     step_tally.of_run(k_depth.uri, train.info.run_id, range(1, 101)).assert_clean()  # 0 lost, 0 duplicated
     assert retry.user_attrs["train_run_id"] == train.info.run_id
     [child] = k_depth.runs(**{"mvar.sweep": "trial", "mvar.trial": "1"})
-    assert child.data.tags["mvar.optuna_trial"] == "2" and child.data.tags["mvar.train_run_id"] == train.info.run_id
+    assert child.info.run_id == train.info.run_id and child.data.tags["mvar.optuna_trial"] == "2"
 
 
 def test_rerun_of_a_finished_study_runs_nothing(k_depth, sweep_inputs, capsys):

@@ -5,7 +5,7 @@ import json
 
 import optuna
 
-from sweeps.report import pareto_points, write_report
+from sweeps.report import pareto_points, points_study, write_report
 from sweeps.storage import quiet_experimental
 
 OBJECTIVES = {"eval/fid": "minimize", "infer/peak_mem_mb": "minimize"}
@@ -28,11 +28,16 @@ def study_with(points: list[tuple[int, int, float, float]]) -> optuna.Study:
 def test_report_files_and_the_pareto_front(tmp_path):
     study = study_with([(1, 1, 9.0, 10.0), (3, 2, 8.0, 20.0), (5, 3, 8.5, 30.0), (3, 1, 7.0, 40.0)])
     files = write_report(study, OBJECTIVES, tmp_path)
-    assert {f.name for f in files} == {"trials.csv", "pareto_front.png", "importances.json", "importances.png"}
+    plots = {"pareto_front.png", "importances.png", "history_eval_fid.png", "history_infer_peak_mem_mb.png"}
+    assert {f.name for f in files} == {"trials.csv", "importances.json"} | plots
+    for name in plots:  # Optuna's matplotlib plots, written as PNG
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / name).stat().st_size > 10_000
     header = (tmp_path / "trials.csv").read_text().splitlines()[0]
     assert "values_eval/fid" in header and "params_model.window_size" in header and "user_attrs_eval/fid" in header
     _, front = pareto_points(study)
     assert [n for _, _, n in front] == [0, 1, 3]  # trial 2 (8.5 at 30 MB) is dominated by trial 1
+    # the plotted study has the same front (Optuna draws its best trials as the front)
+    assert sorted(t.user_attrs["number"] for t in points_study(study).best_trials) == [0, 1, 3]
     result = json.loads((tmp_path / "importances.json").read_text())
     assert set(result) == set(OBJECTIVES) and set(result["eval/fid"]) == {"model.window_size", "model.depth"}
 
@@ -42,4 +47,4 @@ def test_report_with_too_few_trials_says_why(tmp_path):
     assert "importances.png" not in {f.name for f in files}
     result = json.loads((tmp_path / "importances.json").read_text())
     assert all("too small" in v["error"] for v in result.values())
-    assert (tmp_path / "pareto_front.png").is_file()
+    assert (tmp_path / "pareto_front.png").is_file() and (tmp_path / "history_eval_fid.png").is_file()

@@ -41,3 +41,6 @@ def test_tiny_comparison_fills_every_column(tmp_path):
     assert "| 64 px, batch 2 | authors VAR | ours VAR | ours scale_markov | authors MVAR | ours MVAR |" in proc.stdout
     assert any("mvar: ours / authors generate time" in line for line in table["ratios"])
     assert set(table["in_turn_s"]) == set(results) and "(in turn, one process: median)" in table["markdown"]
+    assert set(table["in_turn_cpu_s"]) == set(results) and "CPU s (in turn: median)" in table["markdown"]
+    assert all(s > 0 for runs in table["in_turn_cpu_s"].values() for s in runs)
+    assert any("mvar: ours / authors generate CPU s" in line for line in table["ratios"])

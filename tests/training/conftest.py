@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,3 +68,10 @@ def local_ray(listeners):
     finally:
         cluster.shutdown()
     watch.assert_listeners_on("127.0.0.1")
+
+
+@pytest.fixture(scope="session")
+def progress_line_pattern() -> re.Pattern:
+    """Rank 0's console line at a log step (mvar.training.ray_worker.progress_line): step, total, then the fields."""
+    return re.compile(r"step (\d+)/(\d+) \(\d+%\)  loss \d+\.\d{4}  lr \d\.\d\de[-+]\d\d  \d+\.\d{3} s/step  "
+                      r"\d+\.\d images/s  ETA \d+:\d\d:\d\d")

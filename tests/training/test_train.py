@@ -40,6 +40,24 @@ def test_tiny_model_trains_and_the_run_holds_everything(tiny_inputs, variant, lo
     assert meta["train"]["step"] == 40 and meta["train"]["mlflow_run_id"] == run_id
     _, _, mcfg, _ = load_checkpoint(outcome.checkpoint)
     assert mcfg.attention == variant
+    # a sample grid per checkpoint in MLflow's image view (key `samples`, the checkpoint's step)
+    images = [a.path for a in tracking.client(uri).list_artifacts(run_id, "images")]
+    assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in images
+                  if p.startswith("images/samples+") and p.endswith(".png")) == [20, 40], images
+    # the shard sets as MLflow datasets, their digest from the manifests' sha256 values
+    inputs = {d.context: d for d in tracking.Store(uri).inputs(run_id)}
+    assert {c: (d.name, d.source) for c, d in inputs.items()} == {
+        "training": ("tokens", tiny_inputs.tokens), "evaluation": ("eval-tokens", tiny_inputs.eval_tokens)}
+    assert inputs["training"].profile["num_samples"] == 160 and inputs["training"].profile["num_classes"] == 10
+    assert len(inputs["training"].digest) == 16 and inputs["training"].digest != inputs["evaluation"].digest
+    # the registry: the final checkpoint is models:/<variant>-tiny@final, the best by val/loss @best
+    store = tracking.Store(uri)
+    assert store.resolve_model(f"models:/{variant}-tiny@final") == outcome.checkpoint
+    latest, best = (store.model_version(f"models:/{variant}-tiny@{a}") for a in ("final", "best"))
+    assert latest["run_id"] == best["run_id"] == run_id and latest["mvar.step"] == "40"
+    val = dict(history(uri, run_id, "val/loss"))
+    assert float(best["val/loss"]) == pytest.approx(min(val.values()), rel=1e-5)
+    assert best["mvar.step"] == str(min(val, key=val.get))
     # 2 workers: rank 0's rendezvous store and both ranks' gloo sockets listen on loopback only
     local_ray.assert_listeners_on("127.0.0.1", expect=("RayTrainWorker", "gcs_server", "raylet"))
 

@@ -170,6 +170,7 @@ def test_a_config_is_validated_once_at_load_and_crosses_to_the_workers_as_itself
     monkeypatch.setattr(launch, "fit", lambda cfg, fn, loop_config, storage: seen.update(loop_config) or 1 / 0)
     monkeypatch.setattr(launch, "attach_run", lambda *a: ("run-1", False))
     monkeypatch.setattr(launch, "log_config", lambda *a: None)
+    monkeypatch.setattr(launch, "log_datasets", lambda *a: None)
     monkeypatch.setattr(launch.cluster, "connect", lambda **kw: "local")  # Ray's side: the slow tests run it
     monkeypatch.setattr(launch, "check_resources", lambda *a: None)
     with pytest.raises(ZeroDivisionError):

@@ -1,29 +1,34 @@
-"""Headless Chromium for the UI tests: Debian's chromium + chromium-driver, driven over W3C WebDriver.
+"""Headless Chromium for the UI tests: Debian's chromium + chromium-driver, driven with Selenium.
 
-The browser comes from the distribution (a browser download of a test tool's own does not work
-on the project machines). If it is missing, the session fixture installs it with apt-get (the
-tests run as root on the project machines and in CI); only where apt-get cannot be used are
-the UI tests skipped, with the reason.
+The browser and its driver come from the distribution (a browser download of a test tool's own
+does not work on the project machines): Selenium is given chromedriver's path and the browser's
+binary, so Selenium Manager (which would look up and download both) never runs. If they are
+missing, the session fixture installs them with apt-get (the tests run as root on the project
+machines and in CI); only where apt-get cannot be used are the UI tests skipped, with the reason.
 
-The WebDriver client below speaks the W3C protocol to chromedriver over plain HTTP (urllib),
-so the tests need no Python package beyond the standard library.
+Fixtures for every UI test (and for more pages: a registered model's, a sweep's parent run with
+its nested trials): ``browser`` (one Chromium per module), ``mlflow_server`` (a fresh tracking
+server), ``optuna_dashboard`` (optuna-dashboard over a tiny study in a SQLite file), and
+``artifact_dirs(name)`` (where a page's screenshot and text are kept: ``out/test-artifacts/NAME/``
+or ``$MVAR_TEST_ARTIFACTS/NAME/``, and the test's tmp dir); ``Browser.open`` and ``Browser.keep``
+load a page until its text shows and keep its screenshot and text.
 """
 from __future__ import annotations
 
-import base64
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
-import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 APT_PACKAGES = ["chromium", "chromium-driver"]
@@ -70,71 +75,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_json(method: str, url: str, body: dict | None = None, timeout: float = 60.0) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read() or b"{}")
-    except urllib.error.HTTPError as err:  # WebDriver errors come as JSON bodies with 4xx/5xx
-        detail = err.read().decode(errors="replace")[:2000]
-        raise RuntimeError(f"{method} {url}: HTTP {err.code}: {detail}") from None
-
-
 class Browser:
-    """One headless Chromium session behind its own chromedriver, both on 127.0.0.1."""
+    """One headless Chromium session (Selenium) behind its own chromedriver, both on 127.0.0.1."""
 
     def __init__(self, chromium: str, chromedriver: str, workdir: Path):
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
         workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        # chromedriver accepts local connections only unless --allowed-ips is given; its own
-        # process group, so that quit() also ends the browser processes it started
-        with open(workdir / "chromedriver.log", "w") as log:
-            self._driver = subprocess.Popen([chromedriver, f"--port={self.port}"], stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.session = ""
-        self._wait_driver()
-        caps = {"browserName": "chrome", "goog:chromeOptions": {
-            "binary": chromium, "args": [*CHROMIUM_ARGS, f"--user-data-dir={workdir / 'profile'}"]}}
-        value = http_json("POST", f"{self.base}/session", {"capabilities": {"alwaysMatch": caps}}, timeout=120)["value"]
-        self.session = value["sessionId"]
-        self.version = value["capabilities"].get("browserVersion", "?")
-
-    def _wait_driver(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._driver.poll() is not None:
-                raise RuntimeError(f"chromedriver exited with {self._driver.returncode}")
-            try:
-                if http_json("GET", f"{self.base}/status", timeout=5)["value"].get("ready"):
-                    return
-            except (OSError, RuntimeError, KeyError):
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"chromedriver did not answer on {self.base} within {timeout:.0f} s")
-
-    def _cmd(self, method: str, path: str, body: dict | None = None, timeout: float = 60.0):
-        return http_json(method, f"{self.base}/session/{self.session}{path}", body, timeout)["value"]
+        options = webdriver.ChromeOptions()
+        options.binary_location = chromium  # with the driver's path below: no Selenium Manager
+        for arg in (*CHROMIUM_ARGS, f"--user-data-dir={workdir / 'profile'}"):
+            options.add_argument(arg)
+        # chromedriver accepts local connections only; its own process group, so that quit() also
+        # ends whatever browser processes it leaves
+        self._service = Service(executable_path=chromedriver, log_output=str(workdir / "chromedriver.log"),
+                                popen_kw={"start_new_session": True})
+        self.driver = webdriver.Chrome(service=self._service, options=options)
+        self.driver.set_page_load_timeout(120)
+        self.version = self.driver.capabilities.get("browserVersion", "?")
 
     def get(self, url: str) -> None:
-        self._cmd("POST", "/url", {"url": url}, timeout=120)
+        self.driver.get(url)
 
     def set_window(self, width: int, height: int) -> None:
-        self._cmd("POST", "/window/rect", {"width": width, "height": height})
+        self.driver.set_window_size(width, height)
 
     def click_if_present(self, css: str, within_text: str = "") -> bool:
         """Click the first element matching ``css`` (inside an ancestor whose text has ``within_text``)."""
-        return self.run_js(
-            "const [css, within] = arguments;"
-            "for (const el of document.querySelectorAll(css)) {"
-            "  let a = el; while (a && !(a.innerText || '').includes(within)) a = a.parentElement;"
-            "  if (a) { el.click(); return true; }"
-            "} return false;", css, within_text)
+        from selenium.webdriver.common.by import By
+        for el in self.driver.find_elements(By.CSS_SELECTOR, css):
+            if self.run_js("let a = arguments[0]; const w = arguments[1];"
+                           "while (a && !(a.innerText || '').includes(w)) a = a.parentElement; return !!a;",
+                           el, within_text):
+                el.click()
+                return True
+        return False
 
     def run_js(self, script: str, *args):
-        return self._cmd("POST", "/execute/sync", {"script": script, "args": list(args)})
+        return self.driver.execute_script(script, *args)
 
     def text(self) -> str:
         """The rendered text of the page (what a reader sees, not the HTML source)."""
@@ -142,27 +120,49 @@ class Browser:
 
     def wait_for_text(self, needles: list[str], timeout: float = 60.0) -> str:
         """Poll the rendered text until every needle shows; the last text either way."""
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.text()
-            if all(n in text for n in needles) or time.monotonic() > deadline:
-                return text
-            time.sleep(0.5)
+        from selenium.common.exceptions import TimeoutException
+        from selenium.webdriver.support.ui import WebDriverWait
+        last = [""]
+
+        def shown(_driver) -> bool:
+            last[0] = self.text()
+            return all(n in last[0] for n in needles)
+        try:
+            WebDriverWait(self.driver, timeout, poll_frequency=0.5).until(shown)
+        except TimeoutException:
+            pass
+        return last[0]
+
+    def open(self, url: str, needles: list[str], timeout: float = 90.0) -> str:
+        """Load ``url`` and wait until its text holds every needle (the text either way). The first load of
+        a single-page app takes 20-30 s on 2 busy cores; MLflow's "MLflow Assistant" side panel, which
+        covers a third of the page, is closed when it is there."""
+        self.get(url)
+        text = self.wait_for_text(needles, timeout=timeout)
+        if self.click_if_present('button[aria-label="Close"]', within_text="MLflow Assistant"):
+            text = self.wait_for_text(needles, timeout=10)
+        return text
+
+    def keep(self, dirs: list[Path], name: str) -> str:
+        """Screenshot and rendered text of the page into every artifact dir; the text."""
+        text = self.text()
+        self.screenshot(*(d / f"{name}.png" for d in dirs))
+        for d in dirs:
+            (d / f"{name}.txt").write_text(text)
+        return text
 
     def screenshot(self, *paths: Path) -> None:
-        png = base64.b64decode(self._cmd("GET", "/screenshot"))
+        png = self.driver.get_screenshot_as_png()
         for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(png)
 
     def quit(self) -> None:
         try:
-            if self.session:
-                self._cmd("DELETE", "", timeout=30)
-        except (OSError, RuntimeError):
-            pass
+            self.driver.quit()
         finally:
-            stop_process_group(self._driver)
+            if self._service.process is not None:
+                stop_process_group(self._service.process)
 
 
 def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -186,33 +186,34 @@ def chromium_paths() -> tuple[str, str]:
     return ensure_chromium()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser(chromium_paths, tmp_path_factory):
+    """One Chromium for every UI test module (its start costs seconds)."""
     chromium, chromedriver = chromium_paths
     b = Browser(chromium, chromedriver, tmp_path_factory.mktemp("browser"))
     yield b
     b.quit()
 
 
-def _wait_health(url: str, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
+def _wait_health(url: str, proc: subprocess.Popen, log_path: Path, timeout: float, what: str = "mlflow server") -> None:
+    """Until ``url`` answers 200; a server that exits or never answers fails the test with its log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as resp:
+            with urllib.request.urlopen(url, timeout=5) as resp:
                 if resp.status == 200:
                     return
         except OSError:
             pass
         time.sleep(1)
-    pytest.fail(f"mlflow server did not answer {url}/health within {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+    pytest.fail(f"{what} did not answer {url} within {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A fresh MLflow tracking server (SQLite store, local artifacts) on 127.0.0.1; its URL."""
-    import sys
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
@@ -227,7 +228,62 @@ def mlflow_server(tmp_path_factory):
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_health(url, proc, log_path, timeout=240)  # ~25 s idle, longer on 2 busy cores
+        _wait_health(url + "/health", proc, log_path, timeout=240)  # ~25 s idle, longer on 2 busy cores
         yield url
+    finally:
+        stop_process_group(proc)
+
+
+@pytest.fixture(scope="module")
+def artifact_dirs(tmp_path_factory):
+    """``artifact_dirs(name)``: the directories a page's screenshots and text go to (kept, and the test's tmp)."""
+    def dirs(name: str) -> list[Path]:
+        kept = Path(os.environ.get("MVAR_TEST_ARTIFACTS", REPO / "out" / "test-artifacts")) / name
+        out = [kept, tmp_path_factory.mktemp(f"{name}-shots")]
+        for d in out:
+            d.mkdir(parents=True, exist_ok=True)
+        return out
+    return dirs
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    url: str
+    storage: str
+    study_name: str
+    study_id: int
+    n_trials: int
+    best_number: int
+    best_value: float
+
+
+def _tiny_study(storage: str, name: str, n_trials: int) -> tuple[int, int, float]:
+    """A two-parameter study of a known function (seeded sampler): its id, best trial's number and value."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(seed=0))
+    study.set_user_attr("mvar.test", "ui")
+    study.optimize(lambda t: (t.suggest_float("model.lr", 1e-4, 1e-2, log=True) * 100 - 0.3) ** 2
+                   + t.suggest_int("model.depth", 1, 4) / 10, n_trials=n_trials)
+    return study._study_id, study.best_trial.number, study.best_value
+
+
+@pytest.fixture(scope="module")
+def optuna_dashboard(tmp_path_factory) -> Dashboard:
+    """optuna-dashboard on a free loopback port over a tiny study in a fresh SQLite file."""
+    root = tmp_path_factory.mktemp("optuna-dashboard")
+    storage, name = f"sqlite:///{root / 'optuna.db'}", "ui-tiny-study"
+    study_id, best_number, best = _tiny_study(storage, name, n_trials=8)
+    port = free_port()
+    exe = Path(sys.executable).parent / "optuna-dashboard"
+    cmd = [str(exe), storage, "--host", "127.0.0.1", "--port", str(port), "--server", "wsgiref"]
+    log_path = root / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_health(url + "/api/studies", proc, log_path, timeout=120, what="optuna-dashboard")
+        yield Dashboard(url, storage, name, study_id, 8, best_number, best)
     finally:
         stop_process_group(proc)

@@ -1,25 +1,24 @@
-"""The MLflow UI, in a real browser, shows the VAR and MVAR runs and lines their metrics up.
+"""The MLflow UI, in a real browser, shows the VAR and MVAR runs and lines their metrics up; a registered
+model's page and version; a sweep's parent run expanding to its nested trial runs, with their curves,
+datasets and registered model; a trial's Source, commit, parent, dataset and its sample images by step.
 
 A fresh MLflow server (SQLite store) on 127.0.0.1 gets two small runs logged through the project's
 own tracking code (`mvar.tracking`: the same params, tags and metric names a training run logs);
-headless Chromium (Debian's, driven through chromedriver) opens the experiment's runs in chart view
+headless Chromium (Debian's, driven with Selenium through Debian's chromedriver) opens the experiment's runs in chart view
 and the two runs' compare page and reads the rendered text. Screenshots (and the page text) are kept
 in `out/test-artifacts/mlflow-ui/` (or `$MVAR_TEST_ARTIFACTS/mlflow-ui/`) and in the test's tmp dir.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 import urllib.parse
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = "ui-test"
 
 
@@ -62,38 +61,16 @@ def logged(mlflow_server) -> Logged:
     return Logged(experiment_id(EXPERIMENT, mlflow_server), runs)
 
 
-@pytest.fixture(scope="module")
-def artifact_dirs(tmp_path_factory) -> list[Path]:
-    kept = Path(os.environ.get("MVAR_TEST_ARTIFACTS", REPO / "out" / "test-artifacts")) / "mlflow-ui"
-    dirs = [kept, tmp_path_factory.mktemp("mlflow-ui-shots")]
-    for d in dirs:
-        d.mkdir(parents=True, exist_ok=True)
-    return dirs
-
-
-def _keep(browser, dirs: list[Path], name: str) -> str:
-    """Screenshot and rendered text of the page into every artifact dir; the text."""
-    text = browser.text()
-    browser.screenshot(*(d / f"{name}.png" for d in dirs))
-    for d in dirs:
-        (d / f"{name}.txt").write_text(text)
-    return text
-
-
-def _open(browser, url: str, needles: list[str]) -> str:
-    browser.get(url)
-    text = browser.wait_for_text(needles, timeout=90)  # the SPA's first load takes 20-30 s on 2 busy cores
-    # the "MLflow Assistant" side panel covers a third of the page; close it when it is there
-    if browser.click_if_present('button[aria-label="Close"]', within_text="MLflow Assistant"):
-        text = browser.wait_for_text(needles, timeout=10)
-    return text
-
-
 def _missing(text: str, needles: list[str]) -> list[str]:
     return [n for n in needles if n not in text]
 
 
-def test_experiment_page_shows_both_runs_and_their_metrics(browser, mlflow_server, logged, artifact_dirs):
+@pytest.fixture(scope="module")
+def shots(artifact_dirs):
+    return artifact_dirs("mlflow-ui")
+
+
+def test_experiment_page_shows_both_runs_and_their_metrics(browser, mlflow_server, logged, shots):
     # MLflow 3 opens an experiment without a kind on its GenAI overview: ask for the training runs, charts view
     query = urllib.parse.urlencode({"workflowType": "machine_learning", "compareRunsMode": "CHART"})
     url = f"{mlflow_server}/#/experiments/{logged.experiment_id}/runs?{query}"
@@ -103,13 +80,13 @@ def test_experiment_page_shows_both_runs_and_their_metrics(browser, mlflow_serve
     # read on the compare page (a line chart of single points prints none)
     needles = [var.name, mvar.name, *metric_names, *(f"{r.name} ({m})" for r in logged.runs for m in metric_names)]
     browser.set_window(1600, 2000)
-    _open(browser, url, needles)
-    text = _keep(browser, artifact_dirs, "experiment-runs-charts")
+    browser.open(url, needles)
+    text = browser.keep(shots, "experiment-runs-charts")
     assert not _missing(text, needles), f"not on the experiment page: {_missing(text, needles)}; page text:\n{text[:3000]}"
     assert f"{len(logged.runs)} matching runs" in text
 
 
-def test_compare_page_lines_up_var_and_mvar(browser, mlflow_server, logged, artifact_dirs):
+def test_compare_page_lines_up_var_and_mvar(browser, mlflow_server, logged, shots):
     var, mvar = logged.runs
     query = urllib.parse.urlencode({"runs": json.dumps([var.run_id, mvar.run_id]),
                                     "experiments": json.dumps([logged.experiment_id])})
@@ -117,8 +94,8 @@ def test_compare_page_lines_up_var_and_mvar(browser, mlflow_server, logged, arti
     needles = ["Comparing 2 Runs", var.name, mvar.name, var.run_id, mvar.run_id, "model.attention", "mvar.variant",
                "eval/fid", "infer/peak_mem_mb", "train/loss", f"{var.fid:g}", f"{mvar.fid:g}"]
     browser.set_window(1600, 2400)  # tall enough for the params, metrics and tags tables under the plots
-    _open(browser, url, needles)
-    text = _keep(browser, artifact_dirs, "compare-runs")
+    browser.open(url, needles)
+    text = browser.keep(shots, "compare-runs")
     assert not _missing(text, needles), f"not on the compare page: {_missing(text, needles)}; page text:\n{text[:3000]}"
     # one column per run, in the order asked for: VAR's value comes first in each row
     assert re.search(r"model\.attention\s+var\s+mvar", text), "params row model.attention is not 'var | mvar'"
@@ -138,3 +115,118 @@ def _numbers_between(text: str, start: str, end: str) -> list[float]:
     begin = stop - lines[:stop][::-1].index(start)  # the last `start` before `end`
     section = lines[begin:stop]
     return [float(line) for line in section if re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", line)]
+
+
+# -- the registry, a sweep with nested trials, datasets, source columns and sample images ------------------
+
+SWEEP_EXPERIMENT = "ui-sweep"
+MODEL = "mvar-tiny"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    experiment_id: str
+    parent: str                    # run id of the sweep's parent
+    trials: tuple[tuple[str, str], ...]   # (name, run id) of its nested training runs
+    version: str                   # the registered version of trial 0's checkpoint (@best)
+    checkpoint: str
+
+
+@pytest.fixture(scope="module")
+def sweep_logged(mlflow_server, tmp_path_factory) -> Sweep:
+    """A sweep as the project logs one, without training: a parent, two nested trial training runs with
+    curves, a dataset and a sample image at each checkpoint step, and a registered checkpoint (built with
+    the project's Store and tracker, the same calls a sweep and a training run make)."""
+    import numpy as np
+
+    from mvar.tracking import DatasetRecord, MlflowTracker, Store, TrackingConfig
+    store = Store(mlflow_server)
+    cfg = TrackingConfig(uri=mlflow_server, experiment=SWEEP_EXPERIMENT, system_metrics=False, retry_s=30)
+    parent, _ = store.find_or_create(SWEEP_EXPERIMENT, {"mvar.sweep": "parent", "mvar.study_key": "ui#kd"}, "sweep-kd")
+    trials, checkpoint = [], str(tmp_path_factory.mktemp("ckpt") / "step_00000004")
+    for i, window in enumerate((1, 3)):
+        name = f"kd-t{i}"
+        run_id, _ = store.find_or_create(SWEEP_EXPERIMENT, {"mvar.run_key": f"/runs/{name}"}, name,
+                                         {"mvar.variant": "mvar", "mvar.sweep": "trial", "mvar.trial": str(i)},
+                                         parent=parent)
+        t = MlflowTracker(run_id, cfg)
+        t.log_params({"model": {"window_size": window, "depth": 2}})
+        for step in range(1, 5):
+            t.log_metrics({"train/loss": 5.0 - step * (0.5 + 0.25 * i)}, step)
+        t.log_metrics({"val/loss": 4.0 - i}, 4)
+        t.log_image(np.full((16, 16 * (i + 1), 3), 60 * (i + 1), dtype=np.uint8), "samples", 4)
+        t.close()
+        store.log_inputs(run_id, [DatasetRecord("tokens", f"{i:016x}", "/data/tokens", {"num_samples": 160},
+                                                "training")])
+        trials.append((name, run_id))
+    version = store.register_model(MODEL, trials[0][1], checkpoint, step=4, metrics={"val/loss": 4.0})
+    store.set_alias(MODEL, "best", version)
+    store.terminate(parent)
+    return Sweep(store.experiment_id(SWEEP_EXPERIMENT), parent, tuple(trials), version, checkpoint)
+
+
+def test_registered_model_page_shows_its_version_alias_and_run(browser, mlflow_server, sweep_logged, shots):
+    browser.set_window(1600, 1200)
+    text = browser.open(f"{mlflow_server}/#/models/{MODEL}", [MODEL, f"Version {sweep_logged.version}", "best"])
+    text = browser.keep(shots, "registered-model")
+    needles = [MODEL, f"Version {sweep_logged.version}", "best"]
+    assert not _missing(text, needles), f"not on the model page: {_missing(text, needles)}; page text:\n{text[:3000]}"
+    url = f"{mlflow_server}/#/models/{MODEL}/versions/{sweep_logged.version}"
+    needles = [f"Version {sweep_logged.version}", "kd-t0", "mvar.checkpoint", sweep_logged.checkpoint, "val/loss"]
+    browser.open(url, needles)
+    text = browser.keep(shots, "registered-model-version")
+    assert not _missing(text, needles), f"not on the version page: {_missing(text, needles)}; page text:\n{text[:3000]}"
+
+
+def test_sweep_parent_expands_to_its_trials_with_curves_sources_and_datasets(browser, mlflow_server, sweep_logged,
+                                                                             shots):
+    query = urllib.parse.urlencode({"workflowType": "machine_learning"})
+    url = f"{mlflow_server}/#/experiments/{sweep_logged.experiment_id}/runs?{query}"
+    browser.set_window(1600, 1200)
+    browser.open(url, ["sweep-kd"])
+    # the trials are nested: hidden under the parent's expander (an icon button before its name) until opened
+    assert _click_expander(browser, "sweep-kd"), "the sweep's parent run has no expander in the runs table"
+    names = [name for name, _ in sweep_logged.trials]
+    text = browser.wait_for_text(["sweep-kd", *names], timeout=30)
+    text = browser.keep(shots, "sweep-parent-expanded")
+    needles = ["sweep-kd", *names, "tokens", MODEL]  # Datasets: the trials' shard set; Models: the registered one
+    assert not _missing(text, needles), f"not in the runs table: {_missing(text, needles)}; page text:\n{text[:3000]}"
+    # the trials' curves: the chart view of the expanded parent, one legend entry per trial and metric
+    query = urllib.parse.urlencode({"workflowType": "machine_learning", "compareRunsMode": "CHART"})
+    browser.set_window(1600, 2000)
+    browser.open(f"{mlflow_server}/#/experiments/{sweep_logged.experiment_id}/runs?{query}", ["sweep-kd"])
+    needles = [f"{n} ({m})" for n in names for m in ("train/loss", "val/loss")]
+    if _missing(browser.text(), needles):
+        _click_expander(browser, "sweep-kd")  # the run list beside the charts nests the trials too
+    text = browser.wait_for_text(needles, timeout=60)
+    text = browser.keep(shots, "sweep-trials-charts")
+    assert not _missing(text, needles), f"not in the charts: {_missing(text, needles)}; page text:\n{text[:3000]}"
+
+
+def _click_expander(browser, run_name: str) -> bool:
+    """Click the icon button (no text of its own) in the runs-table row of ``run_name``."""
+    return browser.run_js(
+        "const name = arguments[0];"
+        "for (const row of document.querySelectorAll('[role=row]')) {"
+        "  if (!(row.innerText || '').includes(name)) continue;"
+        "  for (const b of row.querySelectorAll('button')) {"
+        "    if (!(b.innerText || '').trim() && b.querySelector('svg')) { b.click(); return true; }"
+        "  }"
+        "} return false;", run_name)
+
+
+def test_a_trial_run_shows_its_source_parent_dataset_and_sample_images(browser, mlflow_server, sweep_logged,
+                                                                        shots):
+    from mvar.tracking import git_commit
+    name, run_id = sweep_logged.trials[0]
+    url = f"{mlflow_server}/#/experiments/{sweep_logged.experiment_id}/runs/{run_id}"
+    # About this run: the parent, the Source and its commit (MLflow's source tags), the dataset and its context
+    needles = [name, "Parent run", "sweep-kd", "Source", git_commit()[:7], "Datasets", "tokens", "Training"]
+    browser.set_window(1600, 1600)
+    browser.open(url, needles)
+    text = browser.keep(shots, "trial-run-overview")
+    assert not _missing(text, needles), f"not on the run page: {_missing(text, needles)}; page text:\n{text[:3000]}"
+    # the sample grid logged with log_image(key, step): an image chart of its own among the model metrics
+    browser.open(f"{url}/model-metrics", ["samples"])
+    text = browser.keep(shots, "trial-run-images")
+    assert "samples" in text, f"no 'samples' image chart among the run's model metrics; page text:\n{text[:3000]}"
