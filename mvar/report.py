@@ -30,7 +30,10 @@ COLUMNS = [
     ("IS", "eval/is", False),
     ("precision", "eval/precision", False),
     ("recall", "eval/recall", False),
+    ("class acc", "eval/class_acc", False),  # with a classifier feature extractor only
 ]
+# runs tagged `mvar.reference_row` (real, untrained) frame the variants: listed first, never a baseline
+REFERENCE_TAG = "mvar.reference_row"
 VARIANT_ORDER = {variant: i for i, variant in enumerate(PATTERNS)}
 
 
@@ -47,16 +50,19 @@ def collect(experiment: str, uri: str = "") -> list[dict]:
     rows = []
     for run in Store(uri).runs(experiment):
         tags, params, metrics = run.tags, run.params, run.metrics
+        reference = tags.get(REFERENCE_TAG, "")
         nested_eval = PARENT_TAG in tags and "mvar.run_key" not in tags  # a sweep's trials are nested training runs
-        if "mvar.variant" not in tags or nested_eval or tags.get("mvar.report"):
+        if ("mvar.variant" not in tags and not reference) or nested_eval or tags.get("mvar.report"):
             continue
         depth = params.get("model.depth") or _depth_of(tags.get("mvar.size", ""))
-        rows.append({"run": run.name, "run_id": run.run_id, "status": run.status,
-                     "variant": tags["mvar.variant"], "depth": int(depth) if depth else 0,
+        rows.append({"run": run.name, "run_id": run.run_id, "status": run.status, "reference": reference,
+                     "variant": reference or tags["mvar.variant"], "depth": int(depth) if depth else 0,
                      "window": int(params["model.window_size"]) if params.get("model.window_size") else 0,
                      "comparable": tags.get("mvar.metrics_comparable", ""), "start": run.start_time,
+                     "extractor": tags.get("mvar.feature_extractor", ""),
                      **{col: metrics.get(key) for col, key, _ in COLUMNS}})
-    rows.sort(key=lambda r: (r["depth"], VARIANT_ORDER.get(r["variant"], 9), r["window"], r["start"]))
+    rows.sort(key=lambda r: (not r["reference"], r["depth"], VARIANT_ORDER.get(r["variant"], 9), r["window"],
+                             r["start"]))
     return rows
 
 
@@ -69,10 +75,13 @@ def add_ratios(rows: list[dict]) -> None:
     baselines: dict[int, dict] = {}
     for r in rows:
         newer = r["depth"] not in baselines or r["start"] > baselines[r["depth"]]["start"]
-        if r["variant"] == "var" and r["status"] == "FINISHED" and newer:
+        if r["variant"] == "var" and r["status"] == "FINISHED" and newer and not r.get("reference"):
             baselines[r["depth"]] = r
+    depths = sorted(baselines)
     for r in rows:
-        base = baselines.get(r["depth"])
+        # a reference row of no known depth (the real images) is set against the only VAR baseline
+        base = baselines.get(r["depth"]) or (baselines[depths[0]] if r.get("reference") and len(depths) == 1
+                                             else None)
         for col, _, _ in COLUMNS:
             v, b = r.get(col), base.get(col) if base else None
             r[f"{col} x VAR"] = v / b if v is not None and b not in (None, 0) else None
@@ -97,7 +106,10 @@ def to_markdown(rows: list[dict]) -> str:
     cols = table_columns()
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    if any(r["comparable"] == "false" for r in rows):
+    if any(r.get("extractor") == "classifier" for r in rows):
+        lines.append("\nFID/IS/precision/recall/class acc computed with a classifier of the training split "
+                     "(mvar.feature_extractor=classifier): not comparable with Inception numbers.")
+    elif any(r["comparable"] == "false" for r in rows):
         lines.append("\nFID/IS/precision/recall computed with stand-in feature-extractor weights: "
                      "not comparable with published numbers.")
     return "\n".join(lines) + "\n"
@@ -160,6 +172,46 @@ def write_plots(rows: list[dict], out: Path) -> list[Path]:
             _plot(out / "pareto_fid_memory.png", "FID vs inference memory", "peak MB", "FID", pts, front)]
 
 
+def class_grid(images_labels, classes: list[int], per_class: int, gap: int = 2):
+    """(H, W, 3) uint8: a row per class of ``classes`` holding its first ``per_class`` images of
+    ``images_labels`` ((HWC uint8 image, label) pairs); a missing image stays white."""
+    import numpy as np
+    picked: dict[int, list] = {c: [] for c in classes}
+    for image, label in images_labels:
+        if int(label) in picked and len(picked[int(label)]) < per_class:
+            picked[int(label)].append(image)
+        if all(len(v) == per_class for v in picked.values()):
+            break
+    h, w = next(im for v in picked.values() for im in v).shape[:2]
+    grid = np.full((len(classes) * (h + gap) - gap, per_class * (w + gap) - gap, 3), 255, np.uint8)
+    for r, c in enumerate(classes):
+        for i, image in enumerate(picked[c]):
+            grid[r * (h + gap):r * (h + gap) + h, i * (w + gap):i * (w + gap) + w] = image[..., :3]
+    return grid
+
+
+def write_picture(panels: list[tuple[str, object]], path: Path, row_labels: list[str] = ()) -> Path:
+    """The panels (title, HWC uint8 grid) side by side in one PNG; ``row_labels`` name the rows (classes)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    h, w = panels[0][1].shape[:2]
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * 2.2 * w / h + 0.8, 2.2 * 1.15 + 0.4),
+                             squeeze=False)
+    for i, (ax, (title, grid)) in enumerate(zip(axes[0], panels)):
+        ax.imshow(grid, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        rows = len(row_labels)
+        ax.set_yticks([(r + 0.5) * grid.shape[0] / rows for r in range(rows)] if i == 0 and rows else [])
+        if i == 0 and rows:
+            ax.set_yticklabels(row_labels, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
 TABLE_FILE = "report/ablation_table.json"   # the table as MLflow's log_table stores it
 
 
@@ -183,15 +235,42 @@ def _cell(v):
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
-def make_report(experiment: str, out: str | Path, uri: str = "", log: bool = True) -> Report:
+def tokenizer_markdown(experiment: str, uri: str = "") -> str:
+    """A section per tokenizer run of the experiment (tag mvar.task=tokenizer) that validated on held-out
+    images: codebook usage and perplexity per scale, PSNR, codes restarted; '' when there is none."""
+    from mvar.tracking import Store
+    parts = []
+    for run in Store(uri).runs(experiment):
+        m = run.metrics
+        if run.tags.get("mvar.task") != "tokenizer" or "tok/val_psnr" not in m:
+            continue
+        scales = sorted(int(k.rsplit("_s", 1)[1]) for k in m if k.startswith("tok/val_usage_s"))
+        title = (f"\n## Tokenizer {run.name}: held-out PSNR {m['tok/val_psnr']:.2f} dB, "
+                 f"{int(m.get('tok/restarts', 0))} codes restarted\n")
+        lines = [title,
+                 "| scale | usage % | perplexity |", "| --- | --- | --- |"]
+        lines += [f"| {k} | {m[f'tok/val_usage_s{k}']:.1f} | {m.get(f'tok/val_perplexity_s{k}', float('nan')):.1f} |"
+                  for k in scales]
+        if run.tags.get("mvar.codebook_warning"):
+            lines.append(f"\nwarning: {run.tags['mvar.codebook_warning']}")
+        parts.append("\n".join(lines) + "\n")
+    return "".join(parts)
+
+
+def make_report(experiment: str, out: str | Path, uri: str = "", log: bool = True,
+                extra_files: list[Path] = ()) -> Report:
+    """Tables, plots and the tokenizer section; ``extra_files`` (a picture ...) are logged with them."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = collect(experiment, uri)
     add_ratios(rows)
     files = write_tables(rows, out) + write_plots(rows, out)
+    markdown = to_markdown(rows) + tokenizer_markdown(experiment, uri)
+    (out / "ablation.md").write_text(markdown)
+    files += [Path(f) for f in extra_files]
     if log:
         log_report(experiment, uri, files, rows)
-    return Report(rows=rows, markdown=to_markdown(rows), files=files)
+    return Report(rows=rows, markdown=markdown, files=files)
 
 
 def register(subparsers) -> None:

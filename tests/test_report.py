@@ -85,3 +85,32 @@ def test_cli_prints_the_table_and_unknown_experiment_is_a_clear_error(store, tmp
     assert "| run | variant | depth | window |" in capsys.readouterr().out
     assert main(["report", "--experiment", "nope", "--tracking-uri", store.uri, "--out", str(tmp_path / "o")]) == 2
     assert "no MLflow experiment 'nope'" in capsys.readouterr().err
+
+
+def test_reference_rows_come_first_are_no_baseline_and_the_tokenizer_has_its_section(tmp_path):
+    """The quickstart's frame: a real-images row and an untrained VAR (variant var, newer than the trained
+    one) around the variants; class accuracy is a column; the tokenizer run's held-out usage is a section."""
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="qs", system_metrics=False)
+    logged = [("var", {"mvar.variant": "var"}, {"eval/fid": 10.0, "eval/class_acc": 0.8}),
+              ("real", {"mvar.reference_row": "real"}, {"eval/fid": 1.0, "eval/class_acc": 1.0}),
+              ("untrained", {"mvar.variant": "var", "mvar.reference_row": "untrained"}, {"eval/fid": 40.0}),
+              ("tok", {"mvar.task": "tokenizer"}, {"tok/val_psnr": 22.5, "tok/restarts": 7.0,
+                                                   **{f"tok/val_usage_s{k}": 10.0 * (k + 1) for k in range(3)}})]
+    for name, tags, metrics in logged:
+        run_id = tracking.start_run(cfg, name, tags=tags)
+        t = MlflowTracker(run_id, cfg)
+        t.log_params({"model": {"depth": 2}} if name != "real" and name != "tok" else {})
+        t.log_metrics(metrics, 1)
+        t.close(status="FINISHED")
+    picture = tmp_path / "pic.png"
+    picture.write_bytes(b"png")
+    report = make_report("qs", tmp_path / "out", cfg.uri, extra_files=[picture])
+    rows = [(r["run"], r["variant"]) for r in report.rows]
+    assert rows == [("real", "real"), ("untrained", "untrained"), ("var", "var")]
+    by = {r["run"]: r for r in report.rows}
+    assert by["untrained"]["FID x VAR"] == pytest.approx(4.0)  # against the trained var, not itself
+    assert by["real"]["FID x VAR"] == pytest.approx(0.1) and by["var"]["class acc"] == pytest.approx(0.8)
+    assert "class acc x VAR" in report.markdown
+    assert "## Tokenizer tok: held-out PSNR 22.50 dB, 7 codes restarted" in report.markdown
+    assert "| 2 | 30.0 |" in (tmp_path / "out" / "ablation.md").read_text()
+    assert picture in report.files

@@ -1,10 +1,12 @@
 """The README's main command: the whole study on one machine, on embedded defaults, nothing downloaded.
 
-synthetic shards -> tiny tokenizer (Ray Train) -> token shards -> tiny VAR and MVAR (Ray Train,
-2 CPU workers) -> evaluation (FID / IS / precision / recall with stand-in Inception weights) ->
-benchmark -> ablation report; everything in the MLflow store out/quickstart/mlflow.db. Every
-step reuses what an earlier run finished, so a rerun (or a run after an interruption) goes
-straight to what is left.
+synthetic shards (train + held-out) -> the vae-quick tokenizer (Ray Train, codebook kept in use) ->
+token shards -> a classifier of the training split (the metrics' feature extractor) -> var,
+scale_markov and mvar generators on the same tokens, seeds and steps (Ray Train, 2 CPU workers) ->
+evaluation of each with the classifier beside two reference rows (real: the held-out split; untrained:
+a generator at step 0) -> benchmark -> ablation report and picture; everything in the MLflow store
+out/quickstart/mlflow.db. Every step reuses what an earlier run finished (a step's output counts only
+when complete), so a rerun (or a run after an interruption) goes straight to what is left.
 """
 from __future__ import annotations
 
@@ -18,20 +20,26 @@ from mvar.cli import main as mvar_main
 from mvar.commands import Parser
 
 EXPERIMENT = "quickstart"
-STEPS = 8
+STEPS = 10
+VARIANTS = ("var", "scale_markov", "mvar")
+TOKENIZER_CONFIG = "workflows/configs/tokenizer_quick_local.yaml"
+GENERATOR_CONFIG = "workflows/configs/generator_quick_local.yaml"
+REFERENCE_TAG = "mvar.reference_row"
 
 
 class Quickstart:
-    def __init__(self, out: Path, train_steps: int, tokenizer_steps: int, num_per_class: int):
-        self.out, self.train_steps, self.tokenizer_steps = out, train_steps, tokenizer_steps
-        self.num_per_class = num_per_class
+    def __init__(self, out: Path, args):
+        self.out, self.args = out, args
         self.uri = f"sqlite:///{out / 'mlflow.db'}"
         self.common = [f"run.storage_path={out / 'runs'}", f"tracking.uri={self.uri}",
                        f"tracking.experiment={EXPERIMENT}"]
+        self.train_split, self.held_out = out / "data" / "synth", out / "data" / "synth-eval"
+        self.classifier_pt = out / "classifier" / "classifier.pt"
         self.t0 = time.monotonic()
 
     def step(self, n: int, title: str) -> None:
-        print(f"\n== [{n}/{STEPS}] {title}   (elapsed {time.monotonic() - self.t0:.0f} s)", flush=True)
+        print(f"\n== [{n}/{STEPS}] {title}   (elapsed {time.monotonic() - self.t0:.0f} s, "
+              f"CPU {time.process_time() + children_cpu():.0f} s)", flush=True)
 
     def reuse(self, path: Path) -> bool:
         if path.exists():
@@ -40,92 +48,158 @@ class Quickstart:
         return False
 
     def data(self) -> None:
-        self.step(1, "synthetic image shards: 400 for training, 200 held out (64 px, 10 classes)")
-        for name, n, seed in (("synth", 400, 0), ("synth-eval", 200, 1)):
-            d = self.out / "data" / name
-            if not self.reuse(d / "manifest.json"):
+        self.step(1, f"synthetic image shards: {self.args.num_images} for training, {self.args.num_images // 2} "
+                     "held out (64 px, 10 classes)")
+        for d, n, seed in ((self.train_split, self.args.num_images, 0), (self.held_out, self.args.num_images // 2, 1)):
+            if not self.reuse(d / "manifest.json"):  # the manifest is written last
                 check(mvar_main(["data", "synth", "--out", str(d), "--num-images", str(n), "--image-size", "64",
                                  "--num-classes", "10", "--seed", str(seed)]))
 
     def tokenizer(self) -> None:
-        self.step(2, f"tiny tokenizer, {self.tokenizer_steps} steps on 2 Ray Train CPU workers")
+        self.step(2, f"vae-quick tokenizer (7 scales up to 8x8, 256 codes), {self.args.tokenizer_steps} steps "
+                     "on 2 Ray Train CPU workers")
         out = self.out / "tokenizer"
-        if self.reuse(out / "tokenizer.yaml"):
+        if self.reuse(out / "tokenizer.yaml"):  # written by save_tokenizer's rename: complete when there
             return
         from workflows.train_tokenizer import main as train_tokenizer
-        check(train_tokenizer(["--config", "workflows/configs/tokenizer_tiny_local.yaml", f"output={out}",
-                               f"data.shards={self.out / 'data' / 'synth'}", "run.name=quickstart-tokenizer",
-                               f"run.steps={self.tokenizer_steps}", *self.common]))
+        check(train_tokenizer(["--config", TOKENIZER_CONFIG, f"output={out}", f"data.shards={self.train_split}",
+                               f"data.eval_shards={self.held_out}", "run.name=quickstart-tokenizer",
+                               f"run.steps={self.args.tokenizer_steps}",
+                               f"run.checkpoint_every={max(1, self.args.tokenizer_steps // 2)}", *self.common]))
 
     def tokens(self) -> None:
-        self.step(3, "token shards (the latent cache the generators train on)")
-        for name in ("synth", "synth-eval"):
-            d = self.out / "data" / f"{name}-tokens"
+        self.step(3, "token shards (the latent cache the generators train on), codebook usage per scale")
+        for src in (self.train_split, self.held_out):
+            d = src.parent / f"{src.name}-tokens"
             if not self.reuse(d / "manifest.json"):
                 check(mvar_main(["data", "tokenize", "--tokenizer", str(self.out / "tokenizer"),
-                                 "--src", str(self.out / "data" / name), "--out", str(d)]))
+                                 "--src", str(src), "--out", str(d)]))
+
+    def classifier(self) -> None:
+        self.step(4, "classifier of the training split: the feature extractor of FID/IS/precision/recall "
+                     "and class accuracy")
+        if self.reuse(self.classifier_pt.with_suffix(".yaml")):  # its .yaml is written after the .pt
+            return
+        check(mvar_main(["eval", "train-classifier", "--shards", str(self.train_split), "--eval-shards",
+                         str(self.held_out), "--out", str(self.classifier_pt),
+                         "--steps", str(self.args.classifier_steps), "--threads", "1"]))  # 2 spin on a shared machine
 
     def run_key(self, name: str) -> str:
         return f"{self.out / 'runs'}/{name}"
 
-    def finished_run(self, name: str, metric: str):
+    def finished_run(self, tags: dict, metric: str):
         store = tracking.Store(self.uri)
-        run_id = store.find_run(EXPERIMENT, {"mvar.run_key": self.run_key(name)})
+        run_id = store.find_run(EXPERIMENT, tags)
         run = store.get(run_id) if run_id else None
         return run if run and metric in run.metrics and run.status == "FINISHED" else None
 
     def train(self, variant: str) -> None:
-        name = f"quickstart-{variant}-tiny"
-        if self.finished_run(name, "train/loss"):
+        name = f"quickstart-{variant}"
+        if self.finished_run({"mvar.run_key": self.run_key(name)}, "train/loss"):
             print(f"reusing the finished run {name}")
             return
         from mvar.training import load_train_config, train
-        cfg = load_train_config(f"workflows/configs/{variant}_tiny_local.yaml", [
-            f"tokenizer={self.out / 'tokenizer'}", f"data.shards={self.out / 'data' / 'synth-tokens'}",
-            f"data.eval_shards={self.out / 'data' / 'synth-eval-tokens'}", f"run.name={name}",
-            f"run.steps={self.train_steps}", f"run.checkpoint_every={self.train_steps // 2}", *self.common])
-        outcome = train(cfg)
+        outcome = train(load_train_config(GENERATOR_CONFIG, self.generator_overrides(variant, name)))
         print(f"{name}: {outcome.step} steps, checkpoint {outcome.checkpoint}")
 
+    def generator_overrides(self, variant: str, name: str) -> list[str]:
+        steps = self.args.train_steps
+        return [f"model.attention={variant}", f"tokenizer={self.out / 'tokenizer'}",
+                f"data.shards={self.train_split.parent / 'synth-tokens'}",
+                f"data.eval_shards={self.held_out.parent / 'synth-eval-tokens'}", f"run.name={name}",
+                f"run.steps={steps}", f"run.checkpoint_every={max(1, steps // 2)}", *self.common]
+
+    def eval_args(self, out: Path) -> list[str]:
+        return ["--reference", str(self.train_split), "--num-per-class", str(self.args.num_per_class),
+                "--batch-size", "10", "--feature-extractor", "classifier",
+                "--feature-extractor-weights", str(self.classifier_pt), "--num-workers", "2",
+                "--cpus-per-worker", "0.5", "--out", str(out)]
+
     def evaluate(self, variant: str) -> None:
-        name = f"quickstart-{variant}-tiny"
-        run = self.finished_run(name, "train/loss")
+        name = f"quickstart-{variant}"
+        run = self.finished_run({"mvar.run_key": self.run_key(name)}, "train/loss")
         if run is None:
             raise SystemExit(f"no finished training run {name}")
         if "eval/fid" in run.metrics:
             print(f"reusing the evaluation of {name}")
             return
-        weights, ref = self.reference()
         check(mvar_main(["eval", "--run-id", run.run_id, "--tracking-uri", self.uri,
-                         "--reference", str(ref), "--num-per-class",
-                         str(self.num_per_class), "--batch-size", "10", "--feature-extractor-weights", str(weights),
-                         "--num-workers", "2", "--cpus-per-worker", "0.5",
-                         "--out", str(self.out / "eval" / variant)]))
+                         *self.eval_args(self.out / "eval" / variant)]))
 
-    def reference(self) -> tuple[Path, Path]:
-        """Stand-in Inception weights and the held-out set's statistics, made once (Inception is slow on CPU)."""
-        weights, ref = self.out / "standin_inception.pt", self.out / "reference_synth_eval.npz"
-        if not weights.is_file():
-            check(mvar_main(["eval", "standin-weights", "--out", str(weights)]))
-        if not ref.is_file():
-            check(mvar_main(["eval", "make-ref", "--shards", str(self.out / "data" / "synth-eval"), "--out", str(ref),
-                             "--feature-extractor-weights", str(weights), "--device", "cpu"]))
-        return weights, ref
+    def untrained(self) -> None:
+        """The ceiling: VAR's generator at step 0 (its initial weights), evaluated like the trained ones."""
+        ckpt = self.out / "untrained"
+        if self.finished_run({REFERENCE_TAG: "untrained"}, "eval/fid"):
+            print("reusing the evaluation of the untrained generator")
+            return
+        if not self.reuse(ckpt / "checkpoint.yaml"):
+            save_untrained(ckpt, GENERATOR_CONFIG, self.generator_overrides("var", "quickstart-untrained"))
+        check(mvar_main(["eval", "--checkpoint", str(ckpt), "--tracking-uri", self.uri, "--experiment", EXPERIMENT,
+                         *self.eval_args(self.out / "eval" / "untrained"), "tracking.run_name=quickstart-untrained"]))
+        store = tracking.Store(self.uri)
+        store.set_tags(store.find_run(EXPERIMENT, {"mvar.checkpoint": str(ckpt)}), {REFERENCE_TAG: "untrained"})
+
+    def real(self) -> None:
+        """The floor: the held-out images scored against the training split as the samples are."""
+        if self.finished_run({REFERENCE_TAG: "real"}, "eval/fid"):
+            print("reusing the real-images row")
+            return
+        from mvar.evaluation.config import EvalConfig
+        from mvar.evaluation.run import quality_metrics
+        ecfg = EvalConfig(reference=str(self.train_split), feature_extractor="classifier",
+                          feature_extractor_weights=str(self.classifier_pt), device="cpu")
+        metrics = quality_metrics(ecfg, 64, self.out / "eval", self.held_out)
+        cfg = tracking.TrackingConfig(uri=self.uri, experiment=EXPERIMENT, run_name="quickstart-real",
+                                      system_metrics=False)
+        run_id = tracking.start_run(cfg, "quickstart-real", tags={REFERENCE_TAG: "real",
+                                                                  "mvar.feature_extractor": "classifier",
+                                                                  "mvar.metrics_comparable": "false"})
+        t = tracking.MlflowTracker(run_id, cfg)
+        t.log_params({"eval.reference": str(self.train_split), "eval.images": str(self.held_out)})
+        t.log_metrics(metrics, 0)
+        t.close(status="FINISHED")
+        print("real (held-out vs training split): " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
 
     def bench(self) -> None:
-        self.step(7, "benchmark: memory and speed of var, scale_markov, mvar (tiny, CPU, one process each)")
+        self.step(8, "benchmark: memory and speed of var, scale_markov, mvar (tiny, CPU, one process each)")
         bench_json = self.out / "bench.json"
         if self.reuse(bench_json):
             return
         check(subprocess.call([sys.executable, "-m", "mvar.cli", "bench", "--size", "tiny", "--resolution", "64",
                                "--batch", "8", "--repeats", "2", "--json", str(bench_json)]))
 
-    def report(self) -> None:
-        self.step(8, "ablation report from the MLflow runs")
+    def picture(self) -> Path:
+        self.step(9, "picture: real images, tokenizer reconstructions and each generator's samples, a row per class")
+        from workflows.quickstart_picture import ablation_picture
+        return ablation_picture(self.out, self.held_out, ["untrained", *VARIANTS], min(4, self.args.num_per_class))
+
+    def report(self, picture: Path) -> None:
+        self.step(10, "ablation report from the MLflow runs")
         from mvar.report import make_report
-        report = make_report(EXPERIMENT, self.out / "report", self.uri)
+        report = make_report(EXPERIMENT, self.out / "report", self.uri, extra_files=[picture])
         print(report.markdown)
         print("files: " + ", ".join(str(f) for f in report.files))
+
+
+def save_untrained(out: Path, config: str, overrides: list[str]) -> Path:
+    """A model checkpoint of the generator's initial weights (the seed every variant starts from)."""
+    import torch
+
+    from mvar.checkpoint import load_tokenizer, save_checkpoint
+    from mvar.config import to_dict
+    from mvar.training import load_train_config
+    from mvar.training.loop import build_model
+    cfg = load_train_config(config, overrides)
+    tokenizer, tok_cfg = load_tokenizer(cfg.tokenizer)
+    model = build_model(cfg, tok_cfg, torch.device("cpu"))
+    return save_checkpoint(out, model, tokenizer, tok_cfg, extra={"train": {"step": 0, "run_name": "untrained"},
+                                                                  "sampling": to_dict(cfg.sampling)})
+
+
+def children_cpu() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def check(rc: int) -> None:
@@ -133,32 +207,42 @@ def check(rc: int) -> None:
         raise SystemExit(rc)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/quickstart", help="where everything is written")
-    parser.add_argument("--train-steps", type=int, default=300, help="steps of each generator run")
-    parser.add_argument("--tokenizer-steps", type=int, default=60, help="steps of the tokenizer run")
-    parser.add_argument("--num-per-class", type=int, default=10, help="evaluation samples per class")
-    args = parser.parse_args(argv)
+    parser.add_argument("--num-images", type=int, default=400, help="training images (half as many held out)")
+    parser.add_argument("--tokenizer-steps", type=int, default=500, help="steps of the tokenizer run")
+    parser.add_argument("--classifier-steps", type=int, default=400, help="steps of the classifier")
+    parser.add_argument("--train-steps", type=int, default=600, help="steps of each generator run")
+    parser.add_argument("--num-per-class", type=int, default=20, help="evaluation samples per class")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    q = Quickstart(out, args.train_steps, args.tokenizer_steps, args.num_per_class)
+    q = Quickstart(out, args)
     try:
         q.data()
         q.tokenizer()
         q.tokens()
-        for n, variant in ((4, "var"), (5, "mvar")):
-            q.step(n, f"train {variant}-tiny, {args.train_steps} steps on 2 Ray Train CPU workers")
+        q.classifier()
+        q.step(5, f"train {', '.join(VARIANTS)}: {args.train_steps} steps each on 2 Ray Train CPU workers")
+        for variant in VARIANTS:
             q.train(variant)
-        q.step(6, f"evaluate both: {args.num_per_class} samples per class, FID/IS/precision/recall "
-                  "(stand-in Inception weights: not comparable with published numbers)")
-        for variant in ("var", "mvar"):
+        q.step(6, f"evaluate each: {args.num_per_class} samples per class with the classifier")
+        for variant in VARIANTS:
             q.evaluate(variant)
+        q.step(7, "reference rows: untrained generator (ceiling) and real held-out images (floor)")
+        q.untrained()
+        q.real()
     finally:
         cluster.shutdown()
     q.bench()
-    q.report()
-    print(f"\ndone in {time.monotonic() - q.t0:.0f} s; everything is under {out}")
+    q.report(q.picture())
+    print(f"\ndone in {time.monotonic() - q.t0:.0f} s (CPU {time.process_time() + children_cpu():.0f} s of this "
+          f"process and its children; Ray workers not counted); everything is under {out}")
     print("open the MLflow UI:\n"
           f"  .venv/bin/mlflow ui --backend-store-uri {q.uri} --host 127.0.0.1 --port 5000\n"
           f"  then http://127.0.0.1:5000 -> experiment '{EXPERIMENT}' -> select the runs -> Compare")

@@ -25,8 +25,14 @@ from mvar.config import (
 )
 from mvar.data.config import DataConfig
 from mvar.tokenizer import TokenizerConfig
+from mvar.tokenizer.training import CodebookConfig, GanConfig
 from mvar.tracking import TrackingConfig
-from mvar.training.config import OptimConfig, RunSettings, ScalingSettings, check_length_keys
+from mvar.training.config import (
+    OptimConfig,
+    RunSettings,
+    ScalingSettings,
+    check_length_keys,
+)
 
 
 @dataclass
@@ -85,6 +91,10 @@ class TokenizerTrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: TokenizerOptimConfig = field(default_factory=TokenizerOptimConfig)
     losses: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
+    # codebook upkeep: k-means++ init before the first step (skipped with init_from: the codebook is
+    # the checkpoint's), dead-code restarts (off by default), the low-usage warning
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    gan: GanConfig = field(default_factory=GanConfig)  # adversarial loss; off (weight 0) by default
     train: TokenizerLoopConfig = field(default_factory=TokenizerLoopConfig)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     run: RunSettings = field(default_factory=RunSettings)

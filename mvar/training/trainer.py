@@ -91,6 +91,9 @@ class TrainTask:
         """Groups for AdamW with ``wd_scale`` each (mvar.training.optim.param_groups)."""
         return [{"params": [p for p in self.module.parameters() if p.requires_grad], "wd_scale": 1.0}]
 
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The trainer's optimizer, for a task that edits its state (codebook restarts zero a row's moments)."""
+
     def distribute(self) -> None:
         """Wrap the forward in DDP once the weights are final (after restore)."""
 
@@ -236,6 +239,7 @@ class Trainer:
                                      fused=device.type == "cuda")
         params = [p for p in task.module.parameters() if p.requires_grad]
         self.stepper = Stepper(params, opt, sched, cfg.optim.grad_clip, task.precision == "fp16", device)
+        task.attach_optimizer(opt)
 
     @property
     def images_per_step(self) -> int:

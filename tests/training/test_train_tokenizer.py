@@ -85,6 +85,10 @@ def test_registry_and_trainer_defaults_fill_the_sections_and_yaml_wins():
     ("losses.perceptual_layers=6", "config key 'losses.perceptual_layers'"),
     ("data.kind=tokens", "config key 'data.kind'"),
     ("losses.l3_weight=1", "unknown config key 'losses.l3_weight'"),
+    ("codebook.restart_below=0", "config key 'codebook.restart_below'"),
+    ("codebook.init=lloyd", "config key 'codebook.init'"),
+    ("gan.num_layers=9", "config key 'gan.num_layers'"),
+    ("gan.wieght=1", "unknown config key 'gan.wieght'"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -169,7 +173,8 @@ def test_checkpoint_restores_weights_optimizer_scheduler_and_step(tmp_path):
     """Through the trainer core, without Ray: a checkpoint is a tokenizer directory plus the train state."""
     from mvar.training.tokenizer_loop import build_task
     from mvar.training.trainer import LocalCheckpoints, Trainer
-    cfg = load_tokenizer_train_config(None, [*SMALL, "run.steps=4", "run.checkpoint_every=2", "data.batch_size=1"])
+    cfg = load_tokenizer_train_config(None, [*SMALL, "run.steps=4", "run.checkpoint_every=2", "data.batch_size=1",
+                                             "codebook.init_batches=1"])
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     data = [(torch.rand(1, 3, 32, 32) * 2 - 1, torch.zeros(1, dtype=torch.long)) for _ in range(4)]
@@ -191,6 +196,101 @@ def test_checkpoint_restores_weights_optimizer_scheduler_and_step(tmp_path):
     names = {id(p): n for n, p in task.vae.named_parameters()}
     undecayed = {names[id(p)] for g in trainer.optimizer.param_groups if g["wd_scale"] == 0 for p in g["params"]}
     assert "quantize.embedding.weight" in undecayed and "decoder.conv_out.weight" not in undecayed
+
+
+GAN_RUN = [*SMALL, "run.steps=4", "run.checkpoint_every=2", "data.batch_size=2", "codebook.init_batches=1",
+           "codebook.restart_every=1", "gan.weight=0.5", "gan.start_step=2", "gan.channels=8", "gan.num_layers=2"]
+
+
+class StepMetrics:
+    """Hooks that keep each step's metrics."""
+
+    def __init__(self, inner):
+        self.inner, self.steps = inner, {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def on_step(self, step, outcome, metrics):
+        self.steps[step] = {k: float(v) for k, v in metrics.items()}
+
+
+def test_gan_starts_at_its_step_codebook_is_set_once_and_a_resumed_run_continues_exactly(tmp_path):
+    """Through the task and the trainer core: no adversarial term and a frozen discriminator before
+    gan.start_step, both after; the codebook initialised at step 0 only (a resumed run takes the
+    checkpoint's); codes restarted; discriminator and its optimizer resumed, so 2 + 2 steps = 4 straight."""
+    from mvar.training.tokenizer_loop import build_task
+    from mvar.training.trainer import LocalCheckpoints, Trainer
+    cfg = load_tokenizer_train_config(None, GAN_RUN)
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    data = [(torch.rand(2, 3, 32, 32) * 2 - 1, torch.zeros(2, dtype=torch.long)) for _ in range(4)]
+    task = build_task(cfg, cpu, 0, 1)
+    codebook0 = task.vae.quantize.embedding.weight.detach().clone()
+    disc0 = [p.detach().clone() for p in task.disc.parameters()]
+    hooks = StepMetrics(LocalCheckpoints(tmp_path))
+    assert Trainer(task, cfg, cpu).run(iter(data), 0, hooks)["status"] == "completed"
+    assert task.inits == 1 and not torch.equal(codebook0, task.vae.quantize.embedding.weight)
+    assert [hooks.steps[s]["gan/weight"] for s in range(4)] == [0.0, 0.0, 0.5, 0.5]
+    assert "gan/g_loss" not in hooks.steps[1] and "gan/g_loss" in hooks.steps[2]
+    assert task.restarts > 0
+    mid = torch.load(tmp_path / "step_00000002" / "train_state.pt", weights_only=False)["task"]
+    assert all(torch.equal(a, b) for a, b in zip(disc0, mid["disc"].values()))  # not trained before step 2
+    assert not all(torch.equal(a, b) for a, b in zip(disc0, task.disc.parameters()))
+
+    resumed_task = build_task(cfg, cpu, 0, 1)
+    resumed = Trainer(resumed_task, cfg, cpu)
+    assert resumed.restore(tmp_path / "step_00000002") == 2
+    resumed.run(iter(data[2:]), 2, LocalCheckpoints(tmp_path / "again"))
+    assert resumed_task.inits == 0 and resumed_task.restarts == task.restarts
+    straight, again = (torch.load(d / "step_00000004" / "train_state.pt", weights_only=False)
+                       for d in (tmp_path, tmp_path / "again"))
+    for a, b in zip(straight["task"]["disc"].values(), again["task"]["disc"].values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for a, b in zip(load_tokenizer(tmp_path / "step_00000004")[0].state_dict().values(),
+                    load_tokenizer(tmp_path / "again" / "step_00000004")[0].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_ranks_with_restarts_and_the_gan_stay_identical():
+    """DDP over the tokenizer, DDP over the discriminator, restarts decided by rank 0 (gloo): after steps
+    with the adversarial term on and codes re-seeded, both ranks hold the same weights."""
+    import sys
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = str(Path(__file__).parent)
+    sys.path.insert(0, here)  # spawned processes copy sys.path: they find the helper
+    try:
+        from tokenizer_ranks import rank_main
+        with mp.Manager() as manager:
+            out = manager.dict()
+            args = [*GAN_RUN, "run.steps=3", "gan.start_step=1", "run.checkpoint_every=100"]
+            mp.spawn(rank_main, args=(port, args, out), nprocs=2, join=True)
+            r0, r1 = dict(out[0]), dict(out[1])
+    finally:
+        sys.path.remove(here)
+    assert r0["restarts"] == r1["restarts"] > 0
+    for part in ("vae", "disc"):
+        for key in r0[part]:
+            if key != "quantize.ema_vocab_hit_SV":  # each rank's own usage statistic (DDP re-broadcasts it)
+                assert torch.equal(r0[part][key], r1[part][key]), (part, key)
+
+
+def test_no_codebook_init_when_fine_tuning_a_tokenizer(tmp_path):
+    """init_from: the codebook is the checkpoint's (the released tokenizer's must not be re-picked)."""
+    from mvar.training.tokenizer_loop import build_task
+    cfg32 = TokenizerConfig.named("vae-tiny32")
+    save_tokenizer(tmp_path / "tok32", MultiScaleVQVAE(cfg32), cfg32)
+    cfg = load_tokenizer_train_config(None, [*SMALL, "codebook.init_batches=1", f"init_from={tmp_path / 'tok32'}"])
+    task = build_task(cfg, torch.device("cpu"), 0, 1)
+    before = task.vae.quantize.embedding.weight.detach().clone()
+    task.loss((torch.rand(2, 3, 32, 32) * 2 - 1, torch.zeros(2, dtype=torch.long)), 0)
+    assert task.inits == 0 and torch.equal(before, task.vae.quantize.embedding.weight)
 
 
 # -- bad input: refused before Ray starts ---------------------------------------------
@@ -258,7 +358,8 @@ def test_tiny_tokenizer_trains_and_its_output_tokenizes(tiny_inputs, tmp_path, c
     out = tiny_inputs.root / "tok-out" / "fit"
     args = overrides(tiny_inputs, "fit", **{
         "run.steps": 30, "run.checkpoint_every": 15, "run.log_every": 2, "data.batch_size": 8,
-        "optim.warmup_steps": 4, "data.eval_shards": tiny_inputs.root / "eval-images"})
+        "optim.warmup_steps": 4, "data.eval_shards": tiny_inputs.root / "eval-images",
+        "codebook.restart_every": 5, "codebook.warn_usage_below": 1.0})
     assert main(["--config", LOCAL, *args]) == 0
     printed = capsys.readouterr()
     assert f"tokenizer: {out}" in printed.out
@@ -284,6 +385,14 @@ def test_tiny_tokenizer_trains_and_its_output_tokenizes(tiny_inputs, tmp_path, c
         assert key in run.data.metrics, key
     assert "train/perceptual" not in run.data.metrics  # off in this run
     assert 0 < run.data.metrics["train/codebook_usage"] <= 1
+    for k in range(4):  # per scale, on training batches and on the held-out set
+        for key in (f"tok/usage_s{k}", f"tok/perplexity_s{k}", f"tok/val_usage_s{k}", f"tok/val_perplexity_s{k}"):
+            assert key in run.data.metrics, key
+    assert [s for s, _ in history(uri, run_id, "tok/restarts")] == list(range(2, 31, 2))
+    assert run.data.metrics["tok/restarts"] > 0  # restart_below is loose at 32 codes x 4 scales
+    assert 5 < run.data.metrics["tok/val_psnr"] < 60
+    # warn_usage_below 1.0: fewer codes than tokens at some scale is certain, so the warning and its tag
+    assert run.data.metrics["tok/low_usage_scales"] > 0 and "mvar.codebook_warning" in run.data.tags
     assert [s for s, _ in history(uri, run_id, "val/recon_l1")] == [15, 30]
     # the output is a tokenizer checkpoint that `mvar data tokenize` and training use
     _, tok_cfg = load_tokenizer(out)
