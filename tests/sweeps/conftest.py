@@ -55,7 +55,8 @@ class SweepInputs:
                 "run.checkpoint_every": 3, "run.log_every": 1, "tracking.uri": self.tracking_uri,
                 "tracking.experiment": EXPERIMENT, "tracking.system_metrics": "false",
                 "study.study_name": study_name, "study.log_dir": str(self.root / "sweeps"),
-                "study.eval.reference": self.reference, "study.eval.feature_extractor_weights": self.weights,
+                "study.eval.reference": self.reference, "study.eval.feature_extractor": "inception",
+                "study.eval.feature_extractor_weights": self.weights,
                 "study.eval.num_per_class": 2, "study.eval.batch_size": 10, "study.eval.samples_per_shard": 10,
                 "study.eval.isc_splits": 2, "study.eval.out_dir": str(self.root / "eval"),
                 "study.eval.num_workers": 0,  # sample in the sweep's process: no Ray task start per trial
