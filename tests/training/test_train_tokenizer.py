@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mvar import tracking
-from mvar.checkpoint import load_tokenizer, save_tokenizer, tokenizer_fingerprint
+from mvar.checkpoint import load_tokenizer, load_train_state, save_tokenizer, tokenizer_fingerprint
 from mvar.config import ConfigError
 from mvar.errors import UserError
 from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
@@ -234,7 +234,7 @@ def test_gan_starts_at_its_step_codebook_is_set_once_and_a_resumed_run_continues
     assert [hooks.steps[s]["gan/weight"] for s in range(4)] == [0.0, 0.0, 0.5, 0.5]
     assert "gan/g_loss" not in hooks.steps[1] and "gan/g_loss" in hooks.steps[2]
     assert task.restarts > 0
-    mid = torch.load(tmp_path / "step_00000002" / "train_state.pt", weights_only=False)["task"]
+    mid = load_train_state(tmp_path / "step_00000002" / "train_state.pt")["task"]
     assert all(torch.equal(a, b) for a, b in zip(disc0, mid["disc"].values()))  # not trained before step 2
     assert not all(torch.equal(a, b) for a, b in zip(disc0, task.disc.parameters()))
 
@@ -243,7 +243,7 @@ def test_gan_starts_at_its_step_codebook_is_set_once_and_a_resumed_run_continues
     assert resumed.restore(tmp_path / "step_00000002") == 2
     resumed.run(iter(data[2:]), 2, LocalCheckpoints(tmp_path / "again"))
     assert resumed_task.inits == 0 and resumed_task.restarts == task.restarts
-    straight, again = (torch.load(d / "step_00000004" / "train_state.pt", weights_only=False)
+    straight, again = (load_train_state(d / "step_00000004" / "train_state.pt")
                        for d in (tmp_path, tmp_path / "again"))
     for a, b in zip(straight["task"]["disc"].values(), again["task"]["disc"].values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
