@@ -12,7 +12,9 @@ it to the GCS that is gone too. So a small watchdog process, in a session of its
 the driver's process group does not reach it), keeps a list of the local Ray's processes while the
 driver lives and ends them all as soon as the driver is gone, however it went. The Ray processes
 are the ones carrying ``MVAR_LOCAL_RAY=<mark>`` in their environment (inherited from the driver:
-GCS, raylet, workers) and their children (the agents, whose process titles hide their environment).
+GCS, raylet, workers) and their children (the agents, whose process titles hide their environment);
+and, for a child started after the last look, whatever holds a file open in the session directory
+that the marked raylet and GCS name on their command lines (every agent keeps its logs there).
 
 What a run prints: Ray's own messages below ERROR are off by default, through Ray's settings
 (the driver's ``ray`` logger, ``RAY_LOGGER_LEVEL`` for the ``ray`` loggers of the job's workers),
@@ -40,7 +42,7 @@ LOCAL_OBJECT_STORE_BYTES = 500 * 1024 * 1024  # shards stream from disk; Ray obj
 _started_here = False  # True when connect() started the local Ray this process uses
 LOCAL_MARK_ENV = "MVAR_LOCAL_RAY"  # marks every process of a local Ray started by connect()
 WATCH_INTERVAL_S = 0.5
-SNAPSHOT_EVERY_S = 2.0  # how often the watchdog lists the local Ray's processes while the driver lives
+SNAPSHOT_EVERY_S = 0.5  # how often the watchdog lists the local Ray's processes while the driver lives
 _watchdog: subprocess.Popen | None = None
 
 
@@ -249,12 +251,40 @@ def ray_processes(driver, mark: str) -> dict:
     return _with_children([p for p in below if _has_mark(p, mark)])
 
 
-def end_processes(procs: dict, mark: str, grace_s: float = 3.0) -> int:
-    """End what is alive of `procs`, every process still carrying the mark, and their children:
-    SIGTERM, then SIGKILL after `grace_s`. Returns how many there were."""
+def session_dirs(procs) -> set[str]:
+    """The Ray session directories named on the command lines of `procs` (raylet, GCS: ``--session_dir=``,
+    ``--session-dir=``)."""
     import psutil
-    marked = [p for p in psutil.process_iter() if p.pid != os.getpid() and _has_mark(p, mark)]
-    targets = [p for p in _with_children([*procs.values(), *marked]).values() if p.pid != os.getpid() and _alive(p)]
+    found = set()
+    for proc in procs:
+        try:
+            cmdline = proc.cmdline()
+        except psutil.Error:
+            continue
+        for arg in cmdline:
+            for flag in ("--session_dir=", "--session-dir="):
+                if arg.startswith(flag) and len(arg) > len(flag):
+                    found.add(arg[len(flag):].rstrip("/"))
+    return found
+
+
+def _holds_file_in(proc, dirs: set[str]) -> bool:
+    import psutil
+    try:
+        return any(f.path.startswith(d + "/") for f in proc.open_files() for d in dirs)
+    except (psutil.Error, OSError):
+        return False
+
+
+def end_processes(procs: dict, mark: str, sessions: set[str] = frozenset(), grace_s: float = 3.0) -> int:
+    """End what is alive of `procs`, every process still carrying the mark or holding a file open under
+    one of the session directories `sessions`, and their children: SIGTERM, then SIGKILL after `grace_s`.
+    Returns how many there were."""
+    import psutil
+    me = os.getpid()
+    marked = [p for p in psutil.process_iter() if p.pid != me and (_has_mark(p, mark) or
+                                                                   (sessions and _holds_file_in(p, sessions)))]
+    targets = [p for p in _with_children([*procs.values(), *marked]).values() if p.pid != me and _alive(p)]
     for proc in targets:
         try:
             proc.terminate()
@@ -278,6 +308,7 @@ def _watch(driver_pid: int, mark: str) -> None:
     stop: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     known: dict = {}
+    sessions: set[str] = set()
     try:
         driver = psutil.Process(driver_pid)
     except psutil.Error:
@@ -287,9 +318,11 @@ def _watch(driver_pid: int, mark: str) -> None:
         if time.monotonic() - last >= SNAPSHOT_EVERY_S:
             known.update(ray_processes(driver, mark))
             known = {pid: p for pid, p in known.items() if _alive(p)}
+            if not sessions:
+                sessions = session_dirs(known.values())
             last = time.monotonic()
         time.sleep(WATCH_INTERVAL_S)
-    end_processes(known, mark)
+    end_processes(known, mark, sessions)
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "watch":

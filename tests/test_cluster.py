@@ -90,3 +90,31 @@ def test_ray_noise_settings_are_off_with_mvar_verbose(monkeypatch):
     assert cluster.verbose() and cluster.quiet_env(loopback=True) == {}
     assert cluster.ray_log_level() == logging.INFO
     assert cluster._runtime_env({"A": "b"}, True) == {"env_vars": {cluster.VERBOSE_ENV: "1", "A": "b"}}
+
+
+def test_the_watchdog_ends_a_process_it_never_listed_that_holds_a_file_in_the_session_dir(tmp_path):
+    """An agent started after the watchdog's last look (the race this test's SIGKILL test once lost):
+    at the end it is found through the log file it keeps open in the Ray session directory."""
+    from mvar import cluster
+    session = tmp_path / "session_x"
+    (session / "logs").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; f = open(sys.argv[1], 'a'); "
+                               "print('OPEN', flush=True); time.sleep(120)", str(session / "logs" / "agent.log")],
+                              stdout=subprocess.PIPE, text=True)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        assert holder.stdout.readline().strip() == "OPEN"
+        raylet = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                                   f"--session_dir={session}"])
+        try:
+            assert cluster.session_dirs([psutil.Process(raylet.pid)]) == {str(session)}
+        finally:
+            raylet.kill()
+            raylet.wait()
+        assert cluster.end_processes({}, "no-such-mark", {str(session)}, grace_s=5) == 1
+        assert holder.wait(10) is not None and bystander.poll() is None
+    finally:
+        for p in (holder, bystander):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
