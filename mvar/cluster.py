@@ -77,6 +77,18 @@ def quiet_env(loopback: bool) -> dict[str, str]:
     return env
 
 
+# how often Ray Train's controller polls its workers on a Ray bound to loopback (Ray's default: 2 s); a
+# poll is a local call, and a short run ends (or a lost worker is seen) that much sooner
+LOCAL_HEALTH_CHECK_S = "0.5"
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def local_env() -> dict[str, str]:
+    """Environment of a job's Ray workers when the Ray is bound to loopback (one machine); what the
+    driver's environment already sets is kept."""
+    return {} if os.environ.get(HEALTH_CHECK_ENV) else {HEALTH_CHECK_ENV: LOCAL_HEALTH_CHECK_S}
+
+
 def quiet_train_worker() -> None:
     """In a Ray Train worker: Ray Train logs each `ray.train.report` at INFO on a logger named by its
     file path, outside the `ray.train` loggers that its LoggingConfig sets; give that logger the level."""
@@ -139,7 +151,8 @@ def connect(num_cpus: int | None = None, num_gpus: int | None = None, env_vars: 
 
 
 def _runtime_env(env_vars: dict | None, loopback: bool) -> dict | None:
-    env = {**quiet_env(loopback), **({VERBOSE_ENV: "1"} if verbose() else {}), **(env_vars or {})}
+    env = {**(local_env() if loopback else {}), **quiet_env(loopback), **({VERBOSE_ENV: "1"} if verbose() else {}),
+           **(env_vars or {})}
     return {"env_vars": env} if env else None
 
 
@@ -268,23 +281,28 @@ def session_dirs(procs) -> set[str]:
     return found
 
 
-def _holds_file_in(proc, dirs: set[str]) -> bool:
+def _ray_titled_holding_file_in(proc, dirs: set[str]) -> bool:
+    """A Ray process (its title ``ray::...``: an agent, a worker) with a file open under one of `dirs`.
+    Drivers, which hold their own logs there too, are never taken for one."""
     import psutil
     try:
-        return any(f.path.startswith(d + "/") for f in proc.open_files() for d in dirs)
+        cmdline = proc.cmdline()
+        return bool(cmdline) and cmdline[0].startswith("ray::") and any(
+            f.path.startswith(d + "/") for f in proc.open_files() for d in dirs)
     except (psutil.Error, OSError):
         return False
 
 
-def end_processes(procs: dict, mark: str, sessions: set[str] = frozenset(), grace_s: float = 3.0) -> int:
-    """End what is alive of `procs`, every process still carrying the mark or holding a file open under
-    one of the session directories `sessions`, and their children: SIGTERM, then SIGKILL after `grace_s`.
-    Returns how many there were."""
+def end_processes(procs: dict, mark: str, sessions: set[str] = frozenset(), grace_s: float = 3.0,
+                  spare: tuple[int, ...] = ()) -> int:
+    """End what is alive of `procs`, every process still carrying the mark, every Ray-titled process
+    holding a file open under one of the session directories `sessions`, and their children (never this
+    process or those in `spare`): SIGTERM, then SIGKILL after `grace_s`. Returns how many there were."""
     import psutil
-    me = os.getpid()
-    marked = [p for p in psutil.process_iter() if p.pid != me and (_has_mark(p, mark) or
-                                                                   (sessions and _holds_file_in(p, sessions)))]
-    targets = [p for p in _with_children([*procs.values(), *marked]).values() if p.pid != me and _alive(p)]
+    keep = {os.getpid(), *spare}
+    marked = [p for p in psutil.process_iter() if p.pid not in keep and (
+        _has_mark(p, mark) or (sessions and _ray_titled_holding_file_in(p, sessions)))]
+    targets = [p for p in _with_children([*procs.values(), *marked]).values() if p.pid not in keep and _alive(p)]
     for proc in targets:
         try:
             proc.terminate()
@@ -322,7 +340,7 @@ def _watch(driver_pid: int, mark: str) -> None:
                 sessions = session_dirs(known.values())
             last = time.monotonic()
         time.sleep(WATCH_INTERVAL_S)
-    end_processes(known, mark, sessions)
+    end_processes(known, mark, sessions, spare=(driver_pid,))  # after a clean shutdown the driver lives on
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "watch":

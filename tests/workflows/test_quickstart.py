@@ -14,7 +14,7 @@ from workflows import quickstart
 def test_quickstart_on_a_small_budget_reports_every_row_and_column(tmp_path, capsys):
     out = tmp_path / "qs"
     argv = ["--out", str(out), "--num-images", "40", "--tokenizer-steps", "4", "--classifier-steps", "20",
-            "--train-steps", "4", "--num-per-class", "2"]
+            "--train-steps", "4", "--num-per-class", "2", "--workers", "1"]  # 2 workers: tests/training
     assert quickstart.main(argv) == 0
     printed = capsys.readouterr().out
     with open(out / "report" / "ablation.csv") as fh:
