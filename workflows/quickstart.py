@@ -136,8 +136,12 @@ class Quickstart:
             save_untrained(ckpt, GENERATOR_CONFIG, self.generator_overrides("var", "quickstart-untrained"))
         check(mvar_main(["eval", "--checkpoint", str(ckpt), "--tracking-uri", self.uri, "--experiment", EXPERIMENT,
                          *self.eval_args(self.out / "eval" / "untrained"), "tracking.run_name=quickstart-untrained"]))
-        store = tracking.Store(self.uri)
-        store.set_tags(store.find_run(EXPERIMENT, {"mvar.checkpoint": str(ckpt)}), {REFERENCE_TAG: "untrained"})
+        from mvar.training import load_train_config
+        from mvar.training.launch import model_tags
+        size = model_tags(load_train_config(GENERATOR_CONFIG, self.generator_overrides("var", "untrained")))["mvar.size"]
+        store = tracking.Store(self.uri)  # the size: the report's depth column and the baseline of its ratios
+        store.set_tags(store.find_run(EXPERIMENT, {"mvar.checkpoint": str(ckpt)}),
+                       {REFERENCE_TAG: "untrained", "mvar.size": size})
 
     def real(self) -> None:
         """The floor: the held-out images scored against the training split as the samples are."""

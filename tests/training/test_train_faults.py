@@ -123,7 +123,7 @@ def _end(procs: list[psutil.Process]) -> None:
             p.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
+    _, alive = psutil.wait_procs(procs, timeout=3)  # Ray's agents may sit on SIGTERM: no need to wait them out
     for p in alive:
         try:
             p.kill()

@@ -28,6 +28,7 @@ def test_quickstart_on_a_small_budget_reports_every_row_and_column(tmp_path, cap
             assert rows[variant][col], (variant, col)
         assert float(rows[variant]["FID x VAR"]) > 0
     assert float(rows["var"]["FID x VAR"]) == 1.0
+    assert rows["untrained"]["depth"] == rows["var"]["depth"] == "4"  # the generator it is the step 0 of
     assert (out / "report" / "ablation.png").stat().st_size > 10_000
     # the codebook is in use: k-means++ init spreads it before the first step
     md = (out / "report" / "ablation.md").read_text()
