@@ -24,8 +24,12 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(PY) -m workflows.quickstart
 
+# Two test processes (pytest-xdist), each file whole in one of them: the slow end-to-end files spend a
+# third of their time waiting on Ray's starts, which the other process fills. TEST_PROCS=1: one process.
+TEST_PROCS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs -n $(TEST_PROCS) --dist loadfile tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -rs -m "not slow" tests

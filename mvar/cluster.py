@@ -12,7 +12,9 @@ it to the GCS that is gone too. So a small watchdog process, in a session of its
 the driver's process group does not reach it), keeps a list of the local Ray's processes while the
 driver lives and ends them all as soon as the driver is gone, however it went. The Ray processes
 are the ones carrying ``MVAR_LOCAL_RAY=<mark>`` in their environment (inherited from the driver:
-GCS, raylet, workers) and their children (the agents, whose process titles hide their environment).
+GCS, raylet, workers) and their children (the agents, whose process titles hide their environment);
+and, for a child started after the last look, whatever holds a file open in the session directory
+that the marked raylet and GCS name on their command lines (every agent keeps its logs there).
 
 What a run prints: Ray's own messages below ERROR are off by default, through Ray's settings
 (the driver's ``ray`` logger, ``RAY_LOGGER_LEVEL`` for the ``ray`` loggers of the job's workers),
@@ -40,7 +42,7 @@ LOCAL_OBJECT_STORE_BYTES = 500 * 1024 * 1024  # shards stream from disk; Ray obj
 _started_here = False  # True when connect() started the local Ray this process uses
 LOCAL_MARK_ENV = "MVAR_LOCAL_RAY"  # marks every process of a local Ray started by connect()
 WATCH_INTERVAL_S = 0.5
-SNAPSHOT_EVERY_S = 2.0  # how often the watchdog lists the local Ray's processes while the driver lives
+SNAPSHOT_EVERY_S = 0.5  # how often the watchdog lists the local Ray's processes while the driver lives
 _watchdog: subprocess.Popen | None = None
 
 
@@ -73,6 +75,18 @@ def quiet_env(loopback: bool) -> dict[str, str]:
     if loopback:
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     return env
+
+
+# how often Ray Train's controller polls its workers on a Ray bound to loopback (Ray's default: 2 s); a
+# poll is a local call, and a short run ends (or a lost worker is seen) that much sooner
+LOCAL_HEALTH_CHECK_S = "0.5"
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def local_env() -> dict[str, str]:
+    """Environment of a job's Ray workers when the Ray is bound to loopback (one machine); what the
+    driver's environment already sets is kept."""
+    return {} if os.environ.get(HEALTH_CHECK_ENV) else {HEALTH_CHECK_ENV: LOCAL_HEALTH_CHECK_S}
 
 
 def quiet_train_worker() -> None:
@@ -137,7 +151,8 @@ def connect(num_cpus: int | None = None, num_gpus: int | None = None, env_vars: 
 
 
 def _runtime_env(env_vars: dict | None, loopback: bool) -> dict | None:
-    env = {**quiet_env(loopback), **({VERBOSE_ENV: "1"} if verbose() else {}), **(env_vars or {})}
+    env = {**(local_env() if loopback else {}), **quiet_env(loopback), **({VERBOSE_ENV: "1"} if verbose() else {}),
+           **(env_vars or {})}
     return {"env_vars": env} if env else None
 
 
@@ -249,12 +264,45 @@ def ray_processes(driver, mark: str) -> dict:
     return _with_children([p for p in below if _has_mark(p, mark)])
 
 
-def end_processes(procs: dict, mark: str, grace_s: float = 3.0) -> int:
-    """End what is alive of `procs`, every process still carrying the mark, and their children:
-    SIGTERM, then SIGKILL after `grace_s`. Returns how many there were."""
+def session_dirs(procs) -> set[str]:
+    """The Ray session directories named on the command lines of `procs` (raylet, GCS: ``--session_dir=``,
+    ``--session-dir=``)."""
     import psutil
-    marked = [p for p in psutil.process_iter() if p.pid != os.getpid() and _has_mark(p, mark)]
-    targets = [p for p in _with_children([*procs.values(), *marked]).values() if p.pid != os.getpid() and _alive(p)]
+    found = set()
+    for proc in procs:
+        try:
+            cmdline = proc.cmdline()
+        except psutil.Error:
+            continue
+        for arg in cmdline:
+            for flag in ("--session_dir=", "--session-dir="):
+                if arg.startswith(flag) and len(arg) > len(flag):
+                    found.add(arg[len(flag):].rstrip("/"))
+    return found
+
+
+def _ray_titled_holding_file_in(proc, dirs: set[str]) -> bool:
+    """A Ray process (its title ``ray::...``: an agent, a worker) with a file open under one of `dirs`.
+    Drivers, which hold their own logs there too, are never taken for one."""
+    import psutil
+    try:
+        cmdline = proc.cmdline()
+        return bool(cmdline) and cmdline[0].startswith("ray::") and any(
+            f.path.startswith(d + "/") for f in proc.open_files() for d in dirs)
+    except (psutil.Error, OSError):
+        return False
+
+
+def end_processes(procs: dict, mark: str, sessions: set[str] = frozenset(), grace_s: float = 3.0,
+                  spare: tuple[int, ...] = ()) -> int:
+    """End what is alive of `procs`, every process still carrying the mark, every Ray-titled process
+    holding a file open under one of the session directories `sessions`, and their children (never this
+    process or those in `spare`): SIGTERM, then SIGKILL after `grace_s`. Returns how many there were."""
+    import psutil
+    keep = {os.getpid(), *spare}
+    marked = [p for p in psutil.process_iter() if p.pid not in keep and (
+        _has_mark(p, mark) or (sessions and _ray_titled_holding_file_in(p, sessions)))]
+    targets = [p for p in _with_children([*procs.values(), *marked]).values() if p.pid not in keep and _alive(p)]
     for proc in targets:
         try:
             proc.terminate()
@@ -278,6 +326,7 @@ def _watch(driver_pid: int, mark: str) -> None:
     stop: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     known: dict = {}
+    sessions: set[str] = set()
     try:
         driver = psutil.Process(driver_pid)
     except psutil.Error:
@@ -287,9 +336,11 @@ def _watch(driver_pid: int, mark: str) -> None:
         if time.monotonic() - last >= SNAPSHOT_EVERY_S:
             known.update(ray_processes(driver, mark))
             known = {pid: p for pid, p in known.items() if _alive(p)}
+            if not sessions:
+                sessions = session_dirs(known.values())
             last = time.monotonic()
         time.sleep(WATCH_INTERVAL_S)
-    end_processes(known, mark)
+    end_processes(known, mark, sessions, spare=(driver_pid,))  # after a clean shutdown the driver lives on
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "watch":

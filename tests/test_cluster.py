@@ -89,4 +89,43 @@ def test_ray_noise_settings_are_off_with_mvar_verbose(monkeypatch):
     monkeypatch.setenv(cluster.VERBOSE_ENV, "1")
     assert cluster.verbose() and cluster.quiet_env(loopback=True) == {}
     assert cluster.ray_log_level() == logging.INFO
-    assert cluster._runtime_env({"A": "b"}, True) == {"env_vars": {cluster.VERBOSE_ENV: "1", "A": "b"}}
+    monkeypatch.delenv(cluster.HEALTH_CHECK_ENV, raising=False)
+    assert cluster._runtime_env({"A": "b"}, True) == {"env_vars": {
+        cluster.HEALTH_CHECK_ENV: cluster.LOCAL_HEALTH_CHECK_S, cluster.VERBOSE_ENV: "1", "A": "b"}}
+    assert cluster._runtime_env({}, False) == {"env_vars": {cluster.VERBOSE_ENV: "1"}}  # a cluster keeps Ray's poll
+    monkeypatch.setenv(cluster.HEALTH_CHECK_ENV, "3")  # the user's own setting is not overridden
+    assert cluster.HEALTH_CHECK_ENV not in cluster._runtime_env({}, True)["env_vars"]
+
+
+def test_the_watchdog_ends_a_process_it_never_listed_that_holds_a_file_in_the_session_dir(tmp_path):
+    """An agent started after the watchdog's last look (the race this file's SIGKILL test once lost):
+    at the end it is found through the log file it keeps open in the Ray session directory. A driver
+    holding its own log there (not titled ``ray::...``) is left alone, and so is a spared pid."""
+    from mvar import cluster
+    session = tmp_path / "session_x"
+    (session / "logs").mkdir(parents=True)
+    hold = "import sys, time; f = open(sys.argv[1], 'a'); print('OPEN', flush=True); time.sleep(120)"
+
+    def holder(title: str, log: str) -> subprocess.Popen:
+        proc = subprocess.Popen([title, "-c", hold, str(session / "logs" / log)], executable=sys.executable,
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "OPEN"
+        return proc
+
+    procs = []
+    try:
+        procs += [holder("ray::TestAgent", "agent.log"), holder("python", "driver.log"),
+                  holder("ray::SparedWorker", "spared.log")]
+        agent, driver, spared = procs
+        raylet = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", f"--session_dir={session}"])
+        procs.append(raylet)
+        assert cluster.session_dirs([psutil.Process(raylet.pid)]) == {str(session)}
+        raylet.kill()
+        raylet.wait()
+        assert cluster.end_processes({}, "no-such-mark", {str(session)}, grace_s=5, spare=(spared.pid,)) == 1
+        assert agent.wait(10) is not None and driver.poll() is None and spared.poll() is None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

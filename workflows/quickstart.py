@@ -31,8 +31,8 @@ class Quickstart:
     def __init__(self, out: Path, args):
         self.out, self.args = out, args
         self.uri = f"sqlite:///{out / 'mlflow.db'}"
-        self.common = [f"run.storage_path={out / 'runs'}", f"tracking.uri={self.uri}",
-                       f"tracking.experiment={EXPERIMENT}"]
+        self.common = [f"scaling.num_workers={args.workers}", f"run.storage_path={out / 'runs'}",
+                       f"tracking.uri={self.uri}", f"tracking.experiment={EXPERIMENT}"]
         self.train_split, self.held_out = out / "data" / "synth", out / "data" / "synth-eval"
         self.classifier_pt = out / "classifier" / "classifier.pt"
         self.t0 = time.monotonic()
@@ -57,7 +57,7 @@ class Quickstart:
 
     def tokenizer(self) -> None:
         self.step(2, f"vae-quick tokenizer (7 scales up to 8x8, 256 codes), {self.args.tokenizer_steps} steps "
-                     "on 2 Ray Train CPU workers")
+                     f"on {self.args.workers} Ray Train CPU worker(s)")
         out = self.out / "tokenizer"
         if self.reuse(out / "tokenizer.yaml"):  # written by save_tokenizer's rename: complete when there
             return
@@ -112,7 +112,7 @@ class Quickstart:
     def eval_args(self, out: Path) -> list[str]:
         return ["--reference", str(self.train_split), "--num-per-class", str(self.args.num_per_class),
                 "--batch-size", "10", "--feature-extractor", "classifier",
-                "--feature-extractor-weights", str(self.classifier_pt), "--num-workers", "2",
+                "--feature-extractor-weights", str(self.classifier_pt), "--num-workers", str(self.args.workers),
                 "--cpus-per-worker", "0.5", "--out", str(out)]
 
     def evaluate(self, variant: str) -> None:
@@ -136,8 +136,12 @@ class Quickstart:
             save_untrained(ckpt, GENERATOR_CONFIG, self.generator_overrides("var", "quickstart-untrained"))
         check(mvar_main(["eval", "--checkpoint", str(ckpt), "--tracking-uri", self.uri, "--experiment", EXPERIMENT,
                          *self.eval_args(self.out / "eval" / "untrained"), "tracking.run_name=quickstart-untrained"]))
-        store = tracking.Store(self.uri)
-        store.set_tags(store.find_run(EXPERIMENT, {"mvar.checkpoint": str(ckpt)}), {REFERENCE_TAG: "untrained"})
+        from mvar.training import load_train_config
+        from mvar.training.launch import model_tags
+        size = model_tags(load_train_config(GENERATOR_CONFIG, self.generator_overrides("var", "untrained")))["mvar.size"]
+        store = tracking.Store(self.uri)  # the size: the report's depth column and the baseline of its ratios
+        store.set_tags(store.find_run(EXPERIMENT, {"mvar.checkpoint": str(ckpt)}),
+                       {REFERENCE_TAG: "untrained", "mvar.size": size})
 
     def real(self) -> None:
         """The floor: the held-out images scored against the training split as the samples are."""
@@ -215,7 +219,12 @@ def parse(argv: list[str] | None):
     parser.add_argument("--classifier-steps", type=int, default=400, help="steps of the classifier")
     parser.add_argument("--train-steps", type=int, default=600, help="steps of each generator run")
     parser.add_argument("--num-per-class", type=int, default=20, help="evaluation samples per class")
-    return parser.parse_args(argv)
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers of each training, and Ray workers "
+                        "of each evaluation's sampling (0.5 CPU each)")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"argument --workers: must be at least 1, got {args.workers}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         q.tokenizer()
         q.tokens()
         q.classifier()
-        q.step(5, f"train {', '.join(VARIANTS)}: {args.train_steps} steps each on 2 Ray Train CPU workers")
+        q.step(5, f"train {', '.join(VARIANTS)}: {args.train_steps} steps each on {args.workers} Ray Train CPU worker(s)")
         for variant in VARIANTS:
             q.train(variant)
         q.step(6, f"evaluate each: {args.num_per_class} samples per class with the classifier")

@@ -1,6 +1,8 @@
 """Real Ray Train runs (2 CPU workers on a local Ray) of tiny VAR and MVAR, tracked in a real MLflow store."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mvar import tracking
@@ -14,11 +16,16 @@ def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in tracking.client(uri).get_metric_history(run_id, key))
 
 
+def fit_overrides(tiny_inputs, variant: str) -> list[str]:
+    return tiny_inputs.overrides(f"{variant}-fit", **{"run.steps": 40, "run.checkpoint_every": 20, "run.log_every": 2,
+                                                      "data.eval_shards": tiny_inputs.eval_tokens})
+
+
 @pytest.mark.parametrize("variant", ["var", "mvar"])
-def test_tiny_model_trains_and_the_run_holds_everything(tiny_inputs, variant, local_ray):
-    cfg = load_train_config(f"workflows/configs/{variant}_tiny_local.yaml", tiny_inputs.overrides(
-        f"{variant}-fit", **{"run.steps": 40, "run.checkpoint_every": 20, "run.log_every": 2,
-                             "data.eval_shards": tiny_inputs.eval_tokens}))
+def test_tiny_model_trains_and_the_run_holds_everything(tiny_inputs, variant, local_ray, capsys, step_tally):
+    """Then, for mvar, a rerun with more steps: it continues the same MLflow run, and passes over its
+    latest checkpoint, damaged (train_state.pt cut in half), for the one before."""
+    cfg = load_train_config(f"workflows/configs/{variant}_tiny_local.yaml", fit_overrides(tiny_inputs, variant))
     outcome = train(cfg)
     uri, run_id = cfg.tracking.uri, outcome.run_id
     run = tracking.client(uri).get_run(run_id)
@@ -60,16 +67,29 @@ def test_tiny_model_trains_and_the_run_holds_everything(tiny_inputs, variant, lo
     assert best["mvar.step"] == str(min(val, key=val.get))
     # 2 workers: rank 0's rendezvous store and both ranks' gloo sockets listen on loopback only
     local_ray.assert_listeners_on("127.0.0.1", expect=("RayTrainWorker", "gcs_server", "raylet"))
+    if variant == "mvar":
+        rerun_past_a_damaged_checkpoint(tiny_inputs, outcome, capsys, step_tally)
 
 
-def test_rerun_of_a_finished_run_continues_the_same_mlflow_run(tiny_inputs):
-    overrides = tiny_inputs.overrides("extend", **{"run.steps": 6, "run.checkpoint_every": 3, "run.log_every": 1})
-    first = train(load_train_config("workflows/configs/mvar_tiny_local.yaml", overrides))
-    longer = train(load_train_config("workflows/configs/mvar_tiny_local.yaml", overrides + ["run.steps=10"]))
-    assert longer.run_id == first.run_id and longer.step == 10
+def rerun_past_a_damaged_checkpoint(tiny_inputs, first, capsys, step_tally):
+    state = Path(first.checkpoint) / "train_state.pt"
+    assert state.parent.name == "step_00000040"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    capsys.readouterr()
+    longer = train(load_train_config("workflows/configs/mvar_tiny_local.yaml",
+                                     fit_overrides(tiny_inputs, "mvar") + ["run.steps=50"]))
+    printed = capsys.readouterr().out
+    assert f"checkpoint step_00000040 is damaged (cannot read train state file '{state}'" in printed, printed
+    assert "the run resumes from step_00000020 (step 20)" in printed, printed
+    assert longer.run_id == first.run_id and longer.step == 50
     uri = tiny_inputs.tracking_uri
-    assert [s for s, _ in history(uri, first.run_id, "train/loss")] == list(range(1, 11))
     assert tracking.client(uri).get_run(first.run_id).data.tags["mvar.resumes"] == "1"
+    # steps 21..40 were computed again: each is logged once all the same (0 lost, 0 duplicated)
+    step_tally.of_run(uri, first.run_id, range(2, 51, 2), samples_per_step=32).assert_clean()
+    assert [s for s, _ in history(uri, first.run_id, "val/loss")] == [20, 40, 50]
+    # the rewritten step 40 got a name of its own; Ray's retention (2) dropped the damaged one
+    run_dir = Path(first.checkpoint).parent
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["step_00000040-2", "step_00000050"]
 
 
 def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny_inputs):

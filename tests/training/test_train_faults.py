@@ -123,7 +123,7 @@ def _end(procs: list[psutil.Process]) -> None:
             p.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
+    _, alive = psutil.wait_procs(procs, timeout=3)  # Ray's agents may sit on SIGTERM: no need to wait them out
     for p in alive:
         try:
             p.kill()
@@ -321,12 +321,10 @@ def snap_latest(directory: Path) -> str:
         "checkpoint_dir_name"]
 
 
-def test_node_loss_resumes_on_the_node_left_and_a_damaged_checkpoint_is_passed_over(two_nodes, tiny_inputs,
-                                                                                     step_tally):
+def test_node_loss_resumes_on_the_node_left(two_nodes, tiny_inputs, step_tally):
     """A 2-worker run, one worker per node (SPREAD). The second node's raylet is SIGKILLed mid-run: the
-    worker group restarts from the last checkpoint on the head alone and ends at run.steps. Then the
-    run's latest checkpoint is damaged (train_state.pt cut in half) and a rerun with more steps passes
-    over it for the one before, instead of failing on it max_failures times."""
+    worker group restarts from the last checkpoint on the head alone and ends at run.steps. (A damaged
+    resume point, passed over for the one before: tests/training/test_train.py, the mvar case.)"""
     name, steps = "node-loss", 40
     keys = {"run.checkpoint_every": 10, "run.max_failures": 2, "scaling.placement_strategy": "SPREAD"}
     driver = start_driver(two_nodes, tiny_inputs, name, **{"run.steps": steps, **keys})
@@ -341,14 +339,4 @@ def test_node_loss_resumes_on_the_node_left_and_a_damaged_checkpoint_is_passed_o
     step_tally.of_run(tiny_inputs.tracking_uri, run.info.run_id, range(1, steps + 1), samples_per_step=32).assert_clean()
     ranks = json.loads(run.data.tags["mvar.steps_by_rank"])
     assert len(ranks) == 2 and ranks[0] == ranks[1] and ranks[0][1] == steps, ranks
-
-    state = run_dir(tiny_inputs, name) / "step_00000040" / "train_state.pt"
-    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    rerun = start_driver(two_nodes, tiny_inputs, name, **{"run.steps": 50, **keys})
-    assert rerun.finish() == 0, rerun.text()[-4000:]
-    text = rerun.text()
-    assert f"checkpoint step_00000040 is damaged (cannot read train state file '{state}'" in text
-    assert "the run resumes from step_00000030 (step 30)" in text and "resumed at step 30" in text
-    step_tally.of_run(tiny_inputs.tracking_uri, run.info.run_id, range(1, 51), samples_per_step=32).assert_clean()
-    # the rewritten step 40 got a name of its own; Ray's retention dropped the damaged one
-    assert checkpoint_dirs(tiny_inputs, name) == registered(tiny_inputs, name) == ["step_00000040-2", "step_00000050"]
+    assert checkpoint_dirs(tiny_inputs, name) == registered(tiny_inputs, name) == ["step_00000030", "step_00000040"]

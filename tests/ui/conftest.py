@@ -186,9 +186,11 @@ def chromium_paths() -> tuple[str, str]:
     return ensure_chromium()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(chromium_paths, tmp_path_factory):
-    """One Chromium for every UI test module (its start costs seconds)."""
+    """One Chromium per UI test module, gone when the module ends: chromedriver listens on ::1 as well,
+    and the test process's listener checks of later modules (under `make test`'s two processes, any
+    module may follow a UI one) hold everything below it to 127.0.0.1."""
     chromium, chromedriver = chromium_paths
     b = Browser(chromium, chromedriver, tmp_path_factory.mktemp("browser"))
     yield b

@@ -14,7 +14,7 @@ from workflows import quickstart
 def test_quickstart_on_a_small_budget_reports_every_row_and_column(tmp_path, capsys):
     out = tmp_path / "qs"
     argv = ["--out", str(out), "--num-images", "40", "--tokenizer-steps", "4", "--classifier-steps", "20",
-            "--train-steps", "4", "--num-per-class", "2"]
+            "--train-steps", "4", "--num-per-class", "2", "--workers", "1"]  # 2 workers: tests/training
     assert quickstart.main(argv) == 0
     printed = capsys.readouterr().out
     with open(out / "report" / "ablation.csv") as fh:
@@ -28,6 +28,7 @@ def test_quickstart_on_a_small_budget_reports_every_row_and_column(tmp_path, cap
             assert rows[variant][col], (variant, col)
         assert float(rows[variant]["FID x VAR"]) > 0
     assert float(rows["var"]["FID x VAR"]) == 1.0
+    assert rows["untrained"]["depth"] == rows["var"]["depth"] == "4"  # the generator it is the step 0 of
     assert (out / "report" / "ablation.png").stat().st_size > 10_000
     # the codebook is in use: k-means++ init spreads it before the first step
     md = (out / "report" / "ablation.md").read_text()
