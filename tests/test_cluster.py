@@ -117,8 +117,10 @@ def test_the_watchdog_ends_a_process_it_never_listed_that_holds_a_file_in_the_se
         procs += [holder("ray::TestAgent", "agent.log"), holder("python", "driver.log"),
                   holder("ray::SparedWorker", "spared.log")]
         agent, driver, spared = procs
-        raylet = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", f"--session_dir={session}"])
+        raylet = subprocess.Popen([sys.executable, "-c", "import time; print('UP', flush=True); time.sleep(120)",
+                                   f"--session_dir={session}"], stdout=subprocess.PIPE, text=True)
         procs.append(raylet)
+        assert raylet.stdout.readline().strip() == "UP"  # its command line is its own from here on
         assert cluster.session_dirs([psutil.Process(raylet.pid)]) == {str(session)}
         raylet.kill()
         raylet.wait()
