@@ -13,8 +13,8 @@ the driver's process group does not reach it), keeps a list of the local Ray's p
 driver lives and ends them all as soon as the driver is gone, however it went. The Ray processes
 are the ones carrying ``MVAR_LOCAL_RAY=<mark>`` in their environment (inherited from the driver:
 GCS, raylet, workers) and their children (the agents, whose process titles hide their environment);
-and, for a child started after the last look, whatever holds a file open in the session directory
-that the marked raylet and GCS name on their command lines (every agent keeps its logs there).
+and, for a child started after the last look, every ``ray::``-titled process holding a file open in the
+session directory that the marked raylet names on its command line (every agent keeps its logs there).
 
 What a run prints: Ray's own messages below ERROR are off by default, through Ray's settings
 (the driver's ``ray`` logger, ``RAY_LOGGER_LEVEL`` for the ``ray`` loggers of the job's workers),
