@@ -65,6 +65,27 @@ class GeneratorTask(TrainTask):
         return scales_for_step(self.schedule, self.num_scales, step, self.cfg.model.markov_from_scale,
                                self.cfg.train.cycle_ratio)
 
+    def step_type(self, step: int) -> str:
+        """``full`` (every scale, the full and packed schedules); in the cycle ``dense`` (the scales
+        before model.markov_from_scale, packed) or ``s<k>`` (windowed scale k alone)."""
+        if self.schedule != "cycle":
+            return "full"
+        scales = self.scales(step)
+        return f"s{scales[0]}" if len(scales) == 1 and scales[0] >= self.split else "dense"
+
+    def pyramid_types(self) -> tuple[str, ...]:
+        """Every scale once: one full step, or one dense step plus one step of each windowed scale."""
+        if self.schedule != "cycle":
+            return ("full",)
+        return ("dense", *(f"s{k}" for k in range(self.split, self.num_scales)))
+
+    @property
+    def split(self) -> int:
+        return self.cfg.model.markov_from_scale
+
+    def step_tokens(self, step: int) -> int:
+        return sum(self.model.patch_nums[s] ** 2 for s in self.scales(step))
+
     def param_groups(self) -> list[dict]:
         return param_groups(self.model.named_parameters(), self.cfg.optim.no_decay_keys)
 

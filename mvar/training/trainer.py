@@ -108,6 +108,20 @@ class TrainTask:
         """Extra metrics at each log step; called on every rank (may hold collectives)."""
         return {}
 
+    def step_type(self, step: int) -> str:
+        """The kind of work of 0-based ``step`` (the generator's cycle: ``dense``, ``s<k>``); one kind: ``full``.
+        Seconds and peak memory are kept per kind (`train/step_s_<kind>`, `train/peak_mem_mb_<kind>`)."""
+        return "full"
+
+    def pyramid_types(self) -> tuple[str, ...]:
+        """The step kinds that together train every part of the model once (a 'full pyramid' of a
+        next-scale generator): `train/pyramid_s` is the sum of their mean step seconds."""
+        return ("full",)
+
+    def step_tokens(self, step: int) -> int:
+        """Tokens (per sample) that ``step`` trains on, for `train/tokens_per_s`; 0: not a token model."""
+        return 0
+
     def first_metrics(self) -> dict[str, float]:
         """What the model costs (parameters, FLOPs), logged once at step 0 of a run."""
         return {"model/params_m": sum(p.numel() for p in self.module.parameters()) / 1e6}
@@ -213,6 +227,78 @@ class Interval:
         return {k: float(v) / self.counts[k] for k, v in self.sums.items()}
 
 
+class StepCost:
+    """Like-for-like training cost, kept per step kind (``task.step_type``) since the run (re)started.
+
+    A kind's seconds are the wall time from one step's start to the next's, the first step of the
+    process left out (allocation, kernel selection); on CUDA the clock is synchronised where the kind
+    changes, so each kind's seconds are its own. Logged (cumulative means):
+    `train/step_s_<kind>`, `train/peak_mem_mb_<kind>` (the probe of `perf/peak_mem_mb`: CUDA allocated,
+    else the resident high-water mark), `train/pyramid_s` (the seconds to train every part once: the
+    sum over ``task.pyramid_types()``), `train/images_per_s` (images of the global batch per pyramid
+    second) and `train/tokens_per_s` (tokens trained per second over all ranks, when the task has tokens).
+    """
+
+    def __init__(self, task: TrainTask, device: torch.device, images_per_step: int):
+        self.task, self.device, self.images_per_step = task, device, images_per_step
+        self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.peaks: dict[str, float] = {}
+        self.tokens = 0
+        self.kind, self.t0, self.first = "", 0.0, True
+        self.peak, self.interval_peak = PeakTracker(device), 0.0
+
+    def begin(self, step: int) -> None:
+        kind = self.task.step_type(step)
+        if kind != self.kind and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.kind, self.t0 = kind, time.perf_counter()
+
+    def end(self, step: int) -> None:
+        boundary = self.task.step_type(step + 1) != self.kind
+        if boundary and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - self.t0
+        if boundary:
+            self._read_peak()
+        if self.first:  # the first step of a process pays for allocation and kernel choice
+            self.first = False
+            return
+        self.seconds[self.kind] = self.seconds.get(self.kind, 0.0) + seconds
+        self.counts[self.kind] = self.counts.get(self.kind, 0) + 1
+        self.tokens += self.task.step_tokens(step) * self.images_per_step
+
+    def _read_peak(self) -> None:
+        """The peak since the last read belongs to the current kind's steps (the probe is process-wide)."""
+        v = self.peak.read_and_reset()
+        self.peaks[self.kind] = max(self.peaks.get(self.kind, 0.0), v)
+        self.interval_peak = max(self.interval_peak, v)
+
+    def interval_peak_mb(self) -> float:
+        """`perf/peak_mem_mb`: the peak over every step since the last call."""
+        self._read_peak()
+        v, self.interval_peak = self.interval_peak, 0.0
+        return v
+
+    def pause(self, seconds: float) -> None:
+        """Time spent outside the steps (a checkpoint) after the last ``end``: not a step's."""
+        self.t0 += seconds
+
+    def metrics(self) -> dict[str, float]:
+        means = {k: self.seconds[k] / self.counts[k] for k in self.seconds}
+        out = {f"train/step_s_{k}": v for k, v in means.items()}
+        out.update({f"train/peak_mem_mb_{k}": v for k, v in self.peaks.items() if v})
+        kinds = self.task.pyramid_types()
+        if all(k in means for k in kinds):
+            pyramid = sum(means[k] for k in kinds)
+            out["train/pyramid_s"] = pyramid
+            out["train/images_per_s"] = self.images_per_step / pyramid
+        total = sum(self.seconds.values())
+        if self.tokens and total:
+            out["train/tokens_per_s"] = self.tokens / total
+        return out
+
+
 class Hooks:
     """Where a run's reports go; these do nothing (a test or notebook run). Called on every rank."""
 
@@ -274,8 +360,10 @@ class Trainer:
         """Steps ``start`` .. run.steps-1 on ``data`` (positioned at ``start``). Returns
         {'status': 'completed' | 'nonfinite', 'step': ...}."""
         hooks, run = hooks or Hooks(), self.cfg.run
-        peak, interval = PeakTracker(self.device), Interval(time.perf_counter())
+        interval = Interval(time.perf_counter())
+        self.cost = peak = StepCost(self.task, self.device, self.images_per_step)
         for step in range(start, run.steps):
+            self.cost.begin(step)
             torch.manual_seed(run.seed + 1_000_003 * self.rank + step)  # class dropout etc., same on resume
             loss, metrics = self.task.loss(next(data), step)
             if run.fault_nan_at_step == step + 1:  # testing aid
@@ -285,6 +373,7 @@ class Trainer:
                 log.error("rank %d: non-finite loss or gradient at step %d; stopping", self.rank, step + 1)
                 return {"status": "nonfinite", "step": step + 1, "loss": loss.item()}
             self.task.after_step(step, outcome)
+            self.cost.end(step)
             interval.add(metrics)
             hooks.on_step(step, outcome, metrics)
             done = step + 1
@@ -295,18 +384,19 @@ class Trainer:
                 t = time.perf_counter()
                 self.checkpoint(hooks, done, metrics)
                 interval.t0 += time.perf_counter() - t  # checkpoint time is not step time
+                self.cost.pause(time.perf_counter() - t)
         return {"status": "completed", "step": run.steps}
 
-    def interval_metrics(self, interval: Interval, last: StepOutcome, peak: PeakTracker) -> dict[str, float]:
+    def interval_metrics(self, interval: Interval, last: StepOutcome, peak: StepCost) -> dict[str, float]:
         step_s = (time.perf_counter() - interval.t0) / interval.steps
         out = {**interval.means(), "train/lr": last.lr, "train/grad_norm": last.grad_norm.item(),
                "perf/step_s": step_s, "perf/images_per_s": self.images_per_step / step_s,
-               "perf/peak_mem_mb": peak.read_and_reset()}
+               "perf/peak_mem_mb": peak.interval_peak_mb()}
         if last.loss_scale:
             out["train/loss_scale"] = last.loss_scale
-        return {**out, **self.task.interval_metrics()}
+        return {**out, **self.cost.metrics(), **self.task.interval_metrics()}
 
-    def log_interval(self, hooks: Hooks, interval: Interval, last: StepOutcome, peak: PeakTracker,
+    def log_interval(self, hooks: Hooks, interval: Interval, last: StepOutcome, peak: StepCost,
                      done: int) -> None:
         hooks.log({**self.interval_metrics(interval, last, peak), **hooks.data_metrics(done)}, done)
 

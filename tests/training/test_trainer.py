@@ -125,6 +125,34 @@ def test_logged_metrics_are_interval_means_and_cycle_steps_log_their_scales():
     assert {"train/acc_s0", "train/acc_s1", "train/loss_s2", "train/loss_s3", "perf/step_s"} <= set(step5)
 
 
+def test_cost_is_kept_per_step_kind_and_a_pyramid_is_every_scale_once():
+    # the cycle of 4 scales, markov_from_scale 2, cycle_ratio 3: dense, dense, dense, s2, s3 (5 steps a period)
+    cfg = tiny_config(**{"run.steps": 10, "run.log_every": 10, "train.cycle_ratio": 3})
+    task, record = tiny_task(cfg), Record()
+    assert [task.step_type(s) for s in range(5)] == ["dense"] * 3 + ["s2", "s3"]
+    Trainer(task, cfg, CPU).run(iter(token_batches(10)), 0, record)
+    m = record.logged[-1][1]
+    kinds = ("dense", "s2", "s3")
+    assert all(m[f"train/step_s_{k}"] > 0 and m[f"train/peak_mem_mb_{k}"] > 0 for k in kinds)
+    assert m["train/pyramid_s"] == pytest.approx(sum(m[f"train/step_s_{k}"] for k in kinds))
+    assert m["train/images_per_s"] == pytest.approx(4 / m["train/pyramid_s"])
+    # tokens of the 9 timed steps (the first is left out) over their seconds
+    n = [p * p for p in TOK.patch_nums]
+    tokens = 4 * (5 * (n[0] + n[1]) + 2 * n[2] + 2 * n[3])  # steps 1-9: dense x5, s2 x2, s3 x2
+    seconds = sum(m[f"train/step_s_{k}"] * c for k, c in zip(kinds, (5, 2, 2)))
+    assert m["train/tokens_per_s"] == pytest.approx(tokens / seconds)
+    assert m["perf/peak_mem_mb"] >= max(m[f"train/peak_mem_mb_{k}"] for k in kinds) * 0.999
+
+
+def test_a_full_step_is_a_pyramid():
+    cfg = tiny_config("var", **{"run.steps": 4, "run.log_every": 4})
+    record = Record()
+    Trainer(tiny_task(cfg), cfg, CPU).run(iter(token_batches(4)), 0, record)
+    m = record.logged[-1][1]
+    assert m["train/pyramid_s"] == m["train/step_s_full"] and "train/step_s_dense" not in m
+    assert m["train/tokens_per_s"] == pytest.approx(4 * sum(p * p for p in TOK.patch_nums) / m["train/step_s_full"])
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["train.cycle_ratio=0"], "train.cycle_ratio"),
     (["optim.hold_ratio=1"], "optim.hold_ratio"),
