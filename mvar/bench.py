@@ -63,6 +63,8 @@ class BenchResult:
     train_step_s: float | None = None
     train_peak_mb: float | None = None
     train_steps: dict = field(default_factory=dict)  # per kind of step: seconds and peak MB
+    train_pyramid_s: float | None = None   # every scale trained once (VAR: a step; cycle: small + each windowed)
+    train_tokens_per_s: float | None = None  # tokens trained per second over the training's own cycle
     memory_method: str = ""
     backend: str = ""
     torch: str = torch.__version__
@@ -171,6 +173,16 @@ def summarize_training(kinds: dict[str, dict]) -> tuple[float, float]:
     return step_s, max(v["peak_mb"] for v in in_cycle.values())
 
 
+def pyramid_cost(kinds: dict[str, dict], batch: int, patch_nums) -> tuple[float, float]:
+    """(seconds to train every scale once, tokens per second over the cycle) of ``measure_training``'s kinds:
+    VAR's full step; in the cycle one step on the small scales plus one on each windowed scale, the
+    like-for-like figure beside VAR's (the per-step mean flatters the cycle: most of its steps are small)."""
+    in_cycle = {k: v for k, v in kinds.items() if v["per_cycle"] > 0}
+    pyramid = sum(v["step_s"] for v in in_cycle.values())
+    tokens = sum(v["per_cycle"] * batch * sum(patch_nums[s] ** 2 for s in v["scales"]) for v in in_cycle.values())
+    return pyramid, tokens / sum(v["per_cycle"] * v["step_s"] for v in in_cycle.values())
+
+
 def run_one(spec: BenchSpec) -> BenchResult:
     device = torch.device(spec.device)
     if device.type == "cuda":
@@ -188,6 +200,8 @@ def run_one(spec: BenchSpec) -> BenchResult:
     if spec.train:
         result.train_steps = measure_training(model, spec, device)
         result.train_step_s, result.train_peak_mb = summarize_training(result.train_steps)
+        result.train_pyramid_s, result.train_tokens_per_s = pyramid_cost(result.train_steps, spec.batch,
+                                                                         model.patch_nums)
     return result
 
 

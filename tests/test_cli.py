@@ -112,6 +112,12 @@ def test_bench_tiny_all_variants(tmp_path):
     assert set(results["mvar"]["train_steps"]) == {"cycle_small", "cycle_s2", "cycle_s3", "packed"}  # mvar-tiny: 8 x (0, 1), (2,), (3,)
     for r in results.values():
         assert r["infer_latency_s"] > 0 and r["train_step_s"] > 0 and r["infer_peak_mb"] >= 0
+    assert results["var"]["train_pyramid_s"] == results["var"]["train_steps"]["full"]["step_s"]
+    kinds = results["mvar"]["train_steps"]  # a pyramid: one small-scales step plus one per windowed scale
+    assert results["mvar"]["train_pyramid_s"] == pytest.approx(sum(kinds[k]["step_s"] for k in
+                                                                   ("cycle_small", "cycle_s2", "cycle_s3")))
+    assert results["mvar"]["train_pyramid_s"] > results["mvar"]["train_step_s"]
+    assert "train s/pyramid" in proc.stdout and all(r["train_tokens_per_s"] > 0 for r in results.values())
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
