@@ -104,6 +104,8 @@ def add_eval_arguments(p: argparse.ArgumentParser, overrides: bool = True) -> No
                    "default mvar)")
     p.add_argument("--no-tracking", dest="track", action="store_false", default=None,
                    help=f"no MLflow ({_key('track')}=false)")
+    p.add_argument("--summary", action="store_true", help="print one line per setting (FID, class accuracy, "
+                   "the run) instead of the results' JSON")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="deprecated spelling of a key.sub=value override (repeatable)")
     add_config_arguments(p, "YAML file with an EvaluateConfig (eval:, tracking:, checkpoint:, run_id:)",
@@ -167,6 +169,12 @@ def run(args: argparse.Namespace) -> int:
               "store checked")
         return 0
     results = evaluate(cfg)
+    if args.summary:
+        for r in results:
+            shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in sorted(r.metrics.items())
+                              if k.removeprefix("eval/") in ("fid", "kid", "class_acc", "precision", "recall"))
+            print(f"{r.out.name}: {shown or 'no metrics'} (MLflow run {r.run_id})")
+        return 0
     print(json.dumps([{"setting": r.out.name, "run_id": r.run_id, "out": str(r.out), **r.metrics} for r in results],
                      indent=1))
     return 0

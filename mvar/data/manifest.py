@@ -136,6 +136,11 @@ def _check_manifest(manifest: Manifest, url: str) -> None:
     if not manifest.shards or manifest.num_samples == 0:
         raise DataError(f"'{url}' lists no samples; was the source empty? Repack from a tree "
                         f"with one folder of images per class")
+    listed = sum(shard.num_samples for shard in manifest.shards)
+    if listed != manifest.num_samples:
+        raise DataError(f"'{url}': num_samples {manifest.num_samples} disagrees with its shards, which hold {listed} "
+                        "samples in all (edited, or written by a broken tool?); repack, or run `mvar data verify` "
+                        "to see each shard")
     if manifest.kind == "tokens" and not _token_meta_ok(manifest.tokens):
         raise DataError(f"'{url}': its 'tokens' section lacks tokenizer_sha256, patch_nums or vocab_size "
                         f"(has {sorted(manifest.tokens)}); remake it with `mvar data tokenize`")

@@ -54,3 +54,19 @@ def test_classes_are_distinct_yet_varied():
     assert all(x[labels == c].std(0).mean() > 0.08 for c in range(num_classes))
     pixels = x.reshape(len(x), 8, 4, 8, 4, 3).mean((2, 4)).reshape(len(x), -1)
     assert 0.25 < _nearest_centroid_accuracy(pixels, labels, num_classes) < 0.95
+
+
+def test_a_manifest_whose_total_disagrees_with_its_shards_is_refused(tmp_path):
+    import json
+
+    import pytest
+
+    from mvar.data.manifest import DataError
+    out = str(tmp_path / "s")
+    write_synth(out, num_images=30, image_size=16, num_classes=3, seed=0, shard_size=20)
+    path = os.path.join(out, "manifest.json")
+    data = json.loads(open(path).read())
+    data["num_samples"] = 300
+    open(path, "w").write(json.dumps(data))
+    with pytest.raises(DataError, match=r"num_samples 300 disagrees with its shards, which hold 30"):
+        read_manifest(out)
