@@ -191,6 +191,53 @@ def class_accuracy(logits_NC: torch.Tensor, labels_N: torch.Tensor) -> dict[str,
     return {"class_acc": float(np.mean(shares)), "class_acc_min": float(min(shares))}
 
 
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(np.asarray(sigma, np.float64))
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def fid_resampler(features_ND: np.ndarray, ref: Reference):
+    """``fid(idx)``: the FID of the generated features ``features_ND[idx]`` against ``ref``'s fixed statistics.
+    tr sqrt(sigma_g sigma_r) = the sum of sqrt eigenvalues of Yc Yc^T / (N-1) with Y = X sigma_r^1/2: an
+    N x N (or D x D, the smaller) eigenproblem per resample instead of a D x D sqrtm."""
+    x = np.asarray(features_ND, np.float64)
+    y = x @ _psd_sqrt(ref.sigma)
+    mu_r, tr_r = np.asarray(ref.mu, np.float64), float(np.trace(ref.sigma))
+
+    def fid(idx: np.ndarray) -> float:
+        xs, ys = x[idx], y[idx]
+        n = len(idx)
+        xc, yc = xs - xs.mean(0), ys - ys.mean(0)
+        gram = yc @ yc.T if n <= yc.shape[1] else yc.T @ yc
+        tr_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh(gram / (n - 1)), 0, None)).sum())
+        diff = xs.mean(0) - mu_r
+        return float(diff @ diff + (xc * xc).sum() / (n - 1) + tr_r - 2 * tr_sqrt)
+
+    return fid
+
+
+def bootstrap_metrics(features: dict[str, torch.Tensor], ref: Reference, resamples: int, seed: int = 0,
+                      class_acc: bool = False, level: float = 0.95) -> dict[str, float]:
+    """{'fid_boot_std', 'fid_boot_low', 'fid_boot_high'} (and 'class_acc_boot_*' with ``class_acc``: the
+    classifier's logits and labels): percentile bootstrap over the generated samples, the reference fixed."""
+    from mvar.metrics.stats import bootstrap_interval
+    n = int(features[FID_LAYER].shape[0])
+    index = np.arange(n)
+    out = {}
+    fid = fid_resampler(features[FID_LAYER].numpy(), ref)
+    b = bootstrap_interval(fid, index, resamples, seed, level)
+    out.update({"fid_boot_std": b.std, "fid_boot_low": b.low, "fid_boot_high": b.high})
+    if class_acc:
+        pred, true = features[ISC_LAYER].argmax(1).numpy(), features[LABELS].numpy()
+
+        def acc(p: np.ndarray, y: np.ndarray) -> float:
+            return float(np.mean([(p[y == c] == c).mean() for c in np.unique(y)]))
+
+        b = bootstrap_interval(acc, (pred, true), resamples, seed, level)
+        out.update({"class_acc_boot_std": b.std, "class_acc_boot_low": b.low, "class_acc_boot_high": b.high})
+    return out
+
+
 def score_images(location: str, ref: Reference, weights: FeatureWeights, device: torch.device,
                  prc_k: int = 3, isc_splits: int = 10, batch_size: int = 32) -> dict[str, float]:
     """The metrics of an image set (samples, or real images for a floor) against ``ref``: FID, IS,
