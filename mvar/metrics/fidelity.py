@@ -198,22 +198,39 @@ def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
 
 def fid_resampler(features_ND: np.ndarray, ref: Reference):
     """``fid(idx)``: the FID of the generated features ``features_ND[idx]`` against ``ref``'s fixed statistics.
-    tr sqrt(sigma_g sigma_r) = the sum of sqrt eigenvalues of Yc Yc^T / (N-1) with Y = X sigma_r^1/2: an
-    N x N (or D x D, the smaller) eigenproblem per resample instead of a D x D sqrtm."""
+    tr sqrt(sigma_g sigma_r) is the sum of the square roots of the eigenvalues of Xc sigma_r Xc^T / (N-1)
+    (Xc: the resample, centred): with N <= D an N x N eigenproblem per resample on the Gram matrix
+    X sigma_r X^T computed once, with N > D a D x D one; never a D x D sqrtm."""
     x = np.asarray(features_ND, np.float64)
-    y = x @ _psd_sqrt(ref.sigma)
-    mu_r, tr_r = np.asarray(ref.mu, np.float64), float(np.trace(ref.sigma))
+    mu_r, sigma_r = np.asarray(ref.mu, np.float64), np.asarray(ref.sigma, np.float64)
+    tr_r = float(np.trace(sigma_r))
+    n_all, d = x.shape
+    if n_all <= d:
+        gram_r, gram = x @ sigma_r @ x.T, x @ x.T
+    else:
+        y = x @ _psd_sqrt(sigma_r)
 
     def fid(idx: np.ndarray) -> float:
-        xs, ys = x[idx], y[idx]
         n = len(idx)
-        xc, yc = xs - xs.mean(0), ys - ys.mean(0)
-        gram = yc @ yc.T if n <= yc.shape[1] else yc.T @ yc
-        tr_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh(gram / (n - 1)), 0, None)).sum())
-        diff = xs.mean(0) - mu_r
-        return float(diff @ diff + (xc * xc).sum() / (n - 1) + tr_r - 2 * tr_sqrt)
+        diff = x[idx].mean(0) - mu_r
+        if n_all <= d:
+            sub = np.ix_(idx, idx)
+            g = gram[sub]
+            tr_g = float(np.trace(g) - g.sum() / n) / (n - 1)
+            inner = _centred(gram_r[sub]) / (n - 1)
+        else:
+            yc, xc = y[idx] - y[idx].mean(0), x[idx] - x[idx].mean(0)
+            tr_g = float((xc * xc).sum()) / (n - 1)
+            inner = yc.T @ yc / (n - 1)
+        tr_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh(inner), 0, None)).sum())
+        return float(diff @ diff + tr_g + tr_r - 2 * tr_sqrt)
 
     return fid
+
+
+def _centred(gram_NN: np.ndarray) -> np.ndarray:
+    """The Gram matrix of the centred rows, from the Gram matrix of the rows."""
+    return gram_NN - gram_NN.mean(0)[None] - gram_NN.mean(1)[:, None] + gram_NN.mean()
 
 
 def bootstrap_metrics(features: dict[str, torch.Tensor], ref: Reference, resamples: int, seed: int = 0,
