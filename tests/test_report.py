@@ -276,7 +276,8 @@ def test_the_real_images_row_is_compared_whatever_its_extractor_is_called(tmp_pa
     """The quickstart tags its real row with the config's name (classifier), evaluations with the extractor's."""
     cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="q", system_metrics=False)
     _log(cfg, "var-s0", "var", 0, {"eval/fid": 40.0}, tags={"mvar.feature_extractor": "mvar-classifier"})
-    run_id = tracking.start_run(cfg, "real", tags={"mvar.reference_row": "real", "mvar.feature_extractor": "classifier"})
+    run_id = tracking.start_run(cfg, "real", tags={"mvar.reference_row": "real",
+                                                   "mvar.feature_extractor": "classifier"})
     t = MlflowTracker(run_id, cfg)
     t.log_params({"eval.reference": "/ref"})
     t.log_metrics({"eval/fid": 4.0}, 0)

@@ -99,14 +99,16 @@ def _features(n: int, d: int, shift: float, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("n", [12, 60])  # fewer samples than dimensions (N x N form) and more (D x D form)
 def test_the_resampled_fid_of_all_samples_is_torch_fidelitys_fid(n):
     from torch_fidelity.metric_fid import fid_statistics_to_metric
+
     from mvar.metrics.fidelity import fid_statistics
     ref = reference_from_features({FID_LAYER: _features(80, 24, 0.0, 0)}, 64, "sha", "ref")
     gen = _features(n, 24, 0.3, 1)
-    expected = fid_statistics_to_metric(fid_statistics(gen), {"mu": ref.mu, "sigma": ref.sigma}, False)["frechet_inception_distance"]
+    ref_stats = {"mu": ref.mu, "sigma": ref.sigma}
+    expected = fid_statistics_to_metric(fid_statistics(gen), ref_stats, False)["frechet_inception_distance"]
     fid = fid_resampler(gen.numpy(), ref)
     assert fid(np.arange(n)) == pytest.approx(expected, rel=1e-4)
     idx = np.random.default_rng(2).integers(0, n, n)
-    again = fid_statistics_to_metric(fid_statistics(gen[idx]), {"mu": ref.mu, "sigma": ref.sigma}, False)
+    again = fid_statistics_to_metric(fid_statistics(gen[idx]), ref_stats, False)
     assert fid(idx) == pytest.approx(again["frechet_inception_distance"], rel=1e-4)
 
 

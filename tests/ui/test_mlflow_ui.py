@@ -264,4 +264,5 @@ def test_a_group_runs_page_shows_the_aggregates_of_its_seeds(browser, mlflow_ser
     browser.set_window(1600, 2000)
     browser.open(url, needles)
     text = browser.keep(shots, "group-run")
-    assert not _missing(text, needles), f"not on the group run's page: {_missing(text, needles)}; page text:\n{text[:3000]}"
+    missing = _missing(text, needles)
+    assert not missing, f"not on the group run's page: {missing}; page text:\n{text[:3000]}"
