@@ -1,30 +1,42 @@
-"""`mvar report --experiment NAME`: the ablation table of an MLflow experiment, with ratios to VAR.
+"""`mvar report --experiment NAME`: the ablation table of an MLflow experiment, with intervals and verdicts
+against VAR.
 
-One row per run that carries `mvar.variant` (training runs, and evaluation runs of checkpoints
-that were not trained here, and a sweep's trials, nested under its run); evaluation child runs and sweep
-parents are left out. Columns are
-the paper's (inference time, attention GFLOPs, KV cache, inference memory, train s/it, train
-memory, FID, IS, precision, recall), each followed by its ratio to the VAR run of the same
-depth (the latest finished one). Written as Markdown, CSV and HTML with three plots (FID vs
-window size, inference memory vs depth per variant, the FID / memory Pareto front) and logged
-as the artifacts of a report run (tag `mvar.report`), the table also with MLflow's ``log_table``.
+One row per group of training runs that differ only in their seed (tag `mvar.group`, else
+`mvar.metrics.stats.group_key` of the run's params): training runs, evaluation runs of checkpoints
+that were not trained here (a row each), a sweep's trials; evaluation child runs, sweep parents and
+group runs (tag `mvar.group_run=true`) are no rows. Per group and metric: the mean over seeds with a
+95 % Student t interval; a group of one seed shows the bootstrap interval over its samples
+(`eval/*_boot_low|high`), labelled `bootstrap`. Columns are the paper's (inference time, attention
+GFLOPs, KV cache, inference memory, train seconds per full pyramid, train memory, FID, IS,
+precision, recall, class accuracy), each followed by its ratio of means to the VAR group of the same
+depth and a verdict from the paired difference over the seeds both share: `better`, `worse` or
+`inconclusive` (the interval holds 0). Runs that a group or a comparison would mix (another data
+set, tokenizer, reference, sample count, guidance or feature extractor) are refused, naming both.
+Written as Markdown, CSV, HTML (and LaTeX with ``--latex``) with three plots (FID vs window size,
+inference memory vs depth per variant, the FID / memory Pareto front) with error bars; logged as the
+artifacts of a report run (tag `mvar.report`), the table also with MLflow's ``log_table``; each
+group's aggregates (`<metric>_mean|_std|_n|_ci95_low|_ci95_high`, tag `mvar.interval`) go into its
+group run, made when there is none.
 """
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from mvar.errors import UserError
+from mvar.metrics.stats import group_key, paired_difference, t_interval, verdict
 from mvar.models.config import PATTERNS
 
-# (column, MLflow metric, lower is better?)
+# (column, MLflow metric, lower is better?); each is followed by its `x VAR` column
 COLUMNS = [
     ("infer s/batch", "infer/latency_s", True),
     ("attn GFLOPs", "model/attn_gflops", True),
     ("KV cache MB", "infer/kv_cache_mb", True),
     ("infer mem MB", "infer/peak_mem_mb", True),
-    ("train s/it", "perf/step_s", True),
+    # like-for-like: seconds to train every scale once (an MVAR cycle trains a slice of them per step)
+    ("train s/pyramid", "train/pyramid_s", True),
     ("train mem MB", "perf/peak_mem_mb", True),
     ("FID", "eval/fid", True),
     ("IS", "eval/is", False),
@@ -32,9 +44,19 @@ COLUMNS = [
     ("recall", "eval/recall", False),
     ("class acc", "eval/class_acc", False),  # with a classifier feature extractor only
 ]
+# seconds per optimizer step as logged: no ratio (an MVAR step covers fewer scales than a VAR step)
+RAW_COLUMNS = [("train s/it (raw)", "perf/step_s", True)]
 # runs tagged `mvar.reference_row` (real, untrained) frame the variants: listed first, never a baseline
 REFERENCE_TAG = "mvar.reference_row"
+GROUP_TAG, GROUP_RUN_TAG, INTERVAL_TAG, SEED_TAG = "mvar.group", "mvar.group_run", "mvar.interval", "mvar.seed"
 VARIANT_ORDER = {variant: i for i, variant in enumerate(PATTERNS)}
+# what members of a group, and compared rows, must share: (field, params or tags); missing on one side = unknown
+DATA_FIELDS = [("data.shards", "params"), ("tokenizer", "params")]
+EVAL_FIELDS = [("eval.reference", "params"), ("eval.num_samples", "params"), ("eval.num_per_class", "params"),
+               ("eval.cfg", "params"), ("mvar.feature_extractor", "tags"), ("mvar.feature_extractor_sha256", "tags")]
+# eval.feature_extractor values and torch-fidelity's names of the same extractors (the quickstart's real row
+# is tagged with the former)
+EXTRACTOR_NAMES = {"inception": "inception-v3-compat", "classifier": "mvar-classifier"}
 
 
 @dataclass
@@ -44,47 +66,204 @@ class Report:
     files: list[Path]
 
 
-def collect(experiment: str, uri: str = "") -> list[dict]:
-    """Rows of the experiment's runs: identity columns plus the latest value of each metric."""
-    from mvar.tracking import PARENT_TAG, Store
-    rows = []
-    for run in Store(uri).runs(experiment):
-        tags, params, metrics = run.tags, run.params, run.metrics
+@dataclass
+class Group:
+    """Runs of one config but the seed: ``members`` one per seed (the latest finished run of each)."""
+
+    key: str
+    reference: str
+    members: list = field(default_factory=list)   # RunRecord
+    group_run: object = None                        # RunRecord of the group run, if any
+
+    def values(self, metric: str) -> dict[str, float]:
+        return {seed_of(r): r.metrics[metric] for r in self.members if metric in r.metrics}
+
+
+def seed_of(run) -> str:
+    """The training seed (tag, else param run.seed); a run without one pairs with nothing."""
+    return run.tags.get(SEED_TAG) or run.params.get("run.seed") or f"run:{run.run_id}"
+
+
+def field_value(run, name: str, where: str) -> str:
+    value = (run.params if where == "params" else run.tags).get(name, "")
+    return EXTRACTOR_NAMES.get(value, value) if name == "mvar.feature_extractor" else value
+
+
+def run_group(run) -> str:
+    """A reference row or a run without a model config (an evaluation of a foreign checkpoint) is a group alone."""
+    if run.tags.get(REFERENCE_TAG):
+        return f"{run.tags[REFERENCE_TAG]}:{run.run_id}"
+    if run.tags.get(GROUP_TAG):
+        return run.tags[GROUP_TAG]
+    if "model.attention" not in run.params and "model.depth" not in run.params:
+        return f"run:{run.run_id}"
+    return group_key(run.params)
+
+
+def search(experiment: str, uri: str = "", where: str = "", study: str = ""):
+    """The experiment's runs, narrowed by an MLflow search filter and / or the study tag (group runs stay: they
+    hold the aggregates of the groups that are left)."""
+    from mvar.tracking import Store
+    store = Store(uri)
+    runs = store.runs(experiment)
+    query = " and ".join(q for q in (where, f"tags.`mvar.study` = '{study}'" if study else "") if q)
+    if not query:
+        return runs
+    try:
+        kept = {r.info.run_id for r in store.client.search_runs([store.experiment_id(experiment, create=False)],
+                                                                 filter_string=query, max_results=5000)}
+    except Exception as err:  # noqa: BLE001 - MLflow's parser says what is wrong with the filter
+        raise UserError(f"--filter: MLflow cannot search runs with {query!r}: {str(err).splitlines()[0][:300]}") \
+            from None
+    return [r for r in runs if r.run_id in kept or r.tags.get(GROUP_RUN_TAG) == "true"]
+
+
+def groups_of(runs) -> list[Group]:
+    """Rows of the report: the table's runs grouped by everything but the seed; group runs attached."""
+    from mvar.tracking import PARENT_TAG
+    groups: dict[str, Group] = {}
+    group_runs = {}
+    for run in sorted(runs, key=lambda r: r.start_time):
+        tags = run.tags
+        if tags.get(GROUP_RUN_TAG) == "true":
+            group_runs.setdefault(tags.get(GROUP_TAG, ""), run)
+            continue
         reference = tags.get(REFERENCE_TAG, "")
         nested_eval = PARENT_TAG in tags and "mvar.run_key" not in tags  # a sweep's trials are nested training runs
         if ("mvar.variant" not in tags and not reference) or nested_eval or tags.get("mvar.report"):
             continue
-        depth = params.get("model.depth") or _depth_of(tags.get("mvar.size", ""))
-        rows.append({"run": run.name, "run_id": run.run_id, "status": run.status, "reference": reference,
-                     "variant": reference or tags["mvar.variant"], "depth": int(depth) if depth else 0,
-                     "window": int(params["model.window_size"]) if params.get("model.window_size") else 0,
-                     "comparable": tags.get("mvar.metrics_comparable", ""), "start": run.start_time,
-                     "extractor": tags.get("mvar.feature_extractor", ""),
-                     **{col: metrics.get(key) for col, key, _ in COLUMNS}})
-    rows.sort(key=lambda r: (not r["reference"], r["depth"], VARIANT_ORDER.get(r["variant"], 9), r["window"],
-                             r["start"]))
-    return rows
+        key = run_group(run)
+        g = groups.setdefault(key, Group(key, reference))
+        same_seed = [m for m in g.members if seed_of(m) == seed_of(run)]
+        if same_seed and same_seed[0].status == "FINISHED" and run.status != "FINISHED":
+            continue  # an earlier finished run of this seed beats a newer failed one
+        g.members = [m for m in g.members if m not in same_seed] + [run]
+    for key, g in groups.items():
+        g.group_run = group_runs.get(key)
+        check_members(g)
+    return list(groups.values())
+
+
+def check_members(g: Group) -> None:
+    """Members of a group are averaged: they must share data, tokenizer and evaluation."""
+    for name, where in DATA_FIELDS + EVAL_FIELDS:
+        first = None
+        for run in g.members:
+            value = field_value(run, name, where)
+            if not value:
+                continue
+            if first is None:
+                first = (run, value)
+            elif value != first[1]:
+                raise UserError(f"runs '{first[0].name}' and '{run.name}' of group {g.key} disagree in {name} "
+                                f"('{first[1]}' vs '{value}'): one group must not mix them")
+
+
+def check_comparable(a: Group, b: Group) -> None:
+    """``a`` is set against ``b`` (its VAR baseline): same data, tokenizer and evaluation, where both say."""
+    for name, where in DATA_FIELDS + EVAL_FIELDS:
+        va = next((v for v in (field_value(r, name, where) for r in a.members) if v), "")
+        vb = next((v for v in (field_value(r, name, where) for r in b.members) if v), "")
+        if va and vb and va != vb:
+            raise UserError(f"runs '{a.members[0].name}' and '{b.members[0].name}' are compared (x VAR) but "
+                            f"disagree in {name} ('{va}' vs '{vb}'); evaluate them alike or leave one out "
+                            f"(--filter)")
+
+
+def _depth(g: Group) -> int:
+    run = g.members[0]
+    depth = run.params.get("model.depth") or _depth_of(run.tags.get("mvar.size", ""))
+    return int(depth) if depth else 0
 
 
 def _depth_of(size: str) -> str:
     return size[1:] if size.startswith("d") and size[1:].isdigit() else ""
 
 
+def summarize(g: Group) -> dict:
+    """The row of a group: identity columns, then per column the mean, std, n and the interval."""
+    first = g.members[0]
+    window = first.params.get("model.window_size")
+    n = len(g.members)
+    name = first.name if n == 1 else (g.group_run.name if g.group_run else g.key)
+    statuses = {r.status for r in g.members}
+    row = {"run": name, "run_id": ",".join(r.run_id for r in g.members), "group": g.key, "reference": g.reference,
+           "status": "FINISHED" if statuses == {"FINISHED"} else sorted(statuses - {"FINISHED"})[0],
+           "finished": "FINISHED" in statuses, "variant": g.reference or first.tags["mvar.variant"],
+           "depth": _depth(g), "window": int(window) if window else 0, "seeds": n,
+           "comparable": first.tags.get("mvar.metrics_comparable", ""), "start": min(r.start_time for r in g.members),
+           "extractor": field_value(first, "mvar.feature_extractor", "tags"), "_group": g}
+    for col, key, _ in COLUMNS + RAW_COLUMNS:
+        row.update(metric_cells(col, key, g))
+    kinds = {row[f"{col} interval"] for col, _, _ in COLUMNS if row[f"{col} interval"]}
+    row["interval"] = "t" if n > 1 else ("bootstrap" if "bootstrap" in kinds else "")
+    return row
+
+
+def metric_cells(col: str, key: str, g: Group) -> dict:
+    """``col``: the mean; ``col std|n|low|high|interval``: t over seeds, or one seed's bootstrap over samples."""
+    values = list(g.values(key).values())
+    if not values:
+        return {col: None, f"{col} std": None, f"{col} n": 0, f"{col} low": None, f"{col} high": None,
+                f"{col} interval": ""}
+    t = t_interval(values)
+    cells = {col: t.mean, f"{col} std": _num(t.std), f"{col} n": t.n, f"{col} low": _num(t.low),
+             f"{col} high": _num(t.high), f"{col} interval": "t" if t.n > 1 else ""}
+    if t.n == 1:
+        m = next(r.metrics for r in g.members if key in r.metrics)
+        if f"{key}_boot_low" in m and f"{key}_boot_high" in m:
+            cells.update({f"{col} std": _num(m.get(f"{key}_boot_std", math.nan)),
+                          f"{col} low": _num(m[f"{key}_boot_low"]), f"{col} high": _num(m[f"{key}_boot_high"]),
+                          f"{col} interval": "bootstrap"})
+    return cells
+
+
+def _num(v):
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def collect(experiment: str, uri: str = "", where: str = "", study: str = "") -> list[dict]:
+    """Rows of the experiment's groups, references first, then by depth, variant and window."""
+    rows = [summarize(g) for g in groups_of(search(experiment, uri, where, study))]
+    rows.sort(key=lambda r: (not r["reference"], r["depth"], VARIANT_ORDER.get(r["variant"], 9), r["window"],
+                             r["start"]))
+    return rows
+
+
+def baseline_for(row: dict, baselines: list[dict]) -> dict | None:
+    """The VAR group a row is set against: same depth, and among those the one trained alike (steps, data,
+    tokenizer), the latest first; a reference row of no known depth (the real images) takes the only one."""
+    same = [b for b in baselines if b["depth"] == row["depth"]]
+    if not same and row.get("reference") and len({b["depth"] for b in baselines}) == 1:
+        same = baselines
+    if not same:
+        return None
+    run = row["_group"].members[0]
+
+    def alike(b: dict) -> int:
+        other = b["_group"].members[0]
+        return sum(run.params.get(k) == other.params.get(k) for k in ("run.steps", "data.shards", "tokenizer"))
+
+    return max(same, key=lambda b: (alike(b), b["start"]))
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """`<col> x VAR`: this run's value over the VAR baseline of the same depth (latest finished)."""
-    baselines: dict[int, dict] = {}
+    """`<col> x VAR`: this group's mean over the VAR baseline's mean; `<col> x VAR verdict` from the paired
+    difference over the seeds both have (Welch's unpaired interval when the seeds differ)."""
+    baselines = [r for r in rows if r["variant"] == "var" and r["finished"] and not r.get("reference")]
     for r in rows:
-        newer = r["depth"] not in baselines or r["start"] > baselines[r["depth"]]["start"]
-        if r["variant"] == "var" and r["status"] == "FINISHED" and newer and not r.get("reference"):
-            baselines[r["depth"]] = r
-    depths = sorted(baselines)
-    for r in rows:
-        # a reference row of no known depth (the real images) is set against the only VAR baseline
-        base = baselines.get(r["depth"]) or (baselines[depths[0]] if r.get("reference") and len(depths) == 1
-                                             else None)
-        for col, _, _ in COLUMNS:
+        base = baseline_for(r, baselines)
+        if base is not None and base is not r:
+            check_comparable(r["_group"], base["_group"])
+        for col, key, lower_is_better in COLUMNS:
             v, b = r.get(col), base.get(col) if base else None
             r[f"{col} x VAR"] = v / b if v is not None and b not in (None, 0) else None
+            r[f"{col} x VAR verdict"] = r[f"{col} x VAR method"] = ""
+            if v is None or b is None or base is r or r.get("reference"):
+                continue
+            d = paired_difference(r["_group"].values(key), base["_group"].values(key))
+            r[f"{col} x VAR verdict"] = verdict(d.low, d.high, lower_is_better)
+            r[f"{col} x VAR method"] = f"{d.method} n={d.n}"
 
 
 def _fmt(v) -> str:
@@ -96,38 +275,107 @@ def _fmt(v) -> str:
 
 
 def table_columns() -> list[str]:
+    """Identity, then each column and its `x VAR` ratio, then the raw per-step seconds and the seed count."""
     cols = ["run", "variant", "depth", "window"]
     for col, _, _ in COLUMNS:
         cols += [col, f"{col} x VAR"]
-    return cols
+    return cols + [col for col, _, _ in RAW_COLUMNS] + ["seeds"]
+
+
+def value_cell(r: dict, col: str) -> str:
+    """``41.5 ± 1.2`` (t over seeds), ``41.5 [39.8, 43.6]`` (one seed's bootstrap, asymmetric), else the value."""
+    mean, low, high = r.get(col), r.get(f"{col} low"), r.get(f"{col} high")
+    if mean is None or low is None or high is None:
+        return _fmt(mean)
+    if r.get(f"{col} interval") == "t":
+        return f"{_fmt(mean)} ± {_fmt((high - low) / 2)}"
+    return f"{_fmt(mean)} [{_fmt(low)}, {_fmt(high)}]"
+
+
+def ratio_cell(r: dict, col: str) -> str:
+    ratio, word = r.get(f"{col} x VAR"), r.get(f"{col} x VAR verdict")
+    return f"{_fmt(ratio)} ({word})" if ratio is not None and word else _fmt(ratio)
+
+
+def display_frame(rows: list[dict]):
+    """The table as strings (what Markdown, HTML and LaTeX show): mean ± interval, ratio (verdict)."""
+    import pandas as pd
+    ratio_cols = {f"{col} x VAR": col for col, _, _ in COLUMNS}
+    value_cols = {col for col, _, _ in COLUMNS + RAW_COLUMNS}
+    data = []
+    for r in rows:
+        cells = {}
+        for c in table_columns():
+            if c in ratio_cols:
+                cells[c] = ratio_cell(r, ratio_cols[c])
+            elif c in value_cols:
+                cells[c] = value_cell(r, c)
+            elif c == "seeds":
+                cells[c] = f"{r['seeds']} ({r['interval']})" if r.get("interval") else str(r["seeds"])
+            else:
+                cells[c] = _fmt(r.get(c))
+        data.append(cells)
+    return pd.DataFrame(data, columns=table_columns())
+
+
+def numeric_frame(rows: list[dict]):
+    """The table as numbers (the CSV): means, ratios, and per column its interval, n and verdict."""
+    import pandas as pd
+    cols = table_columns()
+    for col, _, _ in COLUMNS:
+        cols += [f"{col} low", f"{col} high", f"{col} std", f"{col} n", f"{col} interval", f"{col} x VAR verdict",
+                 f"{col} x VAR method"]
+    cols += ["group", "interval", "run_id", "status", "comparable"]
+    return pd.DataFrame([{c: _cell(r.get(c)) for c in cols} for r in rows], columns=cols)
+
+
+NOTES = {"classifier": "FID/IS/precision/recall/class acc computed with a classifier of the training split "
+                       "(mvar.feature_extractor=classifier): not comparable with Inception numbers.",
+         "standin": "FID/IS/precision/recall computed with stand-in feature-extractor weights: "
+                    "not comparable with published numbers.",
+         "stats": "Values: mean ± half the 95 % Student t interval over training seeds; with one seed "
+                  "[low, high] is a bootstrap over the generated samples (seeds column: t / bootstrap). "
+                  "x VAR: ratio of means to the VAR group of the same depth, (verdict) from the paired "
+                  "difference over shared seeds: inconclusive when its 95 % interval holds 0."}
+
+
+def notes(rows: list[dict]) -> list[str]:
+    out = [NOTES["stats"]]
+    if any(r.get("extractor") == EXTRACTOR_NAMES["classifier"] for r in rows):
+        out.append(NOTES["classifier"])
+    elif any(r["comparable"] == "false" for r in rows):
+        out.append(NOTES["standin"])
+    return out
 
 
 def to_markdown(rows: list[dict]) -> str:
-    cols = table_columns()
-    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    if any(r.get("extractor") == "classifier" for r in rows):
-        lines.append("\nFID/IS/precision/recall/class acc computed with a classifier of the training split "
-                     "(mvar.feature_extractor=classifier): not comparable with Inception numbers.")
-    elif any(r["comparable"] == "false" for r in rows):
-        lines.append("\nFID/IS/precision/recall computed with stand-in feature-extractor weights: "
-                     "not comparable with published numbers.")
-    return "\n".join(lines) + "\n"
+    table = display_frame(rows).to_markdown(index=False)
+    return table + "\n" + "".join(f"\n{n}\n" for n in notes(rows))
 
 
-def write_tables(rows: list[dict], out: Path) -> list[Path]:
-    import csv
-    cols = table_columns() + ["run_id", "status", "comparable"]
-    with open(out / "ablation.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+def to_latex(rows: list[dict]) -> str:
+    """A booktabs tabular (pandas' Styler: needs jinja2), the cells escaped for LaTeX."""
+    text = display_frame(rows).to_latex(index=False, escape=True)
+    return text.replace("±", "$\\pm$")
+
+
+def write_tables(rows: list[dict], out: Path, latex: bool = False) -> list[Path]:
+    numeric_frame(rows).to_csv(out / "ablation.csv", index=False)
     (out / "ablation.md").write_text(to_markdown(rows))
-    head = "".join(f"<th>{c}</th>" for c in table_columns())
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in table_columns()) + "</tr>" for r in rows)
+    table = display_frame(rows).to_html(index=False, escape=True, border=1)
+    body = "".join(f"<p>{_html(n)}</p>" for n in notes(rows))
     (out / "ablation.html").write_text(f"<html><head><meta charset='utf-8'><title>MVAR ablation</title></head>"
-                                       f"<body><table border='1'><tr>{head}</tr>{body}</table></body></html>\n")
-    return [out / "ablation.md", out / "ablation.csv", out / "ablation.html"]
+                                       f"<body>{table}{body}</body></html>\n")
+    files = [out / "ablation.md", out / "ablation.csv", out / "ablation.html"]
+    if latex:
+        (out / "ablation.tex").write_text(to_latex(rows))
+        files.append(out / "ablation.tex")
+    return files
+
+
+def _html(text: str) -> str:
+    import html
+    return html.escape(text)
 
 
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -136,16 +384,20 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return sorted(set(front))
 
 
-def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple[float, float]]],
+def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple]],
           line: list[tuple[float, float]] | None = None) -> Path:
+    """``series``: name -> points (x, y, x interval, y interval), an interval (low, high) or None; drawn as
+    error bars."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, pts in series.items():
         if pts:
-            xs, ys = zip(*sorted(pts))
-            ax.plot(xs, ys, "o-" if len(pts) > 1 else "o", label=name)
+            pts = sorted(pts, key=lambda p: (p[0], p[1]))
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            ax.errorbar(xs, ys, xerr=_bars(pts, 0, 2), yerr=_bars(pts, 1, 3), fmt="o-" if len(pts) > 1 else "o",
+                        capsize=3, label=name)
     if line:
         xs, ys = zip(*line)
         ax.plot(xs, ys, "k--", label="Pareto front")
@@ -158,15 +410,34 @@ def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, li
     return path
 
 
+def _bars(pts: list[tuple], value: int, interval: int):
+    """matplotlib's asymmetric error bars (2, N) of the points' intervals; None when no point has one."""
+    if not any(p[interval] for p in pts):
+        return None
+    return [[p[value] - p[interval][0] if p[interval] else 0 for p in pts],
+            [p[interval][1] - p[value] if p[interval] else 0 for p in pts]]
+
+
+def interval(r: dict, col: str) -> tuple[float, float] | None:
+    low, high = r.get(f"{col} low"), r.get(f"{col} high")
+    return (low, high) if low is not None and high is not None else None
+
+
 def write_plots(rows: list[dict], out: Path) -> list[Path]:
     has = [r for r in rows if r.get("FID") is not None]
-    fid_k = {f"mvar d{d}": [(r["window"], r["FID"]) for r in has if r["variant"] == "mvar" and r["depth"] == d]
+    mem = "infer mem MB"
+
+    def point(r: dict, xcol: str | None, ycol: str, x=None) -> tuple:
+        return (r[xcol] if xcol else x, r[ycol], interval(r, xcol) if xcol else None, interval(r, ycol))
+
+    fid_k = {f"mvar d{d}": [point(r, None, "FID", r["window"]) for r in has
+                            if r["variant"] == "mvar" and r["depth"] == d]
              for d in sorted({r["depth"] for r in has})}
-    mem_depth = {v: [(r["depth"], r["infer mem MB"]) for r in rows
-                     if r["variant"] == v and r.get("infer mem MB") is not None] for v in VARIANT_ORDER}
-    pts = {v: [(r["infer mem MB"], r["FID"]) for r in has if r["variant"] == v and r.get("infer mem MB") is not None]
+    mem_depth = {v: [point(r, None, mem, r["depth"]) for r in rows if r["variant"] == v and r.get(mem) is not None]
+                 for v in VARIANT_ORDER}
+    pts = {v: [point(r, mem, "FID") for r in has if r["variant"] == v and r.get(mem) is not None]
            for v in VARIANT_ORDER}
-    front = pareto([p for v in pts.values() for p in v])
+    front = pareto([(p[0], p[1]) for v in pts.values() for p in v])
     return [_plot(out / "fid_vs_window.png", "FID vs window size k", "k", "FID", fid_k),
             _plot(out / "memory_vs_depth.png", "Inference memory vs depth", "depth", "peak MB", mem_depth),
             _plot(out / "pareto_fid_memory.png", "FID vs inference memory", "peak MB", "FID", pts, front)]
@@ -216,7 +487,7 @@ TABLE_FILE = "report/ablation_table.json"   # the table as MLflow's log_table st
 
 
 def log_report(experiment: str, uri: str, files: list[Path], rows: list[dict] = ()) -> str:
-    """A report run: the files as artifacts, and the table (one row per run, the same columns) with
+    """A report run: the files as artifacts, and the table (one row per group, the same columns) with
     ``log_table``, which MLflow's artifact view shows as a table."""
     from mvar import tracking
     from mvar.tracking import MlflowTracker, TrackingConfig
@@ -229,6 +500,50 @@ def log_report(experiment: str, uri: str, files: list[Path], rows: list[dict] = 
         t.log_table({c: [_cell(r.get(c)) for r in rows] for c in table_columns()}, TABLE_FILE)
     t.close()
     return run_id
+
+
+def aggregates(r: dict) -> dict[str, float]:
+    """The group's metrics for its group run: ``<metric>_mean|_std|_n|_ci95_low|_ci95_high`` ('/' -> '_')."""
+    out = {}
+    for col, key, _ in COLUMNS + RAW_COLUMNS:
+        if r.get(col) is None:
+            continue
+        name = key.replace("/", "_")
+        values = {"mean": r[col], "std": r[f"{col} std"], "n": float(r[f"{col} n"]),
+                  "ci95_low": r[f"{col} low"], "ci95_high": r[f"{col} high"]}
+        out.update({f"{name}_{k}": float(v) for k, v in values.items() if v is not None})
+    return out
+
+
+def log_group_runs(experiment: str, uri: str, rows: list[dict]) -> dict[str, str]:
+    """Each training group's aggregates into its group run (tag `mvar.group_run=true`), made, nested under
+    nothing, when there is none; returns group key -> run id."""
+    from mvar.tracking import MlflowTracker, Store, TrackingConfig
+    store, cfg = Store(uri), TrackingConfig(uri=uri, experiment=experiment, system_metrics=False)
+    done = {}
+    for r in rows:
+        g = r["_group"]
+        if g.reference or g.key.startswith("run:"):
+            continue
+        tags = {GROUP_TAG: g.key, GROUP_RUN_TAG: "true"}
+        run_id, created = (g.group_run.run_id, False) if g.group_run else (store.create_run(experiment, g.key, tags),
+                                                                            True)
+        t = MlflowTracker(run_id, cfg)
+        if created:
+            t.log_params(shared_params(g.members))
+        t.set_tags({**tags, INTERVAL_TAG: r["interval"] or "none", "mvar.group_size": str(r["seeds"]),
+                    "mvar.group_members": ",".join(m.run_id for m in g.members)[:5000]})
+        t.log_metrics(aggregates(r), step=0)
+        t.close(status="FINISHED" if created else "")
+        done[g.key] = run_id
+    return done
+
+
+def shared_params(runs) -> dict[str, str]:
+    """The params every member logged with the same value (the group's config, without seed or name)."""
+    first, rest = runs[0].params, runs[1:]
+    return {k: v for k, v in first.items() if all(r.params.get(k) == v for r in rest)
+            and k not in ("run.seed", "run.name")}
 
 
 def _cell(v):
@@ -258,18 +573,22 @@ def tokenizer_markdown(experiment: str, uri: str = "") -> str:
 
 
 def make_report(experiment: str, out: str | Path, uri: str = "", log: bool = True,
-                extra_files: list[Path] = ()) -> Report:
-    """Tables, plots and the tokenizer section; ``extra_files`` (a picture ...) are logged with them."""
+                extra_files: list[Path] = (), where: str = "", study: str = "", latex: bool = False) -> Report:
+    """Tables, plots and the tokenizer section; ``extra_files`` (a picture ...) are logged with them.
+    ``where``: an MLflow search filter, ``study``: the tag `mvar.study`, narrowing the runs."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = collect(experiment, uri)
+    rows = collect(experiment, uri, where, study)
     add_ratios(rows)
-    files = write_tables(rows, out) + write_plots(rows, out)
+    files = write_tables(rows, out, latex) + write_plots(rows, out)
     markdown = to_markdown(rows) + tokenizer_markdown(experiment, uri)
     (out / "ablation.md").write_text(markdown)
     files += [Path(f) for f in extra_files]
     if log:
+        log_group_runs(experiment, uri, rows)
         log_report(experiment, uri, files, rows)
+    for r in rows:
+        r.pop("_group")
     return Report(rows=rows, markdown=markdown, files=files)
 
 
@@ -279,12 +598,16 @@ def register(subparsers) -> None:
     p.add_argument("--experiment", required=True, help="MLflow experiment name")
     p.add_argument("--out", default="out/report", help="directory for the table and plots")
     p.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else out/mlflow/mlflow.db")
-    p.add_argument("--no-log", action="store_true", help="do not log the report as an MLflow run")
+    p.add_argument("--filter", default="", help="MLflow search filter of the runs, e.g. \"params.`run.steps` = '600'\"")
+    p.add_argument("--study", default="", help="only the runs of this study (tag mvar.study)")
+    p.add_argument("--latex", action="store_true", help="also write ablation.tex (a booktabs tabular)")
+    p.add_argument("--no-log", action="store_true", help="do not log the report (nor the group aggregates) to MLflow")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    report = make_report(args.experiment, args.out, args.tracking_uri, log=not args.no_log)
+    report = make_report(args.experiment, args.out, args.tracking_uri, log=not args.no_log, where=args.filter,
+                         study=args.study, latex=args.latex)
     print(report.markdown)
     print("wrote " + ", ".join(str(f) for f in report.files))
     return 0

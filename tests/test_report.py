@@ -4,24 +4,38 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
+from scipy import stats
 
 from mvar import tracking
 from mvar.cli import main
+from mvar.errors import UserError
 from mvar.report import make_report, pareto
 from mvar.tracking import MlflowTracker, TrackingConfig
 
 # variant, depth, window, metrics
 RUNS = [
     ("var", 2, 3, {"eval/fid": 40.0, "infer/peak_mem_mb": 100.0, "perf/step_s": 0.50, "infer/kv_cache_mb": 8.0,
-                   "model/attn_gflops": 2.0, "eval/is": 3.0}),
+                   "model/attn_gflops": 2.0, "eval/is": 3.0, "train/pyramid_s": 0.50}),
     ("scale_markov", 2, 3, {"eval/fid": 38.0, "infer/peak_mem_mb": 60.0, "perf/step_s": 0.40,
                             "infer/kv_cache_mb": 0.0}),
     ("mvar", 2, 3, {"eval/fid": 39.0, "infer/peak_mem_mb": 50.0, "perf/step_s": 0.30, "infer/kv_cache_mb": 0.0}),
-    ("mvar", 2, 5, {"eval/fid": 36.0, "infer/peak_mem_mb": 55.0, "perf/step_s": 0.35, "infer/kv_cache_mb": 0.0}),
+    ("mvar", 2, 5, {"eval/fid": 36.0, "infer/peak_mem_mb": 55.0, "perf/step_s": 0.10, "infer/kv_cache_mb": 0.0,
+                    "train/pyramid_s": 0.35}),
     ("var", 4, 3, {"eval/fid": 30.0, "infer/peak_mem_mb": 200.0}),
     ("mvar", 4, 3, {"eval/fid": 29.0, "infer/peak_mem_mb": 80.0}),
 ]
+
+
+def header(markdown: str) -> list[str]:
+    line = next(x for x in markdown.splitlines() if x.startswith("| run "))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def table_row(markdown: str, run: str) -> list[str]:
+    line = next(x for x in markdown.splitlines() if x.startswith(f"| {run} "))
+    return [c.strip() for c in line.strip("|").split("|")]
 
 
 @pytest.fixture()
@@ -51,14 +65,20 @@ def test_table_has_a_row_per_run_and_ratios_to_var_of_the_same_depth(store, tmp_
     assert rows["mvar-d2-k3"]["infer mem MB x VAR"] == pytest.approx(0.5)
     assert rows["mvar-d4-k3"]["infer mem MB x VAR"] == pytest.approx(0.4)  # against var-d4, not var-d2
     assert rows["var-d2-k3"]["FID x VAR"] == pytest.approx(1.0)
-    assert rows["mvar-d2-k5"]["train s/it x VAR"] == pytest.approx(0.7)
+    # training cost like for like: the ratio is of seconds per full pyramid; s/it stays a raw column
+    assert rows["mvar-d2-k5"]["train s/pyramid x VAR"] == pytest.approx(0.7)
+    assert rows["mvar-d2-k5"]["train s/it (raw)"] == pytest.approx(0.10)
+    assert rows["mvar-d2-k3"]["train s/pyramid"] is None and rows["mvar-d2-k3"]["train s/pyramid x VAR"] is None
     assert rows["mvar-d2-k3"]["IS x VAR"] is None  # no IS logged for that run
     names = {f.name for f in report.files}
     assert names == {"ablation.md", "ablation.csv", "ablation.html", "fid_vs_window.png", "memory_vs_depth.png",
                      "pareto_fid_memory.png"}
     with open(tmp_path / "out" / "ablation.csv") as fh:
         assert len(list(csv.DictReader(fh))) == len(RUNS) + 1
-    assert "| mvar-d2-k5 | mvar | 2 | 5 |" in report.markdown
+    cells = table_row(report.markdown, "mvar-d2-k5")
+    assert cells[:4] == ["mvar-d2-k5", "mvar", "2", "5"] and cells[-1] == "1"  # one seed, no interval
+    assert cells[header(report.markdown).index("train s/pyramid")] == "0.35"
+    assert table_row(report.markdown, "mvar-d2-k3")[header(report.markdown).index("train s/pyramid")] == "-"
     c = tracking.client(store.uri)
     logged = c.search_runs([c.get_experiment_by_name("abl").experiment_id], "tags.`mvar.report` = 'true'")
     assert len(logged) == 1
@@ -72,6 +92,14 @@ def test_table_has_a_row_per_run_and_ratios_to_var_of_the_same_depth(store, tmp_
     by_run = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
     assert by_run["mvar-d2-k3"]["infer mem MB x VAR"] == pytest.approx(0.5)
     assert by_run["mvar-d2-k3"]["FID"] == pytest.approx(39.0) and by_run["mvar-d2-k3"]["IS"] is None
+    # each training group got a group run holding its aggregates (one seed: n 1, no interval)
+    groups = c.search_runs([run.info.experiment_id], "tags.`mvar.group_run` = 'true'")
+    assert len(groups) == len(RUNS) + 1
+    var_group = next(g for g in groups if g.data.params.get("model.attention") == "var"
+                     and g.data.params.get("model.depth") == "2")
+    assert var_group.data.metrics["eval_fid_mean"] == 40.0 and var_group.data.metrics["eval_fid_n"] == 1
+    assert "eval_fid_ci95_low" not in var_group.data.metrics and var_group.data.tags["mvar.interval"] == "none"
+    assert "mlflow.parentRunId" not in var_group.data.tags and var_group.info.status == "FINISHED"
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -82,7 +110,7 @@ def test_pareto_front_keeps_only_undominated_points():
 def test_cli_prints_the_table_and_unknown_experiment_is_a_clear_error(store, tmp_path, capsys):
     assert main(["report", "--experiment", "abl", "--out", str(tmp_path / "o"), "--tracking-uri", store.uri,
                  "--no-log"]) == 0
-    assert "| run | variant | depth | window |" in capsys.readouterr().out
+    assert header(capsys.readouterr().out)[:4] == ["run", "variant", "depth", "window"]
     assert main(["report", "--experiment", "nope", "--tracking-uri", store.uri, "--out", str(tmp_path / "o")]) == 2
     assert "no MLflow experiment 'nope'" in capsys.readouterr().err
 
@@ -114,3 +142,169 @@ def test_reference_rows_come_first_are_no_baseline_and_the_tokenizer_has_its_sec
     assert "## Tokenizer tok: held-out PSNR 22.50 dB, 7 codes restarted" in report.markdown
     assert "| 2 | 30.0 |" in (tmp_path / "out" / "ablation.md").read_text()
     assert picture in report.files
+
+
+def _log(cfg, name, variant, seed, metrics, params=None, tags=None, parent=None):
+    run_id = tracking.start_run(cfg, name, tags={"mvar.variant": variant, "mvar.seed": str(seed),
+                                                 "mvar.run_key": f"/runs/{name}", **(tags or {})},
+                                parent_run_id=parent)
+    t = MlflowTracker(run_id, cfg)
+    t.log_params({"model.attention": variant, "model.depth": 2, "model.window_size": 3, "run.steps": 100,
+                  "run.seed": seed, "run.name": name, "data.shards": "/data/a", "tokenizer": "/tok",
+                  "eval.reference": "/ref", "eval.num_samples": 200, "eval.cfg": 1.5, **(params or {})})
+    t.log_metrics(metrics, 1)
+    t.close()
+    return run_id
+
+
+# FID: mvar lower by ~5 with a noise of ~0.5 (clear); memory: 1 apart with a noise of ~10 (not)
+SEEDED = {"var": [(40.1, 100.0), (40.9, 112.0), (39.6, 95.0)], "mvar": [(35.2, 101.0), (35.8, 96.0), (34.7, 111.0)]}
+
+
+@pytest.fixture()
+def seeded(tmp_path):
+    """Three training seeds of var and of mvar; var's seeds are the children of a group run of its own."""
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="seeds", system_metrics=False)
+    parent = tracking.start_run(cfg, "var-group", tags={"mvar.group": "var-g", "mvar.group_run": "true"})
+    for variant, values in SEEDED.items():
+        for seed, (fid, mem) in enumerate(values):
+            _log(cfg, f"{variant}-s{seed}", variant, seed, {"eval/fid": fid, "infer/peak_mem_mb": mem},
+                 tags={"mvar.group": "var-g"} if variant == "var" else {}, parent=parent if variant == "var" else None)
+    return cfg, parent
+
+
+def test_groups_of_seeds_show_t_intervals_and_verdicts_and_fill_their_group_runs(seeded, tmp_path):
+    cfg, parent = seeded
+    report = make_report("seeds", tmp_path / "out", cfg.uri)
+    rows = {r["variant"]: r for r in report.rows}
+    assert len(report.rows) == 2 and rows["var"]["run"] == "var-group" and rows["mvar"]["seeds"] == 3
+    fids = [v[0] for v in SEEDED["mvar"]]
+    low, high = stats.t.interval(0.95, 2, loc=np.mean(fids), scale=stats.sem(fids))
+    assert rows["mvar"]["FID"] == pytest.approx(np.mean(fids))
+    assert (rows["mvar"]["FID low"], rows["mvar"]["FID high"]) == pytest.approx((low, high))
+    assert rows["mvar"]["FID std"] == pytest.approx(np.std(fids, ddof=1)) and rows["mvar"]["FID interval"] == "t"
+    # paired over the seeds: FID clearly better, memory within the noise
+    assert rows["mvar"]["FID x VAR"] == pytest.approx(np.mean(fids) / np.mean([v[0] for v in SEEDED["var"]]))
+    assert rows["mvar"]["FID x VAR verdict"] == "better" and rows["mvar"]["FID x VAR method"] == "paired n=3"
+    assert rows["mvar"]["infer mem MB x VAR verdict"] == "inconclusive"
+    assert rows["var"]["FID x VAR verdict"] == ""  # the baseline itself
+    cells = table_row(report.markdown, rows["mvar"]["run"])
+    cols = header(report.markdown)
+    assert cells[cols.index("FID")] == f"{np.mean(fids):.3g} ± {(high - low) / 2:.3g}"
+    assert cells[cols.index("FID x VAR")].endswith("(better)") and cells[cols.index("seeds")] == "3 (t)"
+    assert cells[cols.index("infer mem MB x VAR")].endswith("(inconclusive)")
+    # the aggregates: into var's own group run, and into a group run made for mvar (nested under nothing)
+    c = tracking.client(cfg.uri)
+    var_group = c.get_run(parent)
+    assert var_group.data.metrics["eval_fid_mean"] == pytest.approx(rows["var"]["FID"])
+    assert var_group.data.metrics["eval_fid_n"] == 3 and var_group.data.tags["mvar.interval"] == "t"
+    exp = var_group.info.experiment_id
+    [made] = c.search_runs([exp], f"tags.`mvar.group` = '{rows['mvar']['group']}' and tags.`mvar.group_run` = 'true'")
+    m = made.data.metrics
+    assert (m["eval_fid_ci95_low"], m["eval_fid_ci95_high"]) == pytest.approx((low, high))
+    assert m["eval_fid_std"] == pytest.approx(np.std(fids, ddof=1)) and "infer_peak_mem_mb_mean" in m
+    assert made.data.params["model.attention"] == "mvar" and "run.seed" not in made.data.params
+    assert "mlflow.parentRunId" not in made.data.tags
+    # a second report finds the same group runs
+    make_report("seeds", tmp_path / "out", cfg.uri)
+    assert len(c.search_runs([exp], "tags.`mvar.group_run` = 'true'")) == 2
+
+
+def test_one_seed_takes_the_evaluations_bootstrap_and_says_so(tmp_path):
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="one", system_metrics=False)
+    boot = {"eval/fid_boot_low": 38.0, "eval/fid_boot_high": 43.5, "eval/fid_boot_std": 1.4}
+    _log(cfg, "var-s0", "var", 0, {"eval/fid": 40.0, **boot, "eval/class_acc": 0.5})
+    _log(cfg, "mvar-s0", "mvar", 0, {"eval/fid": 39.0, **boot})
+    report = make_report("one", tmp_path / "out", cfg.uri, latex=True)
+    row = next(r for r in report.rows if r["variant"] == "mvar")
+    assert row["FID interval"] == "bootstrap" and (row["FID low"], row["FID high"]) == (38.0, 43.5)
+    assert row["class acc interval"] == "" and row["interval"] == "bootstrap"
+    assert row["FID x VAR verdict"] == "inconclusive"  # one seed each: nothing to pair over
+    cells, cols = table_row(report.markdown, "mvar-s0"), header(report.markdown)
+    assert cells[cols.index("FID")] == "39 [38, 43.5]" and cells[cols.index("seeds")] == "1 (bootstrap)"
+    assert "bootstrap over the generated samples" in report.markdown
+    c = tracking.client(cfg.uri)
+    [group] = c.search_runs([c.get_experiment_by_name("one").experiment_id],
+                            f"tags.`mvar.group` = '{row['group']}'")
+    assert group.data.tags["mvar.interval"] == "bootstrap" and group.data.metrics["eval_fid_ci95_high"] == 43.5
+    tex = (tmp_path / "out" / "ablation.tex").read_text()
+    assert "\\toprule" in tex and "39 [38, 43.5]" in tex and "mvar-s0" in tex
+
+
+def test_seeds_that_do_not_match_are_compared_unpaired_and_labelled(tmp_path):
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="welch", system_metrics=False)
+    for seed, fid in ((0, 40.0), (1, 41.0)):
+        _log(cfg, f"var-s{seed}", "var", seed, {"eval/fid": fid})
+    for seed, fid in ((5, 30.0), (6, 30.5), (7, 29.8)):
+        _log(cfg, f"mvar-s{seed}", "mvar", seed, {"eval/fid": fid})
+    report = make_report("welch", tmp_path / "out", cfg.uri, log=False)
+    row = next(r for r in report.rows if r["variant"] == "mvar")
+    assert row["FID x VAR method"] == "welch n=2" and row["FID x VAR verdict"] == "better"
+    with open(tmp_path / "out" / "ablation.csv") as fh:
+        csv_row = next(r for r in csv.DictReader(fh) if r["variant"] == "mvar")
+    assert csv_row["FID x VAR method"] == "welch n=2" and float(csv_row["FID n"]) == 3
+
+
+@pytest.mark.parametrize("field, member, compared", [
+    ("data.shards", {"params": {"data.shards": "/data/b"}}, False),
+    ("tokenizer", {"params": {"tokenizer": "/tok2"}}, True),
+    ("eval.reference", {"params": {"eval.reference": "/ref2"}}, True),
+    ("eval.num_samples", {"params": {"eval.num_samples": 50}}, True),
+    ("eval.cfg", {"params": {"eval.cfg": 2.0}}, False),
+    ("mvar.feature_extractor", {"tags": {"mvar.feature_extractor": "mvar-classifier"}}, True),
+])
+def test_groups_or_comparisons_that_mix_data_or_evaluations_are_refused(tmp_path, capsys, field, member, compared):
+    """A seed of var (or the mvar row set against var) that differs in ``field``: refused, naming both runs."""
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="mix", system_metrics=False)
+    base = {"tags": {"mvar.feature_extractor": "inception-v3-compat", "mvar.group": "var-g"}}
+    _log(cfg, "var-s0", "var", 0, {"eval/fid": 40.0}, tags=base["tags"])
+    other = {"params": member.get("params"), "tags": {**base["tags"], **member.get("tags", {})}}
+    if compared:
+        other["tags"].pop("mvar.group")
+        _log(cfg, "mvar-s0", "mvar", 0, {"eval/fid": 39.0}, **other)
+    else:
+        _log(cfg, "var-s1", "var", 1, {"eval/fid": 41.0}, **other)
+    second = "mvar-s0" if compared else "var-s1"
+    with pytest.raises(UserError, match=rf"'var-s0' and '{second}'|'{second}' and 'var-s0'") as err:
+        make_report("mix", tmp_path / "out", cfg.uri, log=False)
+    assert field in str(err.value) and "\n" not in str(err.value)
+    assert main(["report", "--experiment", "mix", "--out", str(tmp_path / "o"), "--tracking-uri", cfg.uri]) == 2
+    assert field in capsys.readouterr().err
+
+
+def test_the_real_images_row_is_compared_whatever_its_extractor_is_called(tmp_path):
+    """The quickstart tags its real row with the config's name (classifier), evaluations with the extractor's."""
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="q", system_metrics=False)
+    _log(cfg, "var-s0", "var", 0, {"eval/fid": 40.0}, tags={"mvar.feature_extractor": "mvar-classifier"})
+    run_id = tracking.start_run(cfg, "real", tags={"mvar.reference_row": "real",
+                                                   "mvar.feature_extractor": "classifier"})
+    t = MlflowTracker(run_id, cfg)
+    t.log_params({"eval.reference": "/ref"})
+    t.log_metrics({"eval/fid": 4.0}, 0)
+    t.close()
+    report = make_report("q", tmp_path / "out", cfg.uri, log=False)
+    assert [r["run"] for r in report.rows] == ["real", "var-s0"] and report.rows[0]["FID x VAR"] == 0.1
+    assert "classifier of the training split" in report.markdown
+
+
+def test_filter_and_study_narrow_the_runs_and_a_bad_filter_is_one_line(seeded, tmp_path, capsys):
+    cfg, _ = seeded
+    _log(cfg, "study-mvar", "mvar", 0, {"eval/fid": 20.0}, params={"run.steps": 50}, tags={"mvar.study": "k"})
+    assert main(["report", "--experiment", "seeds", "--out", str(tmp_path / "o"), "--tracking-uri", cfg.uri,
+                 "--no-log", "--study", "k"]) == 0
+    out = capsys.readouterr().out
+    assert "| study-mvar " in out and "| var-group " not in out
+    report = make_report("seeds", tmp_path / "o", cfg.uri, log=False, where="tags.`mvar.variant` = 'var'")
+    assert [r["run"] for r in report.rows] == ["var-group"]
+    assert main(["report", "--experiment", "seeds", "--out", str(tmp_path / "o"), "--tracking-uri", cfg.uri,
+                 "--no-log", "--filter", "params.nope = = 1"]) == 2
+    err = capsys.readouterr().err
+    assert "--filter" in err and len(err.strip().splitlines()) == 1
+
+
+def test_html_is_escaped(tmp_path):
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="h", system_metrics=False)
+    _log(cfg, "<b>var</b>", "var", 0, {"eval/fid": 40.0})
+    make_report("h", tmp_path / "out", cfg.uri, log=False)
+    html = (tmp_path / "out" / "ablation.html").read_text()
+    assert "&lt;b&gt;var&lt;/b&gt;" in html and "<b>var" not in html

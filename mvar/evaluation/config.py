@@ -65,6 +65,9 @@ class EvalConfig:
     prc_neighborhood: int = 3        # k of the k-NN balls of precision/recall
     isc_splits: int = 10             # Inception Score splits
     feature_batch_size: int = 32     # Inception batch
+    # resamples of the generated samples' features for eval/fid_boot_* and eval/class_acc_boot_* (the
+    # interval over samples the report shows for a group of one training seed); 0 = off
+    bootstrap: int = 100
     device: str = "auto"             # metrics (and in-process sampling): auto = cuda when available
     grid_classes: int = 8            # sample grid: columns (classes) ...
     grid_per_class: int = 4          # ... and rows (samples of each)
@@ -107,6 +110,8 @@ class EvalConfig:
         check(self.prc_neighborhood >= 1, p + "prc_neighborhood", "must be >= 1")
         check(self.isc_splits >= 1, p + "isc_splits", "must be >= 1")
         check(self.feature_batch_size >= 1, p + "feature_batch_size", "must be >= 1")
+        check(self.bootstrap >= 0,
+              p + "bootstrap", f"must be an integer >= 0 (resamples; 0 = off), got {self.bootstrap!r}")
         check(self.feature_extractor in ("inception", "classifier"), p + "feature_extractor",
               f"must be inception or classifier, got '{self.feature_extractor}'")
         check(self.feature_extractor != "classifier" or not self.metrics or bool(self.feature_extractor_weights),

@@ -275,15 +275,24 @@ def quality_metrics(ecfg: EvalConfig, image_size: int, out_root: Path, shards_di
     """FID / IS / precision / recall of one setting's samples, and the class accuracy with the classifier.
     ``checked``: (weights, reference) from `prepare`; without it (on a GPU worker) they are checked again
     where this runs."""
-    from mvar.metrics.fidelity import LABELS, class_accuracy, fidelity_metrics, image_features
+    from mvar.metrics.fidelity import (
+        LABELS,
+        bootstrap_metrics,
+        class_accuracy,
+        fidelity_metrics,
+        image_features,
+    )
     from mvar.metrics.inception import ISC_LAYER
     weights, reference = checked if checked else prepare_reference(ecfg, image_size)
     ref = reference_for(ecfg, weights, reference, out_root)
     features = image_features(str(shards_dir), weights, metrics_device(ecfg), ecfg.feature_batch_size,
                               f"features of {shards_dir.parent.name}")
     m = fidelity_metrics(features, ref, ecfg.prc_neighborhood, ecfg.isc_splits)
-    if ecfg.feature_extractor == "classifier":
+    classifier = ecfg.feature_extractor == "classifier"
+    if classifier:
         m.update(class_accuracy(features[ISC_LAYER], features[LABELS]))
+    if ecfg.bootstrap:
+        m.update(bootstrap_metrics(features, ref, ecfg.bootstrap, ecfg.seed, class_acc=classifier))
     return {f"eval/{k}": v for k, v in m.items()}
 
 

@@ -191,6 +191,70 @@ def class_accuracy(logits_NC: torch.Tensor, labels_N: torch.Tensor) -> dict[str,
     return {"class_acc": float(np.mean(shares)), "class_acc_min": float(min(shares))}
 
 
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(np.asarray(sigma, np.float64))
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def fid_resampler(features_ND: np.ndarray, ref: Reference):
+    """``fid(idx)``: the FID of the generated features ``features_ND[idx]`` against ``ref``'s fixed statistics.
+    tr sqrt(sigma_g sigma_r) is the sum of the square roots of the eigenvalues of Xc sigma_r Xc^T / (N-1)
+    (Xc: the resample, centred): with N <= D an N x N eigenproblem per resample on the Gram matrix
+    X sigma_r X^T computed once, with N > D a D x D one; never a D x D sqrtm."""
+    x = np.asarray(features_ND, np.float64)
+    mu_r, sigma_r = np.asarray(ref.mu, np.float64), np.asarray(ref.sigma, np.float64)
+    tr_r = float(np.trace(sigma_r))
+    n_all, d = x.shape
+    if n_all <= d:
+        gram_r, gram = x @ sigma_r @ x.T, x @ x.T
+    else:
+        y = x @ _psd_sqrt(sigma_r)
+
+    def fid(idx: np.ndarray) -> float:
+        n = len(idx)
+        diff = x[idx].mean(0) - mu_r
+        if n_all <= d:
+            sub = np.ix_(idx, idx)
+            g = gram[sub]
+            tr_g = float(np.trace(g) - g.sum() / n) / (n - 1)
+            inner = _centred(gram_r[sub]) / (n - 1)
+        else:
+            yc, xc = y[idx] - y[idx].mean(0), x[idx] - x[idx].mean(0)
+            tr_g = float((xc * xc).sum()) / (n - 1)
+            inner = yc.T @ yc / (n - 1)
+        tr_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh(inner), 0, None)).sum())
+        return float(diff @ diff + tr_g + tr_r - 2 * tr_sqrt)
+
+    return fid
+
+
+def _centred(gram_NN: np.ndarray) -> np.ndarray:
+    """The Gram matrix of the centred rows, from the Gram matrix of the rows."""
+    return gram_NN - gram_NN.mean(0)[None] - gram_NN.mean(1)[:, None] + gram_NN.mean()
+
+
+def bootstrap_metrics(features: dict[str, torch.Tensor], ref: Reference, resamples: int, seed: int = 0,
+                      class_acc: bool = False, level: float = 0.95) -> dict[str, float]:
+    """{'fid_boot_std', 'fid_boot_low', 'fid_boot_high'} (and 'class_acc_boot_*' with ``class_acc``: the
+    classifier's logits and labels): percentile bootstrap over the generated samples, the reference fixed."""
+    from mvar.metrics.stats import bootstrap_interval
+    n = int(features[FID_LAYER].shape[0])
+    index = np.arange(n)
+    out = {}
+    fid = fid_resampler(features[FID_LAYER].numpy(), ref)
+    b = bootstrap_interval(fid, index, resamples, seed, level)
+    out.update({"fid_boot_std": b.std, "fid_boot_low": b.low, "fid_boot_high": b.high})
+    if class_acc:
+        pred, true = features[ISC_LAYER].argmax(1).numpy(), features[LABELS].numpy()
+
+        def acc(p: np.ndarray, y: np.ndarray) -> float:
+            return float(np.mean([(p[y == c] == c).mean() for c in np.unique(y)]))
+
+        b = bootstrap_interval(acc, (pred, true), resamples, seed, level)
+        out.update({"class_acc_boot_std": b.std, "class_acc_boot_low": b.low, "class_acc_boot_high": b.high})
+    return out
+
+
 def score_images(location: str, ref: Reference, weights: FeatureWeights, device: torch.device,
                  prc_k: int = 3, isc_splits: int = 10, batch_size: int = 32) -> dict[str, float]:
     """The metrics of an image set (samples, or real images for a floor) against ``ref``: FID, IS,

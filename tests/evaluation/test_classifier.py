@@ -106,6 +106,7 @@ def test_evaluation_with_the_classifier_logs_class_accuracy_and_names_the_extrac
     # random weights: the samples are noise-like, so the classifier's accuracy on them is low
     assert 0 <= m["eval/class_acc"] <= 0.5 and m["eval/class_acc_min"] <= m["eval/class_acc"]
     assert 1 <= m["eval/is"] <= 10 and m["eval/fid"] > 0
+    assert 0 <= m["eval/class_acc_boot_low"] <= m["eval/class_acc_boot_high"] <= 1
     run = tracking.client(eval_inputs.tracking_uri).get_run(result.run_id)
     assert run.data.tags["mvar.feature_extractor"] == EXTRACTOR_NAME
     assert run.data.tags["mvar.metrics_comparable"] == "false"

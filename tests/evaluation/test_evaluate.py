@@ -50,6 +50,8 @@ def test_training_run_is_evaluated_end_to_end_and_logged(eval_inputs, tmp_path):
     m = result.metrics
     assert m["eval/fid"] >= 0 and m["eval/is"] >= 1 and 0 <= m["eval/precision"] <= 1 and 0 <= m["eval/recall"] <= 1
     assert m["infer/latency_s"] > 0 and m["infer/peak_mem_mb"] >= 0 and m["infer/kv_cache_mb"] == 0  # mvar: no cache
+    # eval.bootstrap (100 resamples by default): an interval of the FID over the samples
+    assert 0 <= m["eval/fid_boot_low"] < m["eval/fid_boot_high"] and m["eval/fid_boot_std"] > 0
     # samples: 2 of each of the 10 classes, as shards with a manifest and as ADM's .npz
     manifest = open_shard_set(str(result.out / "samples"), "images", 64)
     assert manifest.num_samples == 20 and len(manifest.shards) == 3  # shards of 8, 8, 4
@@ -63,7 +65,7 @@ def test_training_run_is_evaluated_end_to_end_and_logged(eval_inputs, tmp_path):
     run = c.get_run(run_id)
     assert run.data.metrics["eval/fid"] == pytest.approx(m["eval/fid"])
     assert {"eval/is", "eval/precision", "eval/recall", "infer/latency_s", "infer/peak_mem_mb",
-            "infer/kv_cache_mb"} <= set(run.data.metrics)
+            "infer/kv_cache_mb", "eval/fid_boot_std", "eval/fid_boot_low", "eval/fid_boot_high"} <= set(run.data.metrics)
     assert run.data.params["eval.cfg"] == "1.5" and run.data.params["eval.top_k"] == "900"
     assert run.data.params["eval.num_per_class"] == "2" and run.data.params["eval.seed"] == "0"
     assert run.data.tags["mvar.metrics_comparable"] == "false"
@@ -184,6 +186,8 @@ def test_config_errors_name_the_key(eval_inputs, tmp_path):
         eval_inputs.config(tmp_path, reference="")
     with pytest.raises(ConfigError, match="eval.attention"):
         eval_inputs.config(tmp_path, attention="full")
+    with pytest.raises(ConfigError, match="eval.bootstrap"):
+        eval_inputs.config(tmp_path, bootstrap=-1)
 
 
 def test_cli_prints_one_line_and_exits_2_on_bad_input(eval_inputs, tmp_path, capsys):

@@ -8,8 +8,11 @@ import torch
 
 from mvar.errors import UserError
 from mvar.metrics.fidelity import (
+    LABELS,
     Reference,
+    bootstrap_metrics,
     check_reference,
+    fid_resampler,
     fidelity_metrics,
     load_reference,
     reference_from_features,
@@ -18,6 +21,7 @@ from mvar.metrics.fidelity import (
 from mvar.metrics.images import open_image_set, write_images_npz
 from mvar.metrics.inception import (
     FID_LAYER,
+    ISC_LAYER,
     extract_features,
     feature_extractor,
     resolve_weights,
@@ -84,3 +88,38 @@ def test_images_npz_is_written_as_a_stream_in_the_adm_layout(tmp_path):
     with pytest.raises(ValueError, match="4 images written"):
         write_images_npz(str(tmp_path / "short.npz"), iter(images[:4]), 5, 8)
     assert not (tmp_path / "short.npz").exists()
+
+
+def _features(n: int, d: int, shift: float, seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(0, 1, (d, d)) / np.sqrt(d)
+    return torch.from_numpy((rng.normal(shift, 1, (n, d)) @ mix).astype(np.float32))
+
+
+@pytest.mark.parametrize("n", [12, 60])  # fewer samples than dimensions (N x N form) and more (D x D form)
+def test_the_resampled_fid_of_all_samples_is_torch_fidelitys_fid(n):
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    from mvar.metrics.fidelity import fid_statistics
+    ref = reference_from_features({FID_LAYER: _features(80, 24, 0.0, 0)}, 64, "sha", "ref")
+    gen = _features(n, 24, 0.3, 1)
+    ref_stats = {"mu": ref.mu, "sigma": ref.sigma}
+    expected = fid_statistics_to_metric(fid_statistics(gen), ref_stats, False)["frechet_inception_distance"]
+    fid = fid_resampler(gen.numpy(), ref)
+    assert fid(np.arange(n)) == pytest.approx(expected, rel=1e-4)
+    idx = np.random.default_rng(2).integers(0, n, n)
+    again = fid_statistics_to_metric(fid_statistics(gen[idx]), ref_stats, False)
+    assert fid(idx) == pytest.approx(again["frechet_inception_distance"], rel=1e-4)
+
+
+def test_bootstrap_metrics_give_an_interval_for_fid_and_class_accuracy():
+    ref = reference_from_features({FID_LAYER: _features(80, 24, 0.0, 0)}, 64, "sha", "ref")
+    labels = torch.arange(40) % 4
+    logits = torch.nn.functional.one_hot(labels, 4).float()
+    logits[:8] = logits[:8].roll(1, dims=1)  # 8 of 40 misclassified
+    features = {FID_LAYER: _features(40, 24, 0.5, 1), ISC_LAYER: logits, LABELS: labels}
+    m = bootstrap_metrics(features, ref, resamples=50, seed=0, class_acc=True)
+    assert m["fid_boot_low"] < m["fid_boot_high"] and m["fid_boot_std"] > 0
+    assert m["class_acc_boot_low"] < 0.8 < m["class_acc_boot_high"] <= 1.0
+    assert bootstrap_metrics(features, ref, resamples=50, seed=0, class_acc=True) == m  # seeded
+    assert set(bootstrap_metrics(features, ref, resamples=5)) == {"fid_boot_std", "fid_boot_low", "fid_boot_high"}

@@ -230,3 +230,39 @@ def test_a_trial_run_shows_its_source_parent_dataset_and_sample_images(browser, 
     browser.open(f"{url}/model-metrics", ["samples"])
     text = browser.keep(shots, "trial-run-images")
     assert "samples" in text, f"no 'samples' image chart among the run's model metrics; page text:\n{text[:3000]}"
+
+
+# -- a group of training seeds: `mvar report` writes its aggregates into the group run ------------------
+
+GROUP_EXPERIMENT = "ui-groups"
+
+
+@pytest.fixture(scope="module")
+def group_run(mlflow_server, tmp_path_factory) -> tuple[str, str, float]:
+    """(experiment id, group run id, mean FID): two seeds of one mvar config, then `mvar report` over them."""
+    from mvar.report import make_report
+    from mvar.tracking import MlflowTracker, Store, TrackingConfig, start_run
+    cfg = TrackingConfig(uri=mlflow_server, experiment=GROUP_EXPERIMENT, system_metrics=False, retry_s=30)
+    fids = (37.5, 38.5)
+    for seed, fid in enumerate(fids):
+        run_id = start_run(cfg, f"mvar-s{seed}", tags={"mvar.variant": "mvar", "mvar.seed": str(seed)})
+        t = MlflowTracker(run_id, cfg)
+        t.log_params({"model": {"attention": "mvar", "depth": 2, "window_size": 3}, "run": {"seed": seed}})
+        t.log_metrics({"eval/fid": fid}, step=0)
+        t.close()
+    [row] = make_report(GROUP_EXPERIMENT, tmp_path_factory.mktemp("report"), mlflow_server).rows
+    store = Store(mlflow_server)
+    group = store.find_run(GROUP_EXPERIMENT, {"mvar.group": row["group"], "mvar.group_run": "true"})
+    return store.experiment_id(GROUP_EXPERIMENT), group, sum(fids) / 2
+
+
+def test_a_group_runs_page_shows_the_aggregates_of_its_seeds(browser, mlflow_server, group_run, shots):
+    experiment_id, run_id, mean = group_run
+    url = f"{mlflow_server}/#/experiments/{experiment_id}/runs/{run_id}"
+    needles = ["eval_fid_mean", "eval_fid_std", "eval_fid_n", "eval_fid_ci95_low", "eval_fid_ci95_high",
+               "mvar.interval", f"{mean:g}"]
+    browser.set_window(1600, 2000)
+    browser.open(url, needles)
+    text = browser.keep(shots, "group-run")
+    missing = _missing(text, needles)
+    assert not missing, f"not on the group run's page: {missing}; page text:\n{text[:3000]}"
