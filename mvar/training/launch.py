@@ -357,20 +357,8 @@ def check_one_run(cfg: RunConfig) -> None:
 
 def group_key_of(cfg: TrainConfig) -> str:
     """The run's ``mvar.group``: ``mvar.metrics.stats.group_key`` of its params as MLflow logs them."""
-    params = {k: str(v) for k, v in flatten(to_dict(cfg)).items()}
-    try:
-        from mvar.metrics.stats import group_key
-    except ImportError:  # TEMPORARY: until the stats helper's mvar/metrics/stats.py lands
-        return _group_key_fallback(params)
-    return group_key(params)
-
-
-def _group_key_fallback(params: dict[str, str]) -> str:  # TEMPORARY, see group_key_of
-    import hashlib
-    kept = {k: v for k, v in params.items() if not k.startswith(("tracking.", "sampling."))
-            and k not in ("run.seed", "run.name", "run.repeats", "run.storage_path")}
-    digest = hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{kept.get('model.attention', 'run')}-{digest}"
+    from mvar.metrics.stats import group_key
+    return group_key({k: str(v) for k, v in flatten(to_dict(cfg)).items()})
 
 
 def _train_checked(cfg: TrainConfig, prep: Prepared, group: str) -> TrainOutcome:
