@@ -51,6 +51,8 @@ def load_base(study: StudyConfig, overrides: list[str]) -> TrainConfig:
 def preflight(study: StudyConfig, cli_overrides: list[str]) -> Preflight:
     """All checks; raises ConfigError or UserError before anything runs."""
     from mvar.training.launch import prepare
+    check(not any(item.partition("=")[0].strip() == "run.repeats" for item in cli_overrides), "run.repeats",
+          "a study sets it for every trial with its own key: study.repeats=N (training seeds per trial)")
     overrides = common_overrides(study, cli_overrides)
     base = load_base(study, overrides)
     check_space(study, overrides)

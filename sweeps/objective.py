@@ -10,6 +10,12 @@ Training runs in a child process so that a pruned (or interrupted) trial can be 
 at once: the process is the Ray driver of the run, and Ray ends the run's workers with it.
 The trial's run name comes from the number of the trial's first attempt, so a retried
 trial resumes its training run from the latest checkpoint and continues the same MLflow run.
+
+With the study's `repeats: N` > 1 the process trains N seeds (run.repeats, one after the other,
+mvar.training.launch.train_repeats): the trial's MLflow run is their group run, each seed's run is
+nested under it. Pruning reads the first seed's val/loss; every seed is evaluated; the objectives
+are the means over the seeds (user attrs: the mean under the metric's name, `<metric>_std`, and
+`seed<seed>/<metric>` per seed).
 """
 from __future__ import annotations
 
@@ -30,7 +36,13 @@ from mvar.config import ConfigError, flatten, from_dict
 from mvar.errors import UserError
 from mvar.tracking import PARENT_TAG, Store
 from mvar.training.config import TrainConfig, load_train_config
-from mvar.training.launch import run_key, storage_location
+from mvar.training.launch import (
+    GROUP_RUN_KEY,
+    find_group_run,
+    run_key,
+    seed_configs,
+    storage_location,
+)
 from sweeps import runs
 from sweeps.checks import Preflight
 from sweeps.runs import SweepTracking
@@ -67,7 +79,7 @@ def trial_config(ctx: SweepContext, key: int, params: dict) -> tuple[TrainConfig
     overrides = (ctx.pre.overrides + [override(k, v) for k, v in params.items()]
                  + [f"run.name={name}", f"run.storage_path={storage_location(ctx.pre.base.run.storage_path)}",
                     f"tracking.uri={t.uri}", f"tracking.experiment={t.cfg.experiment}", f"tracking.run_name={name}",
-                    f"tracking.parent_run_id={t.parent_run_id}"])
+                    f"tracking.parent_run_id={t.parent_run_id}", f"run.repeats={ctx.study.repeats}"])
     try:
         return load_train_config(ctx.study.base_config, overrides), overrides
     except ConfigError as err:
@@ -75,31 +87,60 @@ def trial_config(ctx: SweepContext, key: int, params: dict) -> tuple[TrainConfig
 
 
 class TrainingRun:
-    """The MLflow training run of a trial, found under the sweep's run by its `mvar.run_key` tag once the
-    training driver made it there."""
+    """The MLflow run of a trial, found under the sweep's run by its key tag once the training driver made it
+    there: the training run (`mvar.run_key`), or with repeats the seeds' group run (`mvar.group_run_key`),
+    each seed's run nested under it."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg, self.name = cfg, cfg.run.name
         self.store, self.experiment = Store(cfg.tracking.uri), cfg.tracking.experiment
-        self.key = run_key(cfg, storage_location(cfg.run.storage_path))
+        self.storage = storage_location(cfg.run.storage_path)
+        self.key = run_key(cfg, self.storage)
+        self.seeds = seed_configs(cfg) if cfg.run.repeats > 1 else []
+        self.key_tag = GROUP_RUN_KEY if self.seeds else "mvar.run_key"
         self.run_id = ""
+        self.seed_run_ids: dict[int, str] = {}
         self.reported: set[int] = set()
 
     def find(self) -> str:
         if not self.run_id:
-            nested = {PARENT_TAG: self.cfg.tracking.parent_run_id} if self.cfg.tracking.parent_run_id else {}
-            self.run_id = self.store.find_run(self.experiment, {"mvar.run_key": self.key, **nested}) or ""
+            if self.seeds:
+                self.run_id = find_group_run(self.store, self.cfg, self.storage) or ""
+            else:
+                nested = {PARENT_TAG: self.cfg.tracking.parent_run_id} if self.cfg.tracking.parent_run_id else {}
+                self.run_id = self.store.find_run(self.experiment, {"mvar.run_key": self.key, **nested}) or ""
         return self.run_id
 
+    def _seed_run(self, one: TrainConfig) -> str:
+        seed = one.run.seed
+        if seed not in self.seed_run_ids and self.find():
+            found = self.store.find_run(self.experiment, {"mvar.run_key": run_key(one, self.storage),
+                                                          PARENT_TAG: self.run_id})
+            if found:
+                self.seed_run_ids[seed] = found
+        return self.seed_run_ids.get(seed, "")
+
+    def runs(self) -> list[tuple[TrainConfig, str]]:
+        """(config, MLflow run id or '') of each training run of the trial: its one run, or each seed's."""
+        if not self.seeds:
+            return [(self.cfg, self.find())]
+        return [(one, self._seed_run(one)) for one in self.seeds]
+
+    def first(self) -> str:
+        """The run whose val/loss the pruner sees: the trial's training run, or its first seed's."""
+        return self.runs()[0][1]
+
     def new_val_loss(self) -> list[tuple[int, float]]:
-        if not self.find():
+        first = self.first()
+        if not first:
             return []
-        new = sorted({s: v for s, v in self.store.history(self.run_id, "val/loss") if s not in self.reported}.items())
+        new = sorted({s: v for s, v in self.store.history(first, "val/loss") if s not in self.reported}.items())
         self.reported.update(step for step, _ in new)
         return new
 
     def curve(self) -> list[tuple[int, float]]:
-        return sorted(dict(self.store.history(self.run_id, "val/loss")).items()) if self.find() else []
+        first = self.first()
+        return sorted(dict(self.store.history(first, "val/loss")).items()) if first else []
 
 
 def check_same_params(run: TrainingRun, params: dict) -> None:
@@ -175,13 +216,17 @@ def train(ctx: SweepContext, trial: optuna.Trial, run: TrainingRun, overrides: l
         raise TrialFailed(f"trial {key}: training exited with code {proc.returncode}; the end of {log_path}:\n"
                           + log_tail(log_path))
     if not run.find():
-        raise TrialFailed(f"trial {key}: training finished but no MLflow run has the tag mvar.run_key={run.key}")
+        raise TrialFailed(f"trial {key}: training finished but no MLflow run has the tag {run.key_tag}={run.key}")
 
 
 def mark_pruned(run: TrainingRun, step: int) -> None:
-    if run.find():
-        run.store.set_tags(run.run_id, {"mvar.stopped": f"pruned by the sweep at step {step}"})
-        run.store.terminate(run.run_id, "KILLED")
+    """The trial's run KILLED, and with repeats each seed's run that had not finished."""
+    if not run.find():
+        return
+    for run_id in dict.fromkeys([run.run_id, *(r for _, r in run.runs() if r)]):
+        if run_id == run.run_id or run.store.get(run_id).status != "FINISHED":
+            run.store.set_tags(run_id, {"mvar.stopped": f"pruned by the sweep at step {step}"})
+            run.store.terminate(run_id, "KILLED")
 
 
 def train_metric(uri: str, run_id: str, name: str, aggregate: str) -> float | None:
@@ -215,6 +260,47 @@ def measure(ctx: SweepContext, cfg: TrainConfig, run_id: str) -> dict[str, float
     return metrics
 
 
+def measure_trial(ctx: SweepContext, run: TrainingRun, key: int) -> tuple[dict[str, float], dict[int, dict]]:
+    """(the trial's metrics, each seed's by seed): its one run's metrics, or with repeats ``combine_seeds``."""
+    per_seed = {}
+    for cfg, run_id in run.runs():
+        if not run_id:
+            raise TrialFailed(f"trial {key}: no MLflow run of '{cfg.run.name}' under the trial's run {run.run_id}")
+        per_seed[cfg.run.seed] = measure(ctx, cfg, run_id)
+    if not run.seeds:
+        return next(iter(per_seed.values())), {}
+    return combine_seeds(per_seed), per_seed
+
+
+def _shared(per_seed: dict[int, dict]) -> list[str]:
+    """The metrics every seed has, sorted."""
+    return sorted(set.intersection(*(set(m) for m in per_seed.values()))) if per_seed else []
+
+
+def combine_seeds(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
+    """A trial's metrics over its seeds (two or more): the mean under the metric's name (the objective),
+    ``<metric>_std`` (sample standard deviation) and ``seed<seed>/<metric>`` of each seed."""
+    out = {}
+    for name in _shared(per_seed):
+        values = [m[name] for m in per_seed.values()]
+        out[name] = statistics.fmean(values)
+        out[f"{name}_std"] = statistics.stdev(values)
+        out.update({f"seed{seed}/{name}": m[name] for seed, m in per_seed.items()})
+    return out
+
+
+def group_aggregates(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
+    """What the group run shows of its seeds, by the names `mvar report` gives aggregates (eval/fid ->
+    eval_fid_mean, eval_fid_std, eval_fid_n)."""
+    out = {}
+    for name in _shared(per_seed):
+        values = [m[name] for m in per_seed.values()]
+        slug = name.replace("/", "_")
+        out.update({f"{slug}_mean": statistics.fmean(values), f"{slug}_std": statistics.stdev(values),
+                    f"{slug}_n": float(len(values))})
+    return out
+
+
 def objective_values(ctx: SweepContext, metrics: dict[str, float], key: int) -> list[float]:
     values = []
     for name in ctx.study.objectives:
@@ -236,14 +322,16 @@ class Objective:
         trial.set_user_attr("trial_key", key)
         params = suggest(trial, ctx.study.search_space)
         cfg, overrides = trial_config(ctx, key, params)
-        run, state, metrics = TrainingRun(cfg), "FAIL", {}
+        run, state, metrics, per_seed = TrainingRun(cfg), "FAIL", {}, {}
         try:
             t0 = time.monotonic()
             train(ctx, trial, run, overrides, key)
             trial.set_user_attr("train_run_id", run.run_id)
             trial.set_user_attr("mlflow_run_id", run.run_id)
+            for one, run_id in run.runs() if run.seeds else ():
+                trial.set_user_attr(f"seed{one.run.seed}/run_id", run_id)
             t1 = time.monotonic()
-            metrics = measure(ctx, cfg, run.run_id)
+            metrics, per_seed = measure_trial(ctx, run, key)
             metrics.update({"sweep/train_s": t1 - t0, "sweep/eval_s": time.monotonic() - t1})
             for name, value in metrics.items():
                 trial.set_user_attr(name, value)
@@ -257,16 +345,19 @@ class Objective:
             trial.study.enqueue_trial(params, user_attrs={"trial_key": key})
             raise
         finally:
-            self._finish(trial, key, run, state, metrics)
+            self._finish(trial, key, run, state, metrics, per_seed)
+        seeds = f" (mean of {len(run.seeds)} seeds)" if run.seeds else ""
         print(f"trial {trial.number} ({params}): "
-              + ", ".join(f"{n} {v:.4g}" for n, v in zip(ctx.study.objectives, values))
+              + ", ".join(f"{n} {v:.4g}" for n, v in zip(ctx.study.objectives, values)) + seeds
               + f" (training {metrics['sweep/train_s']:.0f} s, evaluation {metrics['sweep/eval_s']:.0f} s)", flush=True)
         return values[0] if len(values) == 1 else values
 
-    def _finish(self, trial, key: int, run: TrainingRun, state: str, metrics: dict) -> None:
-        """The trial's tags and timings on its training run; never hides the trial's own error."""
+    def _finish(self, trial, key: int, run: TrainingRun, state: str, metrics: dict, per_seed: dict) -> None:
+        """The trial's tags and timings on its run (with repeats: the group run, with the seeds' aggregates, and
+        the seeds' runs tagged too); never hides the trial's own error."""
         try:
             if run.find():
-                runs.finish_trial(self.ctx.tracking, run.run_id, key, trial.number, state, metrics)
+                runs.finish_trial(self.ctx.tracking, run.run_id, key, trial.number, state, metrics,
+                                  group_aggregates(per_seed), [r for _, r in run.runs() if r] if run.seeds else [])
         except Exception as err:  # noqa: BLE001 - MLflow trouble costs the trial's tags, not the trial
             log.warning("MLflow: could not tag the training run of trial %d: %s", trial.number, err)

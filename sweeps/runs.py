@@ -6,6 +6,9 @@ again by a rerun of the same study. A trial's training process gets the parent's
 finds it again there by its `mvar.run_key`: a retried trial, or a rerun of the sweep, continues
 the same run, with its curves). When the trial ends, the run gets the tags `mvar.sweep=trial`,
 `mvar.trial` (the first attempt's number), `mvar.optuna_trial`, `mvar.trial_state`.
+With repeats the trial's run is the seeds' group run (made by the training driver under the
+parent): it gets those tags and the seeds' aggregates (`eval_fid_mean` ...), each seed's run
+`mvar.sweep=seed` and `mvar.trial`.
 """
 from __future__ import annotations
 
@@ -55,17 +58,21 @@ def parent_run(t: SweepTracking, study: StudyConfig, storage_shown: str, sampler
 
 
 def finish_trial(t: SweepTracking, train_run_id: str, trial_key: int, optuna_number: int, state: str,
-                 metrics: dict[str, float] | None = None) -> None:
+                 metrics: dict[str, float] | None = None, aggregates: dict[str, float] | None = None,
+                 seed_run_ids: list[str] = ()) -> None:
     """The trial's training run (nested under the parent since its driver made it) gets the trial's tags and
-    the sweep's timings; its objectives are its own metrics already (training, evaluation). A pruned run
-    was marked KILLED when it was stopped; the training driver set the status of every other one."""
+    the sweep's timings; its objectives are its own metrics already (training, evaluation). A group run
+    gets its seeds' ``aggregates``, the seeds' runs their trial's tags. A pruned run was marked KILLED when
+    it was stopped; the training driver set the status of every other one."""
     store = Store(t.uri)
     store.set_tags(train_run_id, {"mvar.study": t.study_name, "mvar.sweep": "trial", "mvar.trial": trial_key,
                                   "mvar.optuna_trial": optuna_number, "mvar.trial_state": state})
-    timings = {k: v for k, v in (metrics or {}).items() if k.startswith("sweep/")}
-    if timings:
+    for run_id in seed_run_ids:
+        store.set_tags(run_id, {"mvar.study": t.study_name, "mvar.sweep": "seed", "mvar.trial": trial_key})
+    logged = {**{k: v for k, v in (metrics or {}).items() if k.startswith("sweep/")}, **(aggregates or {})}
+    if logged:
         tr = MlflowTracker(train_run_id, replace(t.cfg, retry_s=min(t.cfg.retry_s, 60.0)))
-        tr.log_metrics(timings, 0)
+        tr.log_metrics(logged, 0)
         tr.close(status="")
 
 

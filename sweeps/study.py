@@ -14,6 +14,7 @@ runs on its final checkpoint::
     sampler: {name: grid}
     pruner: {name: none}
     n_trials: 6
+    repeats: 1                              # training seeds per trial (run.seed + k); objective = their mean
     eval: {num_per_class: 5, reference: ...}   # EvalConfig keys (mvar/evaluation/config.py)
 
 Checks that need only this file live here (`validate`); checks against the base config, the
@@ -62,7 +63,8 @@ KNOWN_METRICS: dict[str, Metric] = {
 }
 DIRECTIONS = ("minimize", "maximize")
 # keys a sweep sets itself for every trial
-RESERVED_KEYS = ("run.name", "run.storage_path", "tracking.uri", "tracking.experiment", "tracking.run_name")
+RESERVED_KEYS = ("run.name", "run.storage_path", "run.repeats", "tracking.uri", "tracking.experiment",
+                 "tracking.run_name")
 
 
 @dataclass
@@ -118,6 +120,9 @@ class StudyConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     n_trials: int = 10              # finished (complete or pruned) trials the study ends with
+    # training seeds per trial (run.seed, run.seed+1, ...: a group run, the seeds' runs under it); the
+    # objectives are the means over the seeds; with a pruner, the first seed's val/loss is what is pruned on
+    repeats: int = 1
     n_parallel: int = 0             # trials at once; 0 = as many as the Ray cluster's free CPUs/GPUs fit
     storage: str = ""               # '' = MVAR_OPTUNA_STORAGE, else sqlite:///out/optuna/optuna.db
     eval: dict[str, Any] = field(default_factory=dict)           # EvalConfig keys of every trial's evaluation
@@ -142,6 +147,9 @@ class StudyConfig:
         check(self.pruner.name == "none" or len(self.objectives) == 1, "pruner.name",
               "Optuna prunes single-objective studies only; use pruner: {name: none} with several objectives")
         check(self.n_trials >= 1, "n_trials", "must be >= 1")
+        check(self.repeats >= 1, "repeats", f"must be >= 1 (training seeds per trial), got {self.repeats}")
+        check("run.repeats" not in self.overrides, "overrides.run.repeats",
+              "is set by the study's own key: use `repeats: N` (training seeds per trial)")
         check(self.n_parallel >= 0, "n_parallel", "must be >= 0 (0 = what the cluster fits)")
         check(self.poll_s > 0, "poll_s", "must be > 0")
         check(not has_password(self.storage), "storage", "holds a password: study files are committed; pass "

@@ -1,13 +1,14 @@
 """`mvar train` and `mvar train-tokenizer`: a generator or a tokenizer trained with Ray Train.
 
     mvar train --config workflows/configs/mvar_tiny_local.yaml [key.sub=value ...]
+    mvar train --config workflows/configs/mvar_tiny_local.yaml --repeats 3     # training seeds 0, 1, 2
     mvar train-tokenizer --config workflows/configs/tokenizer_tiny_local.yaml [key.sub=value ...]
     ray job submit --working-dir . -- python -m workflows.train --config workflows/configs/mvar_d16_in256.yaml
 
 `python -m workflows.train` and `python -m workflows.train_tokenizer` are the same commands (what
 `ray job submit` runs). A run joins the cluster of `ray job submit` (or RAY_ADDRESS), else starts a
 local Ray on 127.0.0.1; rerunning the same command resumes it from its latest checkpoint into the
-same MLflow run.
+same MLflow run. `--repeats N` (run.repeats) trains N seeds, one run each, under a group run.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import argparse
 import logging
 
 from mvar.commands import add_config_arguments, add_verbose_argument, set_verbose
+from mvar.errors import UserError
 
 TRAIN = "Train a VAR or MVAR generator with Ray Train."
 TRAIN_TOKENIZER = "Train the multi-scale VQ tokenizer on image shards with Ray Train."
@@ -29,6 +31,9 @@ def register(subparsers) -> None:
 
 def configure_train(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, "YAML run config, e.g. workflows/configs/mvar_tiny_local.yaml")
+    p.add_argument("--repeats", type=int, metavar="N", help="shorthand of run.repeats: train N seeds (run.seed, "
+                   "run.seed+1, ...), one run `<name>-seed<seed>` each, nested under a group run `<name>` "
+                   "(default: the config's, 1)")
     add_verbose_argument(p)
     p.set_defaults(func=run_train)
 
@@ -58,22 +63,36 @@ def run_config(args: argparse.Namespace, cfg, prepare, checked: str) -> bool:
     if args.check:
         prepare(cfg)
         check_store(cfg.tracking)
-        print(f"OK: run '{cfg.run.name}', {cfg.run.steps} steps: config, {checked} and the MLflow store checked "
+        seeds = f" x {cfg.run.repeats} seeds" if cfg.run.repeats > 1 else ""
+        print(f"OK: run '{cfg.run.name}', {cfg.run.steps} steps{seeds}: config, {checked} and the MLflow store checked "
               "(Ray's resources: when the run starts)")
         return True
     return False
 
 
+def repeats_override(args: argparse.Namespace) -> list[str]:
+    """`--repeats N` as its config key (after the overrides: the flag wins), refused below 1."""
+    if args.repeats is None:
+        return []
+    if args.repeats < 1:
+        raise UserError(f"--repeats: must be >= 1 (the number of training seeds), got {args.repeats}")
+    return [f"run.repeats={args.repeats}"]
+
+
 def run_train(args: argparse.Namespace) -> int:
     set_verbose(args)
     _setup_logging()
-    from mvar.training import load_train_config, train
+    from mvar.training import load_train_config, train_repeats
     from mvar.training.launch import prepare
-    cfg = load_train_config(args.config, args.overrides)
+    cfg = load_train_config(args.config, [*args.overrides, *repeats_override(args)])
     if run_config(args, cfg, prepare, "tokenizer, shards, init_from"):
         return 0
-    outcome = train(cfg)
-    print(f"done: {outcome.step} steps, MLflow run {outcome.run_id}, checkpoint {outcome.checkpoint}")
+    outcomes = train_repeats(cfg)
+    for outcome in outcomes:
+        seed = f"seed {outcome.seed}: " if len(outcomes) > 1 else ""
+        print(f"done: {seed}{outcome.step} steps, MLflow run {outcome.run_id}, checkpoint {outcome.checkpoint}")
+    if outcomes[0].group_run_id:
+        print(f"group run {outcomes[0].group_run_id} (mvar.group {outcomes[0].group}): {len(outcomes)} seeds")
     return 0
 
 

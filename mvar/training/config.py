@@ -39,7 +39,10 @@ class RunSettings:
     checkpoint_every: int = 500    # steps between checkpoints (the last step always writes one)
     keep_checkpoints: int = 2
     log_every: int = 10            # steps between metric logs
-    seed: int = 0
+    seed: int = 0                  # the training seed: initial weights, class dropout, sample grids
+    # training seeds: run.seed, run.seed+1, ... each its own run `<name>-seed<seed>`, nested under a group
+    # run `<name>` (mvar train --repeats; mvar.training.launch.train_repeats)
+    repeats: int = 1
     max_failures: int = 3          # worker-group failures recovered from the latest checkpoint
     fault_nan_at_step: int = 0     # testing aid: make the loss NaN at this step (0 = never)
 
@@ -49,6 +52,7 @@ class RunSettings:
         check(self.checkpoint_every >= 1, prefix + "checkpoint_every", "must be >= 1")
         check(self.keep_checkpoints >= 1, prefix + "keep_checkpoints", "must be >= 1")
         check(self.log_every >= 1, prefix + "log_every", "must be >= 1")
+        check(self.repeats >= 1, prefix + "repeats", f"must be >= 1 (the number of training seeds), got {self.repeats}")
         check(self.max_failures >= -1, prefix + "max_failures", "must be >= 0, or -1 for unlimited")
         check(bool(self.storage_path), prefix + "storage_path", "must not be empty")
         check("/" not in self.name, prefix + "name", f"must be a plain name, got '{self.name}'")

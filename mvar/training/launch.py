@@ -7,9 +7,15 @@ again, for a rerun of the same command) by the driver; workers log into it by
 id, and checkpoints carry the id, so a resumed run continues the same MLflow run.
 The run's directory in storage is cleaned of checkpoints no run resumes from
 before the run starts and when it ends (`mvar.training.run_dir`).
+
+Training seeds (`run.repeats` N > 1, `train_repeats`): seeds run.seed + k, k < N, one after the
+other, each a run of its own named `<name>-seed<seed>` (a rerun resumes each), nested under a group
+run `<name>` (tags `mvar.group`, `mvar.group_run=true`) that a rerun finds again. Every generator run
+carries `mvar.group` (runs that differ only in the seed share it) and `mvar.seed`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -48,6 +54,9 @@ class TrainOutcome:
     checkpoint: str           # location of the final (or last good) checkpoint
     step: int
     status: str               # completed (a run that stopped raises TrainingFailed)
+    seed: int = 0             # run.seed of the run
+    group: str = ""           # its mvar.group tag (mvar.metrics.stats.group_key)
+    group_run_id: str = ""    # the group run it is nested under (run.repeats > 1), else ''
 
 
 def storage_location(path: str) -> str:
@@ -306,6 +315,7 @@ def launch(cfg: RunConfig, worker_fn, loop_config: dict, tags: dict[str, str], r
     ``worker_fn`` receives ``loop_config`` plus ``train`` (the config itself: Ray's pickling is its one
     serialisation, and the worker does not validate it again) and ``run_id``.
     """
+    check_one_run(cfg)
     storage = storage_location(cfg.run.storage_path)
     workers_part = check_run_dir(cfg, storage)
     store = Store(cfg.tracking.uri)
@@ -338,9 +348,126 @@ def launch(cfg: RunConfig, worker_fn, loop_config: dict, tags: dict[str, str], r
     return finish(store, run_id, result, register_as)
 
 
-def train(cfg: TrainConfig) -> TrainOutcome:
-    """Check every input, then train the generator with Ray Train."""
+def check_one_run(cfg: RunConfig) -> None:
+    """``launch`` trains one run; several training seeds are ``train_repeats``' (`mvar train --repeats`)."""
+    if cfg.run.repeats != 1:
+        raise UserError(f"run.repeats: {cfg.run.repeats} training seeds are trained by `mvar train` "
+                        f"(mvar.training.train_repeats); this trains one run: set run.repeats=1")
+
+
+def group_key_of(cfg: TrainConfig) -> str:
+    """The run's ``mvar.group``: ``mvar.metrics.stats.group_key`` of its params as MLflow logs them."""
+    from mvar.metrics.stats import group_key
+    return group_key({k: str(v) for k, v in flatten(to_dict(cfg)).items()})
+
+
+def _train_checked(cfg: TrainConfig, prep: Prepared, group: str) -> TrainOutcome:
+    """The generator's Ray Train run of a checked ``cfg``, tagged with its group and seed."""
     from mvar.training.loop import train_worker
+    tags = {**model_tags(cfg), "mvar.group": group, "mvar.seed": str(cfg.run.seed)}
+    outcome = launch(cfg, train_worker, {"tokenizer_sha256": prep.tokenizer_sha256}, tags, tags["mvar.model"])
+    return dataclasses.replace(outcome, seed=cfg.run.seed, group=group)
+
+
+def train(cfg: TrainConfig) -> TrainOutcome:
+    """Check every input, then train the generator with Ray Train: one run (``run.repeats`` 1)."""
+    check_one_run(cfg)
     prep = prepare(cfg)
-    tags = model_tags(cfg)
-    return launch(cfg, train_worker, {"tokenizer_sha256": prep.tokenizer_sha256}, tags, tags["mvar.model"])
+    return _train_checked(cfg, prep, group_key_of(cfg))
+
+
+GROUP_RUN_KEY = "mvar.group_run_key"  # a group run's key tag (its runs' storage/name), as mvar.run_key is a run's
+
+
+def seed_configs(cfg: TrainConfig, group_run_id: str = "") -> list[TrainConfig]:
+    """One config per training seed run.seed + k (k < run.repeats): named `<name>-seed<seed>` (its run
+    resumes by that name), one run each (run.repeats 1), nested under ``group_run_id``."""
+    out = []
+    for k in range(cfg.run.repeats):
+        seed = cfg.run.seed + k
+        one = copy.deepcopy(cfg)
+        one.run = dataclasses.replace(cfg.run, seed=seed, name=f"{cfg.run.name}-seed{seed}", repeats=1)
+        shown = f"{cfg.tracking.run_name}-seed{seed}" if cfg.tracking.run_name else ""
+        one.tracking = dataclasses.replace(cfg.tracking, parent_run_id=group_run_id, run_name=shown)
+        out.append(one)
+    return out
+
+
+def find_group_run(store: Store, cfg: TrainConfig, storage: str) -> str | None:
+    """The group run of ``cfg``'s seeds (nested under ``tracking.parent_run_id`` when set), if made already."""
+    nested = {tracking.PARENT_TAG: cfg.tracking.parent_run_id} if cfg.tracking.parent_run_id else {}
+    return store.find_run(cfg.tracking.experiment, {GROUP_RUN_KEY: run_key(cfg, storage), **nested})
+
+
+def attach_group(cfg: TrainConfig, store: Store, storage: str, group: str) -> tuple[str, bool]:
+    """(group run id, found again?): the run that holds the seeds' runs, with the config as its params; a
+    rerun (more seeds, say) finds it again and reopens it."""
+    seeds = {"mvar.repeats": str(cfg.run.repeats),
+             "mvar.seeds": ",".join(str(cfg.run.seed + k) for k in range(cfg.run.repeats))}
+    tags = {"mvar.group": group, "mvar.group_run": "true", "mvar.storage": storage, **seeds}
+    run_id, found = store.find_or_create(cfg.tracking.experiment, {GROUP_RUN_KEY: run_key(cfg, storage)},
+                                         cfg.tracking.run_name or cfg.run.name, tags,
+                                         parent=cfg.tracking.parent_run_id or None)
+    if found:
+        store.reopen(run_id)
+        store.set_tags(run_id, seeds)
+    log_config(cfg, store, run_id, found)
+    if not found:
+        log_datasets(cfg, store, run_id)
+    return run_id, found
+
+
+def finished_outcome(store: Store, cfg: TrainConfig, storage: str) -> TrainOutcome | None:
+    """A seed's run that a rerun has nothing left to train (FINISHED, its final checkpoint at run.steps): its
+    outcome, without a Ray Train start; else None."""
+    from mvar.checkpoint import read_checkpoint_meta
+    run_id = store.find_run(cfg.tracking.experiment, {"mvar.run_key": run_key(cfg, storage),
+                                                      tracking.PARENT_TAG: cfg.tracking.parent_run_id})
+    run = store.get(run_id) if run_id else None
+    if run is None or run.status != "FINISHED" or not run.tags.get(tracking.CHECKPOINT_TAG):
+        return None
+    checkpoint = run.tags[tracking.CHECKPOINT_TAG]
+    try:
+        step = int(read_checkpoint_meta(checkpoint)["train"]["step"])
+    except (UserError, KeyError, TypeError, ValueError):
+        return None  # not readable here (an object store): Ray Train resumes it
+    if step < cfg.run.steps:
+        return None
+    print(f"run '{cfg.run.name}' (seed {cfg.run.seed}) is finished already: MLflow run {run_id}, step {step}",
+          flush=True)
+    return TrainOutcome(run_id=run_id, checkpoint=checkpoint, step=step, status="completed", seed=cfg.run.seed,
+                        group=run.tags.get("mvar.group", ""))
+
+
+def train_repeats(cfg: TrainConfig) -> list[TrainOutcome]:
+    """``run.repeats`` training seeds of ``cfg`` (run.seed + k), one after the other, each its own run nested
+    under the group run, which ends FINISHED when every seed has. One outcome per seed, in seed order; each
+    names the group run (``group_run_id``). With run.repeats 1: ``[train(cfg)]``, no group run."""
+    if cfg.run.repeats == 1:
+        return [train(cfg)]
+    prep = prepare(cfg)  # once, before the group run is made: the seeds share every input
+    storage = storage_location(cfg.run.storage_path)
+    store = Store(cfg.tracking.uri)
+    cfg.tracking.uri = store.uri
+    group = group_key_of(cfg)
+    group_id, found = attach_group(cfg, store, storage, group)
+    seeds = seed_configs(cfg, group_id)
+    print(f"group run {group_id} ({'found again' if found else 'new'}, mvar.group {group}): {len(seeds)} training "
+          f"seeds ({', '.join(str(c.run.seed) for c in seeds)}) of '{cfg.run.name}', one after the other", flush=True)
+    outcomes = []
+    try:
+        for one in seeds:
+            outcome = finished_outcome(store, one, storage) or _train_checked(one, prep, group)
+            outcomes.append(dataclasses.replace(outcome, group_run_id=group_id))
+    except BaseException as err:
+        _end_group(store, group_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    store.terminate(group_id, "FINISHED")
+    return outcomes
+
+
+def _end_group(store: Store, group_id: str, status: str) -> None:
+    try:
+        store.terminate(group_id, status)
+    except Exception as err:  # noqa: BLE001 - never hide the seed's own error
+        log.warning("MLflow: the group run %s was not marked %s: %s", group_id, status, err)

@@ -182,3 +182,43 @@ def test_pruned_trial_stops_its_training(sweep_inputs, tmp_path):
     assert steps(sweep.uri, train.info.run_id, "train/loss")[-1] < 200
     [child] = sweep.runs(**{"mvar.sweep": "trial"})
     assert child.info.status == "KILLED" and child.data.tags["mvar.trial_state"] == "PRUNED"
+
+
+def test_a_trial_of_two_seeds_is_their_mean_and_its_run_their_group_run(sweep_inputs, tmp_path):
+    """`repeats: 2`: one trial trains seeds 0 and 1, each evaluated; the objective is the mean; the pruner saw
+    the first seed's val/loss; in MLflow the trial's run is the group run, the seeds' runs nested under it."""
+    study_file = tmp_path / "seeds.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "base_config": "workflows/configs/mvar_tiny_local.yaml",
+        "overrides": {"scaling.num_workers": 1, "data.num_workers": 0, "train.sample_images": 0},
+        "search_space": {"model.window_size": [3]}, "objectives": {"eval/fid": "minimize"},
+        "sampler": {"name": "grid"}, "pruner": {"name": "threshold", "upper": 1.0e9}, "n_trials": 1, "repeats": 2}))
+    assert main([str(study_file), "--storage", sweep_inputs.storage, *sweep_inputs.args("seeds")]) == 0
+    sweep = Sweep("seeds", sweep_inputs.storage, sweep_inputs.tracking_uri)
+    [trial] = sweep.study().trials
+    assert trial.state == TrialState.COMPLETE
+    [parent] = sweep.runs(**{"mvar.sweep": "parent"})
+    [group] = sweep.runs(**{"mvar.sweep": "trial"})
+    assert group.info.run_id == trial.user_attrs["train_run_id"] and group.info.status == "FINISHED"
+    assert group.data.tags["mlflow.parentRunId"] == parent.info.run_id and group.data.tags["mvar.group_run"] == "true"
+    assert group.data.params["run.repeats"] == "2" and "mvar.variant" not in group.data.tags
+    seeds = sorted(sweep.runs(**{"mvar.sweep": "seed"}), key=lambda r: r.data.params["run.seed"])
+    assert sorted(tracking.Store(sweep.uri).children(group.info.run_id)) == sorted(r.info.run_id for r in seeds)
+    assert tracking.Store(sweep.uri).children(parent.info.run_id) == [group.info.run_id]
+    assert [(r.info.run_name, r.data.tags["mvar.seed"], r.data.tags["mvar.trial"]) for r in seeds] == [
+        ("seeds-t0-seed0", "0", "0"), ("seeds-t0-seed1", "1", "0")]
+    for r in seeds:
+        assert r.data.tags["mlflow.parentRunId"] == group.info.run_id and r.info.status == "FINISHED"
+        assert r.data.tags["mvar.group"] == group.data.tags["mvar.group"] and r.data.tags["mvar.variant"] == "mvar"
+    fids = [r.data.metrics["eval/fid"] for r in seeds]  # each seed evaluated into its own run
+    assert fids[0] != fids[1]
+    assert trial.values[0] == pytest.approx(sum(fids) / 2) == pytest.approx(trial.user_attrs["eval/fid"])
+    assert [trial.user_attrs["seed0/eval/fid"], trial.user_attrs["seed1/eval/fid"]] == pytest.approx(fids)
+    assert trial.user_attrs["eval/fid_std"] == pytest.approx(abs(fids[0] - fids[1]) / 2 ** 0.5)
+    assert trial.user_attrs["seed1/run_id"] == seeds[1].info.run_id
+    assert group.data.metrics["eval_fid_mean"] == pytest.approx(trial.values[0]) and group.data.metrics["eval_fid_n"] == 2
+    # the pruner was sent the first seed's val/loss curve (checkpoints at steps 3 and 6), not the second's
+    curves = [dict((m.step, m.value) for m in tracking.client(sweep.uri).get_metric_history(r.info.run_id, "val/loss"))
+              for r in seeds]
+    assert trial.intermediate_values == pytest.approx(curves[0]) and sorted(curves[0]) == [3, 6]
+    assert curves[0] != curves[1]

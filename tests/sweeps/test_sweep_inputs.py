@@ -64,6 +64,11 @@ def test_grid_points_cover_every_combination():
     (["--n-trials", "7"], "n_trials", "more than the grid's 6 points"),
     (["study.storage=postgresql+psycopg2://optuna:secret@db:5432/optuna"], "storage", "holds a password"),
     (["study.search_space.run.name=[a]"], "search_space.run.name", "set by the sweep"),
+    (["study.repeats=0"], "repeats", r"must be >= 1 \(training seeds per trial\), got 0"),
+    (["study.repeats=-1"], "repeats", r"must be >= 1 \(training seeds per trial\), got -1"),
+    (["study.search_space.run.repeats=[1,2]"], "search_space.run.repeats", "set by the sweep"),
+    (["study.overrides.run.repeats=2"], "overrides.run.repeats", "use `repeats: N`"),
+    (["run.repeats=2"], "run.repeats", "study.repeats=N"),
     (["model.attention=var", "train.scale_schedule=cycle"], "train.scale_schedule", "full sequences only"),
 ])
 def test_bad_study_input_is_refused_naming_the_key(capsys, tmp_path, extra, key, message):
@@ -116,3 +121,9 @@ def test_study_file_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"study file '.*s.yaml': config key 'n_trials': must be >= 1"):
         load_study(path)
     assert load_study(path, ["n_trials=2"]).study_name == "s"
+    path.write_text(yaml.safe_dump({"base_config": "workflows/configs/mvar_tiny_local.yaml",
+                                    "search_space": {"model.depth": [1]}, "objectives": {"eval/fid": "minimize"},
+                                    "repeats": 0}))
+    with pytest.raises(ConfigError, match=r"study file '.*s.yaml': config key 'repeats': must be >= 1"):
+        load_study(path)
+    assert load_study(path, ["repeats=2"]).repeats == 2

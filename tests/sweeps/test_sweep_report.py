@@ -48,3 +48,24 @@ def test_report_with_too_few_trials_says_why(tmp_path):
     result = json.loads((tmp_path / "importances.json").read_text())
     assert all("too small" in v["error"] for v in result.values())
     assert (tmp_path / "pareto_front.png").is_file() and (tmp_path / "history_eval_fid.png").is_file()
+
+
+def test_a_trial_of_several_seeds_is_their_mean_with_each_seed_kept():
+    """combine_seeds: the trial's user attrs; group_aggregates: the group run's metrics (mvar report's names)."""
+    import numpy as np
+    import pytest
+
+    from sweeps.objective import combine_seeds, group_aggregates
+    per_seed = {3: {"eval/fid": 41.5, "infer/peak_mem_mb": 20.0, "val/loss": 2.5},
+                4: {"eval/fid": 43.0, "infer/peak_mem_mb": 20.5},
+                5: {"eval/fid": 42.1, "infer/peak_mem_mb": 19.0}}
+    fids = np.array([41.5, 43.0, 42.1])
+    attrs = combine_seeds(per_seed)
+    assert attrs["eval/fid"] == pytest.approx(fids.mean()) and attrs["eval/fid_std"] == pytest.approx(fids.std(ddof=1))
+    assert [attrs[f"seed{s}/eval/fid"] for s in (3, 4, 5)] == [41.5, 43.0, 42.1]
+    assert "val/loss" not in attrs and "seed3/val/loss" not in attrs  # a metric not every seed has: not averaged
+    assert attrs["infer/peak_mem_mb"] == pytest.approx(59.5 / 3)
+    group = group_aggregates(per_seed)
+    assert set(group) == {f"{m}_{a}" for m in ("eval_fid", "infer_peak_mem_mb") for a in ("mean", "std", "n")}
+    assert group["eval_fid_mean"] == attrs["eval/fid"] and group["eval_fid_std"] == attrs["eval/fid_std"]
+    assert group["eval_fid_n"] == 3

@@ -7,7 +7,8 @@ import pytest
 
 from mvar import tracking
 from mvar.checkpoint import load_checkpoint, read_checkpoint_meta
-from mvar.training import TrainingFailed, load_train_config, train
+from mvar.training import TrainingFailed, load_train_config, train, train_repeats
+from mvar.training.launch import group_key_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
@@ -32,6 +33,8 @@ def test_tiny_model_trains_and_the_run_holds_everything(tiny_inputs, variant, lo
     assert run.info.status == "FINISHED"
     assert run.data.params["model.attention"] == variant and run.data.params["run.steps"] == "40"
     assert run.data.tags["mvar.variant"] == variant and run.data.tags["mvar.git_commit"]
+    assert run.data.tags["mvar.seed"] == "0" and run.data.tags["mvar.group"] == group_key_of(cfg)
+    assert "mlflow.parentRunId" not in run.data.tags  # one seed: no group run
     assert run.data.tags["mvar.checkpoint"] == outcome.checkpoint
     losses = history(uri, run_id, "train/loss")
     assert [s for s, _ in losses] == list(range(2, 41, 2))  # every log step once
@@ -102,3 +105,43 @@ def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpo
                         filter_string="tags.`mvar.run_key` LIKE '%/nan'")[0]
     assert run.info.status == "FAILED"
     assert max(s for s, _ in history(cfg.tracking.uri, run.info.run_id, "train/loss")) == 6
+
+
+def test_repeats_train_each_seed_as_its_own_run_under_a_group_run(tiny_inputs, capsys):
+    """`mvar train --repeats 2`: seeds 0 and 1, one after the other, each a run of its own nested under the
+    group run; the same command again finds every run again and trains nothing (no Ray Train start)."""
+    from mvar.cli import main
+    argv = ["train", "--config", "workflows/configs/var_tiny_local.yaml", "--repeats", "2", *tiny_inputs.overrides(
+        "rep", **{"run.steps": 4, "run.checkpoint_every": 4, "run.log_every": 1, "scaling.num_workers": 1,
+                  "train.sample_images": 0})]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    uri = tiny_inputs.tracking_uri
+    c, store = tracking.client(uri), tracking.Store(uri)
+    [group] = c.search_runs([c.get_experiment_by_name("tests").experiment_id],
+                            filter_string="tags.`mvar.group_run` = 'true' and attributes.run_name = 'rep'")
+    gid, tags = group.info.run_id, group.data.tags
+    assert f"group run {gid} (mvar.group {tags['mvar.group']}): 2 seeds" in printed, printed
+    assert group.info.status == "FINISHED" and tags["mvar.seeds"] == "0,1" and "mvar.variant" not in tags
+    assert group.data.params["run.repeats"] == "2" and group.data.params["model.attention"] == "var"
+    seeds = [store.get(r) for r in store.children(gid)]  # oldest first: seed 0 trained first
+    assert [(r.name, r.tags["mvar.seed"], r.params["run.seed"]) for r in seeds] == [
+        ("rep-seed0", "0", "0"), ("rep-seed1", "1", "1")]
+    for r in seeds:
+        assert r.status == "FINISHED" and r.tags["mlflow.parentRunId"] == gid and r.tags["mvar.variant"] == "var"
+        assert r.tags["mvar.group"] == tags["mvar.group"] and r.tags["mvar.run_key"].endswith(f"/{r.name}")
+        assert [s for s, _ in history(uri, r.run_id, "train/loss")] == [1, 2, 3, 4]
+        assert read_checkpoint_meta(r.tags["mvar.checkpoint"])["train"]["mlflow_run_id"] == r.run_id
+        assert f"done: seed {r.tags['mvar.seed']}: 4 steps, MLflow run {r.run_id}" in printed
+    assert history(uri, seeds[0].run_id, "train/loss") != history(uri, seeds[1].run_id, "train/loss")
+    # a rerun (the python API the quickstart calls): the same group run and seed runs, nothing trained again
+    cfg = load_train_config("workflows/configs/var_tiny_local.yaml", tiny_inputs.overrides(
+        "rep", **{"run.steps": 4, "run.checkpoint_every": 4, "run.log_every": 1, "scaling.num_workers": 1,
+                  "train.sample_images": 0, "run.repeats": 2}))
+    outcomes = train_repeats(cfg)
+    assert [(o.run_id, o.seed, o.step, o.group_run_id, o.group) for o in outcomes] == [
+        (r.run_id, int(r.tags["mvar.seed"]), 4, gid, tags["mvar.group"]) for r in seeds]
+    printed = capsys.readouterr().out
+    assert printed.count("is finished already") == 2 and "Ray Train:" not in printed, printed
+    again = store.get(gid)
+    assert again.status == "FINISHED" and again.tags["mvar.resumes"] == "1" and len(store.children(gid)) == 2

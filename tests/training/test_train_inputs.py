@@ -196,3 +196,53 @@ def test_check_runs_every_check_of_the_run_prints_ok_and_makes_nothing(tiny_inpu
         port = s.getsockname()[1]
     assert main([*argv, f"tracking.uri=http://127.0.0.1:{port}"]) == 2
     assert "does not answer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repeats", "0"], "workflows.train: error: --repeats: must be >= 1 (the number of training seeds), got 0"),
+    (["--repeats", "-2"], "workflows.train: error: --repeats: must be >= 1 (the number of training seeds), got -2"),
+    (["run.repeats=0"], "workflows.train: error: config key 'run.repeats': must be >= 1 (the number of training "
+                        "seeds), got 0"),
+])
+def test_repeats_below_one_are_refused_in_one_line(tiny_inputs, capsys, args, message):
+    rc = main(["--config", LOCAL, *tiny_inputs.overrides("bad"), *args])
+    assert rc == 2
+    assert capsys.readouterr().err.splitlines() == [message]
+
+
+def test_the_repeats_flag_is_run_repeats_and_wins_over_the_overrides(tiny_inputs, capsys):
+    import yaml
+    assert main(["--config", LOCAL, *tiny_inputs.overrides("r"), "run.repeats=2", "--repeats", "3",
+                 "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["run"]["repeats"] == 3
+    assert main(["--config", LOCAL, *tiny_inputs.overrides("r"), "--repeats", "3", "--check"]) == 0
+    assert capsys.readouterr().out.startswith("OK: run 'r', 200 steps x 3 seeds:")
+
+
+def test_one_run_entry_points_refuse_several_seeds_naming_run_repeats(tiny_inputs):
+    """`train` trains one run, and so does the tokenizer's training (`launch`): several seeds are train_repeats'."""
+    from mvar.training import launch, train
+    from mvar.training.tokenizer_config import load_tokenizer_train_config
+    with pytest.raises(UserError, match=r"^run.repeats: 2 training seeds are trained by `mvar train`"):
+        train(load_train_config(LOCAL, tiny_inputs.overrides("r", **{"run.repeats": 2})))
+    tok = load_tokenizer_train_config("workflows/configs/tokenizer_tiny_local.yaml", ["run.repeats=2"])
+    with pytest.raises(UserError, match=r"^run.repeats: 2 training seeds"):
+        launch.launch(tok, None, {}, {})
+
+
+def test_seed_configs_differ_in_seed_and_name_only_and_share_the_group_key():
+    from mvar.config import flatten
+    from mvar.training.launch import group_key_of, seed_configs
+    cfg = load_train_config(LOCAL, ["tokenizer=t", "data.shards=s", "run.seed=5", "run.repeats=3",
+                                    "tracking.run_name=shown"])
+    seeds = seed_configs(cfg, "group-run")
+    assert [(c.run.seed, c.run.name, c.tracking.run_name) for c in seeds] == [
+        (5, "mvar_tiny_local-seed5", "shown-seed5"), (6, "mvar_tiny_local-seed6", "shown-seed6"),
+        (7, "mvar_tiny_local-seed7", "shown-seed7")]
+    assert all(c.run.repeats == 1 and c.tracking.parent_run_id == "group-run" for c in seeds)
+    assert cfg.run.seed == 5 and cfg.run.repeats == 3 and cfg.tracking.parent_run_id == ""  # the base is kept
+    differ = {k for k, v in flatten(seeds[0]).items() if flatten(seeds[1])[k] != v}
+    assert differ == {"run.seed", "run.name", "tracking.run_name"}
+    assert len({group_key_of(c) for c in [cfg, *seeds]}) == 1
+    deeper = load_train_config(LOCAL, ["tokenizer=t", "data.shards=s", "model.depth=3"])
+    assert group_key_of(deeper) != group_key_of(cfg)
