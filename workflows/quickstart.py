@@ -2,14 +2,17 @@
 
 synthetic shards (train + held-out) -> the vae-quick tokenizer (Ray Train, codebook kept in use) ->
 token shards -> a classifier of the training split (the metrics' feature extractor) -> var,
-scale_markov and mvar generators on the same tokens, seeds and steps (Ray Train, 2 CPU workers) ->
-evaluation of each with the classifier beside two reference rows (real: the held-out split; untrained:
-a generator at step 0) -> benchmark -> ablation report and picture; everything in the MLflow store
+scale_markov and mvar generators on the same tokens, --seeds training seeds each (a group run per
+variant, a run per seed), at an equal budget of full pyramids (Ray Train, 2 CPU workers) ->
+evaluation of each seed with the classifier beside two reference rows (real: the held-out split; untrained:
+a generator at step 0) -> benchmark -> ablation report (mean and interval over the seeds, a verdict per
+comparison with VAR) and picture; everything in the MLflow store
 out/quickstart/mlflow.db. Every step reuses what an earlier run finished (a step's output counts only
 when complete), so a rerun (or a run after an interruption) goes straight to what is left.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -20,11 +23,12 @@ from mvar.cli import main as mvar_main
 from mvar.commands import Parser
 
 EXPERIMENT = "quickstart"
-STEPS = 10
+STEPS = 11
 VARIANTS = ("var", "scale_markov", "mvar")
 TOKENIZER_CONFIG = "workflows/configs/tokenizer_quick_local.yaml"
 GENERATOR_CONFIG = "workflows/configs/generator_quick_local.yaml"
 REFERENCE_TAG = "mvar.reference_row"
+BUDGET_TAG = "mvar.budget"   # what the variants' runs held equal: pyramids | steps
 
 
 class Quickstart:
@@ -41,6 +45,10 @@ class Quickstart:
         print(f"\n== [{n}/{STEPS}] {title}   (elapsed {time.monotonic() - self.t0:.0f} s, "
               f"CPU {time.process_time() + children_cpu():.0f} s)", flush=True)
 
+    @property
+    def held_out_images(self) -> int:
+        return self.args.num_held_out or max(10, self.args.num_images // 2)
+
     def reuse(self, path: Path) -> bool:
         if path.exists():
             print(f"reusing {path}")
@@ -48,9 +56,9 @@ class Quickstart:
         return False
 
     def data(self) -> None:
-        self.step(1, f"synthetic image shards: {self.args.num_images} for training, {self.args.num_images // 2} "
+        self.step(1, f"synthetic image shards: {self.args.num_images} for training, {self.held_out_images} "
                      "held out (64 px, 10 classes)")
-        for d, n, seed in ((self.train_split, self.args.num_images, 0), (self.held_out, self.args.num_images // 2, 1)):
+        for d, n, seed in ((self.train_split, self.args.num_images, 0), (self.held_out, self.held_out_images, 1)):
             if not self.reuse(d / "manifest.json"):  # the manifest is written last
                 check(mvar_main(["data", "synth", "--out", str(d), "--num-images", str(n), "--image-size", "64",
                                  "--num-classes", "10", "--seed", str(seed)]))
@@ -93,21 +101,38 @@ class Quickstart:
         run = store.get(run_id) if run_id else None
         return run if run and metric in run.metrics and run.status == "FINISHED" else None
 
+    def seed_names(self, variant: str) -> list[str]:
+        """The training runs of ``variant``: `quickstart-<variant>-seed<k>` (one seed: `quickstart-<variant>`)."""
+        name = f"quickstart-{variant}"
+        return [f"{name}-seed{k}" for k in range(self.args.seeds)] if self.args.seeds > 1 else [name]
+
     def train(self, variant: str) -> None:
         name = f"quickstart-{variant}"
-        if self.finished_run({"mvar.run_key": self.run_key(name)}, "train/loss"):
-            print(f"reusing the finished run {name}")
+        runs = [self.finished_run({"mvar.run_key": self.run_key(n)}, "train/loss") for n in self.seed_names(variant)]
+        if all(runs):
+            print(f"reusing the finished run(s) of {name}: {', '.join(r.name for r in runs)}")
             return
-        from mvar.training import load_train_config, train
-        outcome = train(load_train_config(GENERATOR_CONFIG, self.generator_overrides(variant, name)))
-        print(f"{name}: {outcome.step} steps, checkpoint {outcome.checkpoint}")
+        from mvar.training import load_train_config, train_repeats
+        cfg = load_train_config(GENERATOR_CONFIG, self.generator_overrides(variant, name))
+        store = tracking.Store(self.uri)
+        for outcome in train_repeats(cfg):  # every seed, nested under the variant's group run
+            print(f"{name} seed {outcome.seed}: {outcome.step} steps, checkpoint {outcome.checkpoint}")
+            store.set_tags(outcome.run_id, {BUDGET_TAG: self.args.budget})
+            if outcome.group_run_id:
+                store.set_tags(outcome.group_run_id, {BUDGET_TAG: self.args.budget})
 
     def generator_overrides(self, variant: str, name: str) -> list[str]:
+        """Equal full pyramids (--budget pyramids, the default): the Markov variants train every scale at once
+        under their mask (train.scale_schedule=packed), so each step trains every scale once, as VAR's does,
+        and equal steps are equal pyramids and equal tokens. --budget steps: the authors' 8:1:1 cycle at equal
+        optimizer steps (most of MVAR's steps then train only the small scales: fewer tokens)."""
         steps = self.args.train_steps
+        schedule = "packed" if self.args.budget == "pyramids" and variant != "var" else "auto"
         return [f"model.attention={variant}", f"tokenizer={self.out / 'tokenizer'}",
                 f"data.shards={self.train_split.parent / 'synth-tokens'}",
                 f"data.eval_shards={self.held_out.parent / 'synth-eval-tokens'}", f"run.name={name}",
-                f"run.steps={steps}", f"run.checkpoint_every={max(1, steps // 2)}", *self.common]
+                f"run.steps={steps}", f"run.checkpoint_every={max(1, steps // 2)}", f"run.repeats={self.args.seeds}",
+                f"train.scale_schedule={schedule}", *self.common]
 
     def eval_args(self, out: Path) -> list[str]:
         return ["--reference", str(self.train_split), "--num-per-class", str(self.args.num_per_class),
@@ -116,15 +141,15 @@ class Quickstart:
                 "--cpus-per-worker", "0.5", "--out", str(out)]
 
     def evaluate(self, variant: str) -> None:
-        name = f"quickstart-{variant}"
-        run = self.finished_run({"mvar.run_key": self.run_key(name)}, "train/loss")
-        if run is None:
-            raise SystemExit(f"no finished training run {name}")
-        if "eval/fid" in run.metrics:
-            print(f"reusing the evaluation of {name}")
-            return
-        check(mvar_main(["eval", "--run-id", run.run_id, "--tracking-uri", self.uri,
-                         *self.eval_args(self.out / "eval" / variant)]))
+        for name in self.seed_names(variant):
+            run = self.finished_run({"mvar.run_key": self.run_key(name)}, "train/loss")
+            if run is None:
+                raise SystemExit(f"no finished training run {name}")
+            if "eval/fid" in run.metrics:
+                print(f"reusing the evaluation of {name}")
+                continue
+            check(mvar_main(["eval", "--run-id", run.run_id, "--tracking-uri", self.uri, "--summary",
+                             *self.eval_args(self.out / "eval" / name.removeprefix("quickstart-"))]))
 
     def untrained(self) -> None:
         """The ceiling: VAR's generator at step 0 (its initial weights), evaluated like the trained ones."""
@@ -133,12 +158,15 @@ class Quickstart:
             print("reusing the evaluation of the untrained generator")
             return
         if not self.reuse(ckpt / "checkpoint.yaml"):
-            save_untrained(ckpt, GENERATOR_CONFIG, self.generator_overrides("var", "quickstart-untrained"))
+            save_untrained(ckpt, GENERATOR_CONFIG, self.generator_overrides("var", "quickstart-untrained") +
+                           ["run.repeats=1"])
         check(mvar_main(["eval", "--checkpoint", str(ckpt), "--tracking-uri", self.uri, "--experiment", EXPERIMENT,
-                         *self.eval_args(self.out / "eval" / "untrained"), "tracking.run_name=quickstart-untrained"]))
+                         *self.eval_args(self.out / "eval" / "untrained"), "--summary",
+                         "tracking.run_name=quickstart-untrained"]))
         from mvar.training import load_train_config
         from mvar.training.launch import model_tags
-        size = model_tags(load_train_config(GENERATOR_CONFIG, self.generator_overrides("var", "untrained")))["mvar.size"]
+        size = model_tags(load_train_config(GENERATOR_CONFIG, self.generator_overrides("var", "untrained") +
+                                            ["run.repeats=1"]))["mvar.size"]
         store = tracking.Store(self.uri)  # the size: the report's depth column and the baseline of its ratios
         store.set_tags(store.find_run(EXPERIMENT, {"mvar.checkpoint": str(ckpt)}),
                        {REFERENCE_TAG: "untrained", "mvar.size": size})
@@ -164,8 +192,33 @@ class Quickstart:
         t.close(status="FINISHED")
         print("real (held-out vs training split): " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
 
+    def independent_check(self) -> None:
+        """A second classifier of another design (grey levels only, so hue alone cannot pass it), trained on
+        the same split, names the class of each seed's samples (workflows.independent_check)."""
+        self.step(8, "independent check: a grey-level classifier of another design names each sample's class")
+        out = self.out / "report" / "independent_check.json"
+        if self.reuse(out):
+            return
+        from workflows.independent_check import check as grey_check
+        from workflows.quickstart_picture import samples_of
+        samples = {}
+        for variant in VARIANTS:
+            for name in self.seed_names(variant):
+                found = samples_of(self.out / "eval" / name.removeprefix("quickstart-"))
+                if found is not None:
+                    samples[name.removeprefix("quickstart-")] = str(found)
+        result = grey_check(str(self.train_split), str(self.held_out), samples, self.args.check_steps)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".partial")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(out)
+        by_variant = {v: [a for n, a in result["samples"].items() if n.split("-seed")[0] == v] for v in VARIANTS}
+        print(f"grey-level check ({result['seconds']} s to train): held-out images {result['heldout_acc']:.3f}; "
+              "samples " + ", ".join(f"{v} {sum(a) / len(a):.3f}" for v, a in by_variant.items() if a) +
+              " (mean over seeds)")
+
     def bench(self) -> None:
-        self.step(8, "benchmark: memory and speed of var, scale_markov, mvar (tiny, CPU, one process each)")
+        self.step(9, "benchmark: memory and speed of var, scale_markov, mvar (tiny, CPU, one process each)")
         bench_json = self.out / "bench.json"
         if self.reuse(bench_json):
             return
@@ -173,12 +226,13 @@ class Quickstart:
                                "--batch", "8", "--repeats", "2", "--json", str(bench_json)]))
 
     def picture(self) -> Path:
-        self.step(9, "picture: real images, tokenizer reconstructions and each generator's samples, a row per class")
+        self.step(10, "picture: real images, tokenizer reconstructions and each generator's samples, a row per class")
         from workflows.quickstart_picture import ablation_picture
-        return ablation_picture(self.out, self.held_out, ["untrained", *VARIANTS], min(4, self.args.num_per_class))
+        first = [self.seed_names(v)[0].removeprefix("quickstart-") for v in VARIANTS]  # the first seed of each
+        return ablation_picture(self.out, self.held_out, ["untrained", *first], min(4, self.args.num_per_class))
 
     def report(self, picture: Path) -> None:
-        self.step(10, "ablation report from the MLflow runs")
+        self.step(11, "ablation report from the MLflow runs")
         from mvar.report import make_report
         report = make_report(EXPERIMENT, self.out / "report", self.uri, extra_files=[picture])
         print(report.markdown)
@@ -214,16 +268,25 @@ def check(rc: int) -> None:
 def parse(argv: list[str] | None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/quickstart", help="where everything is written")
-    parser.add_argument("--num-images", type=int, default=400, help="training images (half as many held out)")
+    parser.add_argument("--num-images", type=int, default=4000, help="training images")
+    parser.add_argument("--num-held-out", type=int, default=400, help="held-out images (0: half of --num-images)")
     parser.add_argument("--tokenizer-steps", type=int, default=500, help="steps of the tokenizer run")
     parser.add_argument("--classifier-steps", type=int, default=400, help="steps of the classifier")
-    parser.add_argument("--train-steps", type=int, default=600, help="steps of each generator run")
+    parser.add_argument("--train-steps", type=int, default=1000, help="steps of each generator run")
+    parser.add_argument("--seeds", type=int, default=2, help="training seeds of each variant (run.seed 0..N-1): "
+                        "the report's intervals are over them")
+    parser.add_argument("--budget", choices=("pyramids", "steps"), default="pyramids",
+                        help="what the variants hold equal: full pyramids (every scale trained once a step; the "
+                        "Markov variants train packed) or optimizer steps (the authors' 8:1:1 cycle for them)")
+    parser.add_argument("--check-steps", type=int, default=300, help="steps of the independent check's classifier")
     parser.add_argument("--num-per-class", type=int, default=20, help="evaluation samples per class")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers of each training, and Ray workers "
                         "of each evaluation's sampling (0.5 CPU each)")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"argument --workers: must be at least 1, got {args.workers}")
+    if args.seeds < 1:
+        parser.error(f"argument --seeds: must be at least 1 (training seeds per variant), got {args.seeds}")
     return args
 
 
@@ -237,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         q.tokenizer()
         q.tokens()
         q.classifier()
-        q.step(5, f"train {', '.join(VARIANTS)}: {args.train_steps} steps each on {args.workers} Ray Train CPU worker(s)")
+        q.step(5, f"train {', '.join(VARIANTS)}: {args.seeds} seed(s) each, {args.train_steps} steps (equal "
+                  f"{args.budget}) on {args.workers} Ray Train CPU worker(s)")
         for variant in VARIANTS:
             q.train(variant)
         q.step(6, f"evaluate each: {args.num_per_class} samples per class with the classifier")
@@ -248,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         q.real()
     finally:
         cluster.shutdown()
+    q.independent_check()
     q.bench()
     q.report(q.picture())
     print(f"\ndone in {time.monotonic() - q.t0:.0f} s (CPU {time.process_time() + children_cpu():.0f} s of this "
