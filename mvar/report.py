@@ -192,7 +192,8 @@ def summarize(g: Group) -> dict:
            "finished": "FINISHED" in statuses, "variant": g.reference or first.tags["mvar.variant"],
            "depth": _depth(g), "window": int(window) if window else 0, "seeds": n,
            "comparable": first.tags.get("mvar.metrics_comparable", ""), "start": min(r.start_time for r in g.members),
-           "extractor": field_value(first, "mvar.feature_extractor", "tags"), "_group": g}
+           "extractor": field_value(first, "mvar.feature_extractor", "tags"), "_group": g,
+           "budget": first.tags.get(BUDGET_TAG, "")}
     for col, key, _ in COLUMNS + RAW_COLUMNS:
         row.update(metric_cells(col, key, g))
     kinds = {row[f"{col} interval"] for col, _, _ in COLUMNS if row[f"{col} interval"]}
@@ -339,8 +340,29 @@ NOTES = {"classifier": "FID/IS/precision/recall/class acc computed with a classi
                   "difference over shared seeds: inconclusive when its 95 % interval holds 0."}
 
 
+BUDGET_TAG = "mvar.budget"  # what an ablation held equal across its variants: pyramids | steps | tokens | seconds
+BUDGETS = {"pyramids": "equal full pyramids (every scale trained as often in each variant; the Markov variants "
+                       "packed, one pyramid a step)",
+           "steps": "equal optimizer steps (under the 8:1:1 cycle most MVAR steps train only the small scales: "
+                    "fewer tokens than VAR's)",
+           "tokens": "equal tokens trained", "seconds": "equal training seconds"}
+
+
+def budget_note(rows: list[dict]) -> str:
+    """What the compared runs held equal (tag mvar.budget); not stated, or mixed, is said as such."""
+    stated = {r.get("budget", "") for r in rows if not r["reference"]}
+    if stated == {""} or not stated:
+        return ("Budget held equal: not stated (no mvar.budget tag); runs of equal run.steps trained equal "
+                "optimizer steps, which is not equal work for a cycled schedule: compare train s/pyramid.")
+    if len(stated) > 1:
+        return "Budget held equal: MIXED (" + ", ".join(sorted(b or "not stated" for b in stated)) + \
+               "): the rows were not trained on one budget."
+    b = stated.pop()
+    return f"Budget held equal: {BUDGETS.get(b, b)}."
+
+
 def notes(rows: list[dict]) -> list[str]:
-    out = [NOTES["stats"]]
+    out = [NOTES["stats"], budget_note(rows)]
     if any(r.get("extractor") == EXTRACTOR_NAMES["classifier"] for r in rows):
         out.append(NOTES["classifier"])
     elif any(r["comparable"] == "false" for r in rows):

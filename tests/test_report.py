@@ -308,3 +308,12 @@ def test_html_is_escaped(tmp_path):
     make_report("h", tmp_path / "out", cfg.uri, log=False)
     html = (tmp_path / "out" / "ablation.html").read_text()
     assert "&lt;b&gt;var&lt;/b&gt;" in html and "<b>var" not in html
+
+
+def test_the_report_says_what_the_rows_held_equal():
+    from mvar.report import budget_note
+    rows = [{"reference": "", "budget": "pyramids"}, {"reference": "", "budget": "pyramids"},
+            {"reference": "real", "budget": ""}]
+    assert "equal full pyramids" in budget_note(rows)
+    assert "MIXED (pyramids, steps)" in budget_note(rows + [{"reference": "", "budget": "steps"}])
+    assert "not stated" in budget_note([{"reference": "", "budget": ""}])
