@@ -202,7 +202,7 @@ class Quickstart:
         from workflows.independent_check import check as grey_check
         from workflows.quickstart_picture import samples_of
         samples = {}
-        for variant in VARIANTS:
+        for variant in self.args.variants:
             for name in self.seed_names(variant):
                 found = samples_of(self.out / "eval" / name.removeprefix("quickstart-"))
                 if found is not None:
@@ -212,7 +212,7 @@ class Quickstart:
         tmp = out.with_suffix(".partial")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         tmp.replace(out)
-        by_variant = {v: [a for n, a in result["samples"].items() if n.split("-seed")[0] == v] for v in VARIANTS}
+        by_variant = {v: [a for n, a in result["samples"].items() if n.split("-seed")[0] == v] for v in self.args.variants}
         print(f"grey-level check ({result['seconds']} s to train): held-out images {result['heldout_acc']:.3f}; "
               "samples " + ", ".join(f"{v} {sum(a) / len(a):.3f}" for v, a in by_variant.items() if a) +
               " (mean over seeds)")
@@ -228,7 +228,7 @@ class Quickstart:
     def picture(self) -> Path:
         self.step(10, "picture: real images, tokenizer reconstructions and each generator's samples, a row per class")
         from workflows.quickstart_picture import ablation_picture
-        first = [self.seed_names(v)[0].removeprefix("quickstart-") for v in VARIANTS]  # the first seed of each
+        first = [self.seed_names(v)[0].removeprefix("quickstart-") for v in self.args.variants]  # the first seed of each
         return ablation_picture(self.out, self.held_out, ["untrained", *first], min(4, self.args.num_per_class))
 
     def report(self, picture: Path) -> None:
@@ -275,6 +275,8 @@ def parse(argv: list[str] | None):
     parser.add_argument("--train-steps", type=int, default=1000, help="steps of each generator run")
     parser.add_argument("--seeds", type=int, default=2, help="training seeds of each variant (run.seed 0..N-1): "
                         "the report's intervals are over them")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="attention patterns to train and compare "
+                        f"(comma-separated; default {','.join(VARIANTS)}; var is the baseline of every ratio)")
     parser.add_argument("--budget", choices=("pyramids", "steps"), default="pyramids",
                         help="what the variants hold equal: full pyramids (every scale trained once a step; the "
                         "Markov variants train packed) or optimizer steps (the authors' 8:1:1 cycle for them)")
@@ -285,6 +287,11 @@ def parse(argv: list[str] | None):
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"argument --workers: must be at least 1, got {args.workers}")
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or "var" not in args.variants:
+        parser.error(f"argument --variants: unknown {unknown}; known: {', '.join(VARIANTS)}" if unknown else
+                     "argument --variants: must include var, the baseline of the report's ratios")
     if args.seeds < 1:
         parser.error(f"argument --seeds: must be at least 1 (training seeds per variant), got {args.seeds}")
     return args
@@ -300,12 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         q.tokenizer()
         q.tokens()
         q.classifier()
-        q.step(5, f"train {', '.join(VARIANTS)}: {args.seeds} seed(s) each, {args.train_steps} steps (equal "
+        q.step(5, f"train {', '.join(args.variants)}: {args.seeds} seed(s) each, {args.train_steps} steps (equal "
                   f"{args.budget}) on {args.workers} Ray Train CPU worker(s)")
-        for variant in VARIANTS:
+        for variant in args.variants:
             q.train(variant)
         q.step(6, f"evaluate each: {args.num_per_class} samples per class with the classifier")
-        for variant in VARIANTS:
+        for variant in args.variants:
             q.evaluate(variant)
         q.step(7, "reference rows: untrained generator (ceiling) and real held-out images (floor)")
         q.untrained()

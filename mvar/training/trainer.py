@@ -230,8 +230,9 @@ class Interval:
 class StepCost:
     """Like-for-like training cost, kept per step kind (``task.step_type``) since the run (re)started.
 
-    A kind's seconds are the wall time from one step's start to the next's, the first step of the
-    process left out (allocation, kernel selection); on CUDA the clock is synchronised where the kind
+    A kind's seconds are the wall time of its steps (batch, loss, optimizer step; data loader restarts at
+    epoch ends included, logging and checkpoints not), the first step of the process left out (allocation,
+    kernel selection); on CUDA the clock is synchronised where the kind
     changes, so each kind's seconds are its own. Logged (cumulative means):
     `train/step_s_<kind>`, `train/peak_mem_mb_<kind>` (the probe of `perf/peak_mem_mb`: CUDA allocated,
     else the resident high-water mark), `train/pyramid_s` (the seconds to train every part once: the
@@ -279,10 +280,6 @@ class StepCost:
         self._read_peak()
         v, self.interval_peak = self.interval_peak, 0.0
         return v
-
-    def pause(self, seconds: float) -> None:
-        """Time spent outside the steps (a checkpoint) after the last ``end``: not a step's."""
-        self.t0 += seconds
 
     def metrics(self) -> dict[str, float]:
         means = {k: self.seconds[k] / self.counts[k] for k in self.seconds}
@@ -384,7 +381,6 @@ class Trainer:
                 t = time.perf_counter()
                 self.checkpoint(hooks, done, metrics)
                 interval.t0 += time.perf_counter() - t  # checkpoint time is not step time
-                self.cost.pause(time.perf_counter() - t)
         return {"status": "completed", "step": run.steps}
 
     def interval_metrics(self, interval: Interval, last: StepOutcome, peak: StepCost) -> dict[str, float]:
