@@ -214,7 +214,8 @@ def run_study(study: StudyConfig, pre: Preflight, url: str, storage) -> int:
         n_parallel = concurrency(study, pre, where)  # the last check on the input: before the study is touched
         s = create_study(study, storage)
         t = SweepTracking(replace(pre.base.tracking, uri=uri, system_metrics=False, run_name=""), study.study_name,
-                          f"{masked(url)}#{study.study_name}")
+                          f"{masked(url)}#{study.study_name}",
+                          budget="mixed: run.steps searched" if "run.steps" in study.search_space else "steps")
         t.parent_run_id, again = runs.parent_run(t, study, masked(url), type(s.sampler).__name__)
         print(f"study '{study.study_name}' in {masked(url)}: {count(s, FINISHED)}/{study.n_trials} trials "
               f"finished; MLflow parent run {t.parent_run_id} ({'found again' if again else 'new'}) in {uri}; "

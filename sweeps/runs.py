@@ -31,6 +31,7 @@ class SweepTracking:
     study_name: str
     study_key: str               # masked storage URL + '#' + study name
     parent_run_id: str = ""
+    budget: str = "steps"        # what its trials hold equal (tag mvar.budget): run.steps, unless searched over
 
     @property
     def uri(self) -> str:
@@ -66,9 +67,11 @@ def finish_trial(t: SweepTracking, train_run_id: str, trial_key: int, optuna_num
     it was stopped; the training driver set the status of every other one."""
     store = Store(t.uri)
     store.set_tags(train_run_id, {"mvar.study": t.study_name, "mvar.sweep": "trial", "mvar.trial": trial_key,
-                                  "mvar.optuna_trial": optuna_number, "mvar.trial_state": state})
+                                  "mvar.optuna_trial": optuna_number, "mvar.trial_state": state,
+                                  "mvar.budget": t.budget})
     for run_id in seed_run_ids:
-        store.set_tags(run_id, {"mvar.study": t.study_name, "mvar.sweep": "seed", "mvar.trial": trial_key})
+        store.set_tags(run_id, {"mvar.study": t.study_name, "mvar.sweep": "seed", "mvar.trial": trial_key,
+                                "mvar.budget": t.budget})
     logged = {**{k: v for k, v in (metrics or {}).items() if k.startswith("sweep/")}, **(aggregates or {})}
     if logged:
         tr = MlflowTracker(train_run_id, replace(t.cfg, retry_s=min(t.cfg.retry_s, 60.0)))

@@ -120,7 +120,7 @@ def test_three_trial_sweep_end_to_end(k_depth, sweep_inputs, local_ray):
         [train] = [c for c in children if c.data.tags["mvar.trial"] == str(trial.user_attrs["trial_key"])]
         assert train.data.tags["mlflow.parentRunId"] == parent.info.run_id and train.info.status == "FINISHED"
         assert train.info.run_id == trial.user_attrs["train_run_id"] and "mvar.run_key" in train.data.tags
-        assert train.data.tags["mvar.trial_state"] == "COMPLETE"
+        assert train.data.tags["mvar.trial_state"] == "COMPLETE" and train.data.tags["mvar.budget"] == "steps"
         assert train.data.metrics["eval/fid"] == pytest.approx(trial.values[0])  # the evaluation logged there
         assert train.data.metrics["infer/peak_mem_mb"] == pytest.approx(trial.values[1])
         assert {k: train.data.params[k] for k in trial.params} == {k: str(v) for k, v in trial.params.items()}
