@@ -156,12 +156,13 @@ def read_tokenizer_meta(path: str | Path) -> tuple[Path, dict]:
 def read_tokenizer_config(path: str | Path) -> TokenizerConfig:
     """The TokenizerConfig of a tokenizer or model checkpoint (its tokenizer.yaml)."""
     tdir, meta = read_tokenizer_meta(path)
-    return _config_of(TokenizerConfig, meta["config"], tdir / "tokenizer.yaml")
+    return _config_of(TokenizerConfig, meta["config"], tdir / "tokenizer.yaml", "config")
 
 
-def _config_of(cls, data: dict, meta_file: Path):
+def _config_of(cls, data: dict, meta_file: Path, key: str):
+    """The config under ``key`` of a checkpoint record; an error names the file and the key's path in it."""
     try:
-        return from_dict(cls, data)
+        return from_dict(cls, data, f"{key}.")
     except ConfigError as err:
         raise UserError(f"'{meta_file}': {err}") from None
 
@@ -190,7 +191,7 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> tupl
 
 def _load_tokenizer(path: str | Path, device) -> tuple[MultiScaleVQVAE, TokenizerConfig, str]:
     tdir, meta = read_tokenizer_meta(path)
-    cfg = _config_of(TokenizerConfig, meta["config"], tdir / "tokenizer.yaml")
+    cfg = _config_of(TokenizerConfig, meta["config"], tdir / "tokenizer.yaml", "config")
     digest = _verified_sha256(tdir, meta)
     model = MultiScaleVQVAE(cfg)
     load_into(model, load_state_dict(tdir / "tokenizer.pt"), tdir / "tokenizer.pt")
@@ -227,7 +228,7 @@ def read_checkpoint_meta(path: str | Path) -> dict:
 def read_model_config(path: str | Path, overrides: dict | None = None) -> ModelConfig:
     """The generator config of a model checkpoint (its checkpoint.yaml), with ``overrides`` applied."""
     meta = read_checkpoint_meta(path)
-    return _config_of(ModelConfig, {**meta["model"], **(overrides or {})}, Path(path) / "checkpoint.yaml")
+    return _config_of(ModelConfig, {**meta["model"], **(overrides or {})}, Path(path) / "checkpoint.yaml", "model")
 
 
 TRAIN_STATE = "train_state.pt"  # optimizer, schedule, loss scaler, step and the task's own state
@@ -266,7 +267,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", overri
     if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != digest:
         raise UserError(f"'{path / 'checkpoint.yaml'}' records tokenizer_sha256 {meta['tokenizer_sha256']} but "
                         f"its tokenizer weights have sha256 {digest}")
-    cfg = _config_of(ModelConfig, {**meta["model"], **(overrides or {})}, path / "checkpoint.yaml")
+    cfg = _config_of(ModelConfig, {**meta["model"], **(overrides or {})}, path / "checkpoint.yaml", "model")
     model = NextScaleTransformer(cfg, tok_cfg.vocab_size, tok_cfg.z_channels, tuple(tok_cfg.patch_nums))
     load_into(model, load_state_dict(path / "model.pt"), path / "model.pt")
     return model.to(device).eval(), tokenizer, cfg, tok_cfg

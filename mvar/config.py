@@ -185,10 +185,11 @@ def read_yaml(path: str | Path) -> dict:
     return read_mapping(path, "config file", ConfigError)
 
 
-def from_dict(cls: type[T], data: dict | None = None) -> T:
-    """Defaults of ``cls`` overlaid with ``data``; checked and validated."""
-    cfg = _build(cls, data or {})
-    _validate(cfg)
+def from_dict(cls: type[T], data: dict | None = None, prefix: str = "") -> T:
+    """Defaults of ``cls`` overlaid with ``data``; checked and validated. ``prefix`` ('model.'): where ``data``
+    sits in its file, so that an error names the key's whole path."""
+    cfg = _build(cls, data or {}, prefix)
+    _validate(cfg, prefix)
     return cfg
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mvar.errors import UserError
 from mvar.models.transformer import NextScaleTransformer
 from mvar.tokenizer.quantizer import MultiScaleQuantizer
 from mvar.tokenizer.vqvae import MultiScaleVQVAE
@@ -91,6 +92,22 @@ def sample_scale(model: NextScaleTransformer, features_BlC: torch.Tensor, B: int
     return picks[0] if len(picks) == 1 else torch.cat(picks, dim=1)
 
 
+def check_device(name: str, flag: str = "--device") -> torch.device:
+    """The torch device ``name`` names; a UserError naming ``flag`` when it is no device or a GPU that
+    this machine does not have (before any work, not torch's traceback from deep inside a model)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{flag}: '{name}' is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{flag} {name}: torch sees no CUDA GPU on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     if seed is None:
         return None
@@ -111,7 +128,9 @@ def generate(model: NextScaleTransformer, quant: MultiScaleQuantizer, labels_B: 
     if labels_B is None:
         labels_B = torch.randint(model.num_classes, (batch_size,), generator=generator, device=device)
     labels_B = labels_B.to(device)
-    if labels_B.numel() and (labels_B.min() < 0 or labels_B.max() >= model.num_classes):
+    if labels_B.numel() == 0:
+        raise ValueError("no class labels given (labels_B is empty): nothing to sample")
+    if labels_B.min() < 0 or labels_B.max() >= model.num_classes:
         raise ValueError(f"class ids must lie in [0, {model.num_classes - 1}], got {labels_B.tolist()}")
     B, K = labels_B.shape[0], len(model.patch_nums)
     guided = cfg != 0

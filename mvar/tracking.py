@@ -431,6 +431,19 @@ def logged_steps(run_id: str, uri: str = "") -> dict[str, int]:
     return Store(uri).logged_steps(run_id)
 
 
+def logged_image_steps(client, run_id: str, key: str) -> set[int]:
+    """The steps at which run ``run_id`` has an image of ``key`` (``log_image``'s files are named
+    ``images/KEY+step+STEP+timestamp+...``, a ``/`` of the key as ``~``)."""
+    prefix = key.replace("/", "~") + "+step+"
+    steps = set()
+    for item in client.list_artifacts(run_id, "images"):
+        name = item.path.rsplit("/", 1)[-1]
+        number = name[len(prefix):].split("+", 1)[0] if name.startswith(prefix) else ""
+        if number.isdigit():
+            steps.add(int(number))
+    return steps
+
+
 class NullTracker:
     """What ranks other than 0 (and dry runs) log to."""
 
@@ -455,8 +468,9 @@ class MlflowTracker(NullTracker):
         self.run_id, self.cfg = run_id, cfg
         self.uri = resolve_uri(cfg.uri)
         self._client = MlflowClient(tracking_uri=self.uri)
-        # a resumed run: per key, the steps already logged are not logged again
+        # a resumed run: per key, the steps already logged are not logged again (images: looked up when first logged)
         self._logged = Store(self.uri).logged_steps(run_id) if skip_logged else {}
+        self._image_steps: dict[str, set[int]] | None = {} if skip_logged else None
         self._queue: queue.Queue[Callable[[], Any] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._drain, name="mvar-tracking", daemon=True)
         self._thread.start()
@@ -494,8 +508,17 @@ class MlflowTracker(NullTracker):
         self._submit(lambda: self._client.log_table(self.run_id, data, artifact_file))
 
     def log_image(self, image, key: str, step: int) -> None:
-        """An image (uint8 (H, W, 3) array) under ``key`` at ``step``: MLflow's image view steps through them."""
-        self._submit(lambda: self._client.log_image(self.run_id, image, key=key, step=step))
+        """An image (uint8 (H, W, 3) array) under ``key`` at ``step``: MLflow's image view steps through them.
+        A resumed run (``skip_logged``) logs none for a step that has one of ``key`` already."""
+        def send() -> None:
+            if self._image_steps is not None:
+                if key not in self._image_steps:
+                    self._image_steps[key] = logged_image_steps(self._client, self.run_id, key)
+                if step in self._image_steps[key]:
+                    return
+                self._image_steps[key].add(step)
+            self._client.log_image(self.run_id, image, key=key, step=step)
+        self._submit(send)
 
     def start_system_metrics(self) -> None:
         """MLflow's sampler of CPU, memory (and GPU with nvidia-ml-py) into this run."""

@@ -234,3 +234,21 @@ def test_mlflow_gpu_system_metrics_have_nvidia_ml_py():
     else:
         monitor.collect_metrics()
         assert any(k.startswith("gpu_0_") for k in monitor.metrics)
+
+
+def test_a_resumed_tracker_logs_no_second_sample_image_for_a_step(cfg):
+    import numpy as np
+    run_id = tracking.start_run(cfg, "images")
+    image = np.zeros((8, 8, 3), np.uint8)
+    first = MlflowTracker(run_id, cfg)
+    first.log_image(image, "samples", 10)
+    first.close(status="")
+    second = MlflowTracker(run_id, cfg, skip_logged=True)  # resumed from step 0: step 10's checkpoint again
+    second.log_image(image, "samples", 10)
+    second.log_image(image, "samples", 20)
+    second.close()
+    c = tracking.client(cfg.uri)
+    pngs = sorted(a.path.rsplit("/", 1)[-1].split("+")[2] for a in c.list_artifacts(run_id, "images")
+                  if a.path.endswith(".png"))
+    assert pngs == ["10", "20"]
+    assert tracking.logged_image_steps(c, run_id, "samples") == {10, 20}

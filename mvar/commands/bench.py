@@ -83,6 +83,33 @@ def int_list(flag: str, text: str) -> list[int]:
     return values
 
 
+def variant_list(text: str) -> list[str]:
+    """--variants: attention patterns separated by commas, at least one, each known."""
+    variants = [v.strip() for v in str(text).split(",") if v.strip()]
+    bad = [v for v in variants if v not in PATTERNS]
+    if bad or not variants:
+        raise UserError(f"--variants: {f'unknown {bad}' if bad else 'none given'}; known: {', '.join(PATTERNS)}")
+    return variants
+
+
+def check_specs(args: argparse.Namespace, variants: list[str], resolutions: list[int]) -> None:
+    """Each resolution (and --window-size) against the size's tokenizer here, before any child process."""
+    from mvar.bench import BenchSpec, tokenizer_config
+    from mvar.config import ConfigError
+    from mvar.models.config import named_model
+    for resolution in resolutions:
+        for variant in variants:
+            try:
+                tok = tokenizer_config(BenchSpec(variant=variant, size=args.size, resolution=resolution))
+            except ValueError as err:
+                raise UserError(f"--resolution {resolution}: {err}") from None
+            if args.window_size is not None:
+                try:
+                    named_model(f"{variant}-{args.size}", window_size=args.window_size).check_scales(tok.patch_nums)
+                except ConfigError as err:
+                    raise UserError(f"--window-size {args.window_size}: {err}") from None
+
+
 def settings(args: argparse.Namespace) -> list[tuple[int, int]]:
     """(resolution, batch) pairs: one batch for all, or one per resolution."""
     resolutions, batches = int_list("--resolution", args.resolution), int_list("--batch", args.batch)
@@ -95,15 +122,16 @@ def settings(args: argparse.Namespace) -> list[tuple[int, int]]:
 
 def run(args: argparse.Namespace) -> int:
     from mvar.bench import BenchSpec
+    from mvar.sampling import check_device
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in PATTERNS]
-    if bad:
-        raise UserError(f"--variants: unknown {bad}; known: {', '.join(PATTERNS)}")
+    variants = variant_list(args.variants)
     if args.size not in SIZES:
         raise UserError(f"--size: unknown '{args.size}'; known: {', '.join(SIZES)}")
+    pairs = settings(args)
+    check_specs(args, variants, [resolution for resolution, _ in pairs])
+    check_device(args.device)
     results = []
-    for resolution, batch in settings(args):
+    for resolution, batch in pairs:
         for variant in variants:
             spec = BenchSpec(variant=variant, size=args.size, batch=batch, resolution=resolution,
                              device=args.device, cfg=args.cfg, repeats=args.repeats, window_size=args.window_size,

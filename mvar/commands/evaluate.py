@@ -284,10 +284,20 @@ def run_bench(args: argparse.Namespace) -> int:
 
     import torch
 
+    from mvar.commands.bench import variant_list
+    from mvar.errors import UserError
     from mvar.evaluation.bench import markdown, measure
+    from mvar.models.config import SIZES
+    from mvar.sampling import check_device
+    variants = variant_list(args.variants)  # the checks of `mvar bench`'s flags
+    if args.size not in SIZES:
+        raise UserError(f"--size: unknown '{args.size}'; known: {', '.join(SIZES)}")
+    for flag, value in (("--batch", args.batch), ("--num-images", args.num_images)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     results = measure(variants, args.size, args.batch, args.num_images, args.device, args.cfg)
     print(markdown(results))
     if args.json:

@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
+from mvar.errors import UserError
 from mvar.models.config import PATTERNS
+
+SAMPLING_FLAGS = {"cfg": "--cfg", "top_k": "--top-k", "top_p": "--top-p"}  # sampling.* key -> its flag here
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _classes(text: str) -> list[int]:
@@ -40,22 +45,65 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The flags on their own, before anything is loaded: the sampling flags through the checks of the
+    `sampling.*` keys they stand for (as `mvar train` checks sampling.top_p), the output's file type."""
+    from mvar.config import ConfigError
+    from mvar.evaluation.config import SamplingDefaults
+    if args.classes == []:
+        raise UserError("--classes: no class id given; name them, e.g. --classes 1,2,3, or leave the flag out "
+                        "for random classes")
+    for flag, value in (("--num", args.num), ("--per-class", args.per_class)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if Path(args.out).suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"--out: '{args.out}' is not an image file name; the grid is written as PNG: "
+                        f"name it e.g. grid.png ({', '.join(IMAGE_SUFFIXES)})")
+    for key, flag in SAMPLING_FLAGS.items():
+        value = getattr(args, key)
+        if value is not None:
+            try:
+                SamplingDefaults(**{key: value}).validate("sampling.")
+            except ConfigError as err:
+                raise UserError(f"{flag} {value:g}: {err}") from None
+
+
+def model_overrides(args: argparse.Namespace, checkpoint: str) -> dict:
+    """--attention / --window-size, checked against the checkpoint's model and its tokenizer's scales;
+    an error names the flags (the checkpoint's own errors name its file)."""
+    overrides = {k: v for k, v in (("attention", args.attention), ("window_size", args.window_size)) if v is not None}
+    if not overrides:
+        return {}
+    from mvar.checkpoint import read_checkpoint_meta, read_model_config, read_tokenizer_config
+    from mvar.config import ConfigError, from_dict
+    from mvar.models.config import ModelConfig
+    read_model_config(checkpoint)
+    patch_nums = tuple(read_tokenizer_config(checkpoint).patch_nums)
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
+    try:
+        from_dict(ModelConfig, {**read_checkpoint_meta(checkpoint)["model"], **overrides}, "model.").check_scales(
+            patch_nums)
+    except ConfigError as err:
+        raise UserError(f"{flags}: {err} (the model of '{checkpoint}')") from None
+    return overrides
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     import torch
     from torchvision.utils import save_image
 
     from mvar.checkpoint import load_checkpoint, read_checkpoint_meta
-    from mvar.errors import UserError
     from mvar.evaluation.config import SamplingDefaults
-    from mvar.sampling import make_generator, sample_images
+    from mvar.sampling import check_device, make_generator, sample_images
 
-    overrides = {k: v for k, v in (("attention", args.attention), ("window_size", args.window_size)) if v is not None}
+    device = check_device(args.device)
     if args.model:
         from mvar.tracking import Store
         args.checkpoint = Store(args.tracking_uri).resolve_model(args.model)
         print(f"{args.model}: {args.checkpoint}")
-    model, tokenizer, cfg, _ = load_checkpoint(args.checkpoint, args.device, overrides)
-    device = torch.device(args.device)
+    overrides = model_overrides(args, args.checkpoint)
+    model, tokenizer, cfg, _ = load_checkpoint(args.checkpoint, device, overrides)
     if args.classes is not None:
         bad = [c for c in args.classes if not 0 <= c < cfg.num_classes]
         if bad:
@@ -73,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         nrow = math.ceil(math.sqrt(len(imgs)))
     else:  # one row per class, or the classes side by side (8 a row) with one image each
         nrow = args.per_class if args.per_class > 1 else min(len(imgs), 8)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_image(imgs.float().cpu(), args.out, nrow=nrow, padding=2)
     print(f"wrote {args.out}: {len(imgs)} images, attention {cfg.attention}, cfg {guidance:g}, top-k {top_k}, "
           f"top-p {top_p:g}, seed {args.seed}")

@@ -116,7 +116,11 @@ def _add_tokenize(commands) -> None:
     p = commands.add_parser("tokenize", help="image shards -> token shards (the multi-scale code indices)",
                             description="Encode every image with a multi-scale VQ tokenizer and store the "
                                         "code indices of all scales (the latent cache). Resumable.")
-    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint directory")
+    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint directory, or a registered tokenizer "
+                   "version: models:/NAME@ALIAS (final, best) or models:/NAME/VERSION, "
+                   "e.g. models:/tokenizer-vae-tiny@final")
+    p.add_argument("--tracking-uri", default="", help="MLflow store of a models:/ --tokenizer (default: "
+                   "MLFLOW_TRACKING_URI, else sqlite under out/mlflow)")
     p.add_argument("--src", required=True, help="image shard directory or URL")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--flip", action="store_true", help="also store the tokens of the mirrored image")
@@ -131,6 +135,13 @@ def run_tokenize(args: argparse.Namespace) -> int:
     _setup_logging()
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.device != "auto":
+        from mvar.sampling import check_device
+        check_device(args.device)
+    if args.tokenizer.startswith("models:/"):
+        from mvar.tracking import Store
+        model_uri, args.tokenizer = args.tokenizer, Store(args.tracking_uri).resolve_model(args.tokenizer)
+        print(f"{model_uri}: {args.tokenizer}")
     manifest = tokenize(args.tokenizer, args.src, args.out, flip=args.flip, batch_size=args.batch_size,
                         device=args.device, progress=not args.no_progress)
     print(f"wrote tokens of {manifest.num_samples} images in {len(manifest.shards)} shards to {args.out} "

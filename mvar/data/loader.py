@@ -33,6 +33,7 @@ from mvar.data.counter import BadSampleCounter
 from mvar.data.manifest import DataError, Manifest, check_tokenizer, read_manifest
 from mvar.data.samples import SampleDecoder, collate
 from mvar.data.tario import iter_tar_samples
+from mvar.data.verify import checksum_problems
 
 # what a damaged, truncated or vanished shard raises while being read
 _SHARD_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
@@ -55,16 +56,7 @@ def open_shard_set(location: str, kind: str = "auto", image_size: int = 0,
 
 def verify_shard_checksums(location: str, manifest: Manifest, indices: list[int], opener: str = "") -> None:
     """sha256 of the given shards against the manifest; DataError naming every mismatch."""
-    bad = []
-    for i in indices:
-        info = manifest.shards[i]
-        try:
-            actual = storage.sha256_url(storage.apply_opener(storage.join(location, info.name), opener))
-        except OSError as err:
-            bad.append(f"{info.name}: cannot read ({err})")
-            continue
-        if actual != info.sha256:
-            bad.append(f"{info.name}: sha256 {actual}, manifest says {info.sha256}")
+    bad = checksum_problems(location, manifest, indices, opener)
     if bad:
         raise DataError(f"checksum mismatch in '{location}': " + "; ".join(bad)
                         + ". Repack, or run `mvar data verify` for the full report")
@@ -213,7 +205,8 @@ def _check_rank(rank: int, world_size: int) -> None:
 
 
 def _check_local_shards(location: str, manifest: Manifest) -> None:
-    """Missing local shard files fail at start, not as a stream of bad samples."""
+    """Missing local shard files fail at start, not as a stream of bad samples (a shard cut short is counted
+    sample by sample here; the run's driver refuses it before it starts: mvar.data.verify.check_shard_set)."""
     if not storage.is_local(location):
         return  # one request per shard is too slow on object stores; reading will tell
     missing = [s.name for s in manifest.shards if not storage.exists(storage.join(location, s.name))]

@@ -110,23 +110,54 @@ def is_reference_file(path: str) -> bool:
         return False
 
 
+REFERENCE_KEYS = ("format", "mu", "sigma", "features", "image_size", "weights_sha256", "source", "feature_extractor")
+
+
 def load_reference(path: str | Path) -> Reference:
+    """A `mvar eval make-ref` file, its statistics checked (``check_statistics``)."""
     path = str(path)
     if not os.path.isfile(path):
         raise UserError(f"reference statistics file '{path}' does not exist; make it with "
                         f"`mvar eval make-ref --shards DIR --out {path}`")
     try:
         with np.load(path) as data:
+            missing = [k for k in REFERENCE_KEYS if k not in data.files]
+            if missing:
+                raise UserError(f"'{path}' is not a reference made by `mvar eval make-ref`: it lacks "
+                                f"{', '.join(missing)} (has {', '.join(data.files) or 'nothing'})")
             if str(data["format"]) != REFERENCE_FORMAT:
                 raise UserError(f"'{path}' has format {str(data['format'])!r}, expected {REFERENCE_FORMAT!r}")
-            return Reference(mu=data["mu"], sigma=data["sigma"], features=torch.from_numpy(data["features"]),
-                             image_size=int(data["image_size"]), weights_sha256=str(data["weights_sha256"]),
-                             source=str(data["source"]), feature_extractor=str(data["feature_extractor"]))
-    except KeyError as err:
-        raise UserError(f"'{path}' is not a reference made by `mvar eval make-ref` (no {err})") from err
+            ref = Reference(mu=data["mu"], sigma=data["sigma"], features=torch.from_numpy(data["features"]),
+                            image_size=int(data["image_size"]), weights_sha256=str(data["weights_sha256"]),
+                            source=str(data["source"]), feature_extractor=str(data["feature_extractor"]))
     except NPZ_ERRORS as err:
         raise UserError(f"cannot read reference statistics '{path}' (truncated or not an .npz?): "
                         f"{one_line(err)}") from None
+    check_statistics(ref, path)
+    return ref
+
+
+def check_statistics(ref: Reference, where: str) -> None:
+    """mu (D,), sigma (D, D) and the features (M, D) of one D, every value finite: else FID fails, or is NaN,
+    only after all the sampling."""
+    mu, sigma, features = np.asarray(ref.mu), np.asarray(ref.sigma), ref.features
+    d = mu.shape[0] if mu.ndim == 1 else -1
+    if d < 1 or sigma.shape != (d, d) or features.ndim != 2 or features.shape[1] != d:
+        raise UserError(f"reference '{where}': mu {tuple(mu.shape)}, sigma {tuple(sigma.shape)} and features "
+                        f"{tuple(features.shape)} do not agree (FID needs mu (D,), sigma (D, D), features (M, D)); "
+                        f"remake it with `mvar eval make-ref`")
+    for name, values in (("mu", mu), ("sigma", sigma), ("features", features.numpy())):
+        if not np.isfinite(values).all():
+            raise UserError(f"reference '{where}': {name} holds {int((~np.isfinite(values)).sum())} NaN or inf "
+                            f"values; remake it with `mvar eval make-ref`")
+
+
+def feature_dim(weights: FeatureWeights) -> int:
+    """D of the extractor's FID / precision-recall features: Inception's pool (2048), or the classifier's."""
+    if weights.extractor == FEATURE_EXTRACTOR:
+        return int(FID_LAYER)
+    from mvar.metrics.classifier import read_meta
+    return read_meta(weights.path).feature_dim
 
 
 def check_reference(ref: Reference, where: str, image_size: int, weights: FeatureWeights, prc_k: int) -> None:
@@ -143,6 +174,11 @@ def check_reference(ref: Reference, where: str, image_size: int, weights: Featur
         raise UserError(f"eval.reference '{where}' was made with {kind} weights sha256 {ref.weights_sha256[:12]}..., "
                         f"this evaluation uses {weights.sha256[:12]}... ({weights.path}); remake it with "
                         f"`mvar eval make-ref` and the same eval.feature_extractor_weights")
+    dim = feature_dim(weights)
+    if ref.mu.shape[0] != dim:
+        raise UserError(f"eval.reference '{where}' holds {ref.mu.shape[0]}-dimensional features, the feature "
+                        f"extractor ({weights.path}) gives {dim}; remake it with `mvar eval make-ref` and the same "
+                        f"eval.feature_extractor_weights")
     if ref.num_images <= prc_k:
         raise UserError(f"eval.reference '{where}' has {ref.num_images} images; precision/recall with "
                         f"eval.prc_neighborhood={prc_k} needs more than {prc_k}")

@@ -79,7 +79,7 @@ class ModelConfig:
         side = patch_nums[self.markov_from_scale]
         check(self.window_size <= side, prefix + "window_size",
               f"{self.window_size} is larger than the first windowed scale ({side}x{side}, index "
-              f"{self.markov_from_scale}); use a window <= {side} or a later markov_from_scale")
+              f"{self.markov_from_scale}); use an odd window <= {side - 1 + side % 2} or a later markov_from_scale")
 
 
 # Named sizes: depth and width of VAR's released models, plus small ones for tests and CPU runs.

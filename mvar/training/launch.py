@@ -28,6 +28,7 @@ from mvar.config import dump_yaml, flatten, to_dict
 from mvar.data.loader import open_shard_set
 from mvar.data.manifest import describe, read_manifest
 from mvar.data.storage import is_local
+from mvar.data.verify import check_shard_set
 from mvar.errors import UserError
 from mvar.models.config import split_name
 from mvar.tokenizer import TokenizerConfig
@@ -90,6 +91,8 @@ def _check_shards(cfg: TrainConfig, tok_cfg: TokenizerConfig, sha: str) -> int:
             continue
         try:
             manifest = open_shard_set(location, cfg.data.kind, cfg.data.image_size, sha)
+            check_shard_set(location, manifest, verify_checksums=cfg.data.verify_checksums,
+                            opener=cfg.data.shard_opener)
         except UserError as err:
             raise UserError(f"{key}: {err}") from None
         if manifest.kind == "images" and manifest.image_size != tok_cfg.image_size:

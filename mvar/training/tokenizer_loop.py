@@ -327,12 +327,15 @@ def train_worker(config: dict) -> dict:
 def _check_shards(cfg: TokenizerTrainConfig) -> int:
     """Both image shard sets against the tokenizer; returns the training set's sample count."""
     from mvar.data.loader import open_shard_set
+    from mvar.data.verify import check_shard_set
     samples = 0
     for key, location in (("data.shards", cfg.data.shards), ("data.eval_shards", cfg.data.eval_shards)):
         if not location:
             continue
         try:
             manifest = open_shard_set(location, "images")
+            check_shard_set(location, manifest, verify_checksums=cfg.data.verify_checksums,
+                            opener=cfg.data.shard_opener)
         except UserError as err:
             raise UserError(f"{key}: {err}") from None
         if manifest.image_size != cfg.tokenizer.image_size:

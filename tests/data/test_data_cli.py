@@ -48,3 +48,23 @@ def test_bad_input_exits_2_naming_the_path(tmp_path, capsys):
     assert "--num-images" in capsys.readouterr().err
     assert main(["data", "tokenize", "--tokenizer", missing, "--src", missing, "--out", str(tmp_path / "t")]) == 2
     assert missing in capsys.readouterr().err
+
+
+def test_tokenize_takes_a_registered_tokenizer_version(tmp_path, capsys):
+    from mvar import tracking
+    from mvar.checkpoint import save_tokenizer, tokenizer_fingerprint
+    from mvar.data.synth import write_synth
+    from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
+    cfg = TokenizerConfig.tiny()
+    tok = save_tokenizer(tmp_path / "tok", MultiScaleVQVAE(cfg), cfg)
+    write_synth(str(tmp_path / "images"), num_images=4, image_size=64, num_classes=2, seed=0, shard_size=4)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    store = tracking.Store(uri)
+    run_id = store.create_run("t", "tokenizer")
+    store.set_alias("tokenizer-vae-tiny", "final", store.register_model("tokenizer-vae-tiny", run_id, str(tok)))
+    out = str(tmp_path / "tokens")
+    capsys.readouterr()
+    assert main(["data", "tokenize", "--tokenizer", "models:/tokenizer-vae-tiny@final", "--tracking-uri", uri,
+                 "--src", str(tmp_path / "images"), "--out", out, "--no-progress"]) == 0
+    assert f"models:/tokenizer-vae-tiny@final: {tok}" in capsys.readouterr().out
+    assert read_manifest(out).tokens["tokenizer_sha256"] == tokenizer_fingerprint(tok)

@@ -90,6 +90,8 @@ def rerun_past_a_damaged_checkpoint(tiny_inputs, first, capsys, step_tally):
     # steps 21..40 were computed again: each is logged once all the same (0 lost, 0 duplicated)
     step_tally.of_run(uri, first.run_id, range(2, 51, 2), samples_per_step=32).assert_clean()
     assert [s for s, _ in history(uri, first.run_id, "val/loss")] == [20, 40, 50]
+    images = [a.path for a in tracking.client(uri).list_artifacts(first.run_id, "images") if a.path.endswith(".png")]
+    assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in images) == [20, 40, 50], images  # 40 once
     # the rewritten step 40 got a name of its own; Ray's retention (2) dropped the damaged one
     run_dir = Path(first.checkpoint).parent
     assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["step_00000040-2", "step_00000050"]
