@@ -12,13 +12,16 @@ an AdamW step; weights and optimizer state are resident before the phase.
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from mvar.errors import UserError
 from mvar.measure import MALLOC_ENV, MB, PeakMemory, attention_gflops, status_mb  # noqa: F401 (re-exported)
 from mvar.measure import sync as _sync
 from mvar.models.attention import resolve_backend
@@ -123,7 +126,7 @@ def _kv_mb(model, quant, labels, spec, device) -> float:
 def train_kinds(model: NextScaleTransformer) -> dict[str, tuple[tuple[int, ...], int]]:
     """Kinds of training step and how many of each make one cycle: {name: (scales, count)}."""
     K = len(model.patch_nums)
-    if model.spec.pattern == "var":
+    if "cycle" not in model.spec.info.schedules:
         return {"full": (tuple(range(K)), 1)}
     cycle = markov_cycle(K, model.cfg.markov_from_scale)  # the training's own cycle (8:1:1 at 256 px)
     kinds = {"cycle_small": (cycle[0], cycle.count(cycle[0]))}
@@ -203,6 +206,85 @@ def run_one(spec: BenchSpec) -> BenchResult:
         result.train_pyramid_s, result.train_tokens_per_s = pyramid_cost(result.train_steps, spec.batch,
                                                                          model.patch_nums)
     return result
+
+
+# -------------------------------------------------------------------------- the comparison (mvar bench)
+
+TABLE_COLUMNS = [  # (header, key, format) of the printed comparison
+    ("variant", "variant", "{}"),
+    ("px", "resolution", "{}"),
+    ("batch", "batch", "{}"),
+    ("infer s/batch", "infer_latency_s", "{:.3f}"),
+    ("infer peak +MB", "infer_peak_mb", "{:.1f}"),
+    ("KV cache MB", "kv_cache_mb", "{:.1f}"),
+    ("attn GFLOPs/img", "attn_gflops", "{:.4g}"),
+    ("train s/pyramid", "train_pyramid_s", "{:.3f}"),
+    ("train tokens/s", "train_tokens_per_s", "{:.0f}"),
+    ("train s/step (raw)", "train_step_s", "{:.3f}"),
+    ("train peak +MB", "train_peak_mb", "{:.1f}"),
+    ("packed s/step", "packed_s", "{:.3f}"),
+    ("packed peak +MB", "packed_mb", "{:.1f}"),
+]
+
+
+def run_variant(spec: dict) -> dict:
+    """One variant measured in a process of its own (`python -m mvar.bench SPEC`): its result."""
+    env = {**os.environ, **MALLOC_ENV}
+    proc = subprocess.run([sys.executable, "-m", "mvar.bench", json.dumps(spec)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"benchmark of variant '{spec['variant']}' failed:\n{proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[dict]) -> str:
+    """The results as a Markdown table (TABLE_COLUMNS)."""
+    rows = []
+    for r in results:
+        packed = r.get("train_steps", {}).get("packed", {})
+        r = {**r, "packed_s": packed.get("step_s"), "packed_mb": packed.get("peak_mb")}
+        rows.append([fmt.format(r[key]) if r.get(key) is not None else "-" for _, key, fmt in TABLE_COLUMNS])
+    headers = [h for h, _, _ in TABLE_COLUMNS]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def tokens_per_batch(result: dict) -> int:
+    tok = tokenizer_config(BenchSpec(variant=result["variant"], size=result["size"], resolution=result["resolution"]))
+    return result["batch"] * sum(p * p for p in tok.patch_nums)
+
+
+def plot_scaling(results: list[dict], path: str) -> None:
+    """Four panels (inference time, inference peak, training step, training peak) against tokens per batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("infer_latency_s", "generate a batch, s"), ("infer_peak_mb", "inference peak above baseline, MB"),
+              ("train_step_s", "training step, s (MVAR: cycle mean)"), ("train_peak_mb", "training peak, MB")]
+    panels = [(key, title) for key, title in panels if any(r.get(key) is not None for r in results)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.5 * len(panels), 3.4), squeeze=False)
+    axes = axes[0]
+    for ax, (key, title) in zip(axes, panels):
+        for variant in dict.fromkeys(r["variant"] for r in results):
+            rows = sorted((tokens_per_batch(r), r[key], r["resolution"]) for r in results
+                          if r["variant"] == variant and r.get(key) is not None)
+            if rows:
+                ax.plot([x for x, _, _ in rows], [y for _, y, _ in rows], marker="o", label=variant)
+                for x, y, px in rows:
+                    ax.annotate(f"{px}px", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("tokens per batch (batch x L)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_ylim(bottom=0)
+    axes[0].legend(fontsize=8)
+    r0 = results[0]
+    fig.suptitle(f"{r0['size']} on {r0['device']}, cfg 1.5, top-k 900, top-p 0.96", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def main(argv: list[str]) -> int:

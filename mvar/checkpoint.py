@@ -29,8 +29,8 @@ import yaml
 
 from mvar.config import ConfigError, from_dict, to_dict
 from mvar.errors import DiskFull, UserError
-from mvar.files import (check_torch_file, disk_full, file_sha256, free_bytes, human_bytes, load_torch, read_mapping,
-                        save_torch)
+from mvar.files import (check_torch_file, disk_full, file_sha256, free_bytes, fsync_path, fsync_tree, human_bytes,
+                        load_torch, read_mapping, save_torch)
 from mvar.models.config import ModelConfig
 from mvar.models.transformer import NextScaleTransformer, check_state_dict
 from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
@@ -80,33 +80,17 @@ def staged_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-        _fsync(out.parent)
+        fsync_path(out.parent)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, DiskFull) or disk_full(err):
             raise DiskFull(f"no space left on the device of '{out.parent}' while writing '{out.name}' "
                            f"({human_bytes(free_bytes(out.parent))} free); nothing of it was kept") from None
         raise
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Every file and directory below ``root`` on disk before the rename publishes them."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            _fsync(Path(dirpath) / name)
-        _fsync(Path(dirpath))
 
 
 def _write_dir_atomically(out: Path, write, overwrite: bool = False) -> Path:

@@ -6,6 +6,7 @@ file's layout (``mvar.checkpoint``, ``mvar.data.manifest`` ...) call them and ch
 The sha256 helpers every layer records and checks (shards, checkpoints, Inception weights) live
 here too: on the ground floor, so that no module reaches up a layer for them.
 Writing: ``save_torch`` (fsynced), ``write_text_atomic`` (never half a file under the final name),
+``fsync_path`` / ``fsync_tree`` (a file, a rename's directory, a tree on disk before it is published),
 and ``disk_full`` / ``disk_full_error`` to tell a full disk among write errors and say so on one line.
 """
 from __future__ import annotations
@@ -137,6 +138,23 @@ def save_torch(obj: Any, path: str | Path) -> None:
         torch.save(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def fsync_path(path: str | Path) -> None:
+    """A file's data, or a directory's entries (what makes a rename in it durable), on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """Every file and directory below ``root`` on disk (before a rename publishes them)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
 
 
 def disk_full(err: BaseException | None) -> bool:

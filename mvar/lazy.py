@@ -1,5 +1,13 @@
 """Packages whose names load on first use (PEP 562), so that importing one for a command's parser
-does not import torch, webdataset or torch-fidelity."""
+does not import torch, webdataset or torch-fidelity.
+
+A package's ``__init__`` is one call::
+
+    __all__, __getattr__, __dir__ = lazy_exports(__name__, {
+        "mvar.data.config": ["DataConfig"],
+        "mvar.data.loader": ["build_train_loader", "build_eval_loader"],
+    })
+"""
 from __future__ import annotations
 
 import importlib
@@ -14,3 +22,12 @@ def lazy_getattr(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
             raise AttributeError(f"module '{package}' has no attribute '{name}'")
         return getattr(importlib.import_module(exports[name]), name)
     return __getattr__
+
+
+def lazy_exports(package: str, modules: dict[str, list[str]]
+                 ) -> tuple[list[str], Callable[[str], Any], Callable[[], list[str]]]:
+    """(``__all__``, ``__getattr__``, ``__dir__``) of a package whose public names are those of ``modules``
+    (module -> the names it defines), each imported from its module on first use."""
+    exports = {name: module for module, names in modules.items() for name in names}
+    names = list(exports)
+    return names, lazy_getattr(package, exports), lambda: sorted(names)

@@ -26,26 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mvar.errors import UserError
+from mvar.metric_names import report_columns
 from mvar.metrics.stats import group_key, paired_difference, t_interval, verdict
-from mvar.models.config import PATTERNS
+from mvar.models.patterns import PATTERNS, pattern_info
 
-# (column, MLflow metric, lower is better?); each is followed by its `x VAR` column
-COLUMNS = [
-    ("infer s/batch", "infer/latency_s", True),
-    ("attn GFLOPs", "model/attn_gflops", True),
-    ("KV cache MB", "infer/kv_cache_mb", True),
-    ("infer mem MB", "infer/peak_mem_mb", True),
-    # like-for-like: seconds to train every scale once (an MVAR cycle trains a slice of them per step)
-    ("train s/pyramid", "train/pyramid_s", True),
-    ("train mem MB", "perf/peak_mem_mb", True),
-    ("FID", "eval/fid", True),
-    ("IS", "eval/is", False),
-    ("precision", "eval/precision", False),
-    ("recall", "eval/recall", False),
-    ("class acc", "eval/class_acc", False),  # with a classifier feature extractor only
-]
-# seconds per optimizer step as logged: no ratio (an MVAR step covers fewer scales than a VAR step)
-RAW_COLUMNS = [("train s/it (raw)", "perf/step_s", True)]
+# (column, MLflow metric, lower is better?), from the metric registry: each of COLUMNS is followed by its `x VAR`
+# column; RAW_COLUMNS have no ratio (seconds per optimizer step: an MVAR step covers fewer scales than a VAR step)
+COLUMNS = report_columns(ratio=True)
+RAW_COLUMNS = report_columns(ratio=False)
 # runs tagged `mvar.reference_row` (real, untrained) frame the variants: listed first, never a baseline
 REFERENCE_TAG = "mvar.reference_row"
 GROUP_TAG, GROUP_RUN_TAG, INTERVAL_TAG, SEED_TAG = "mvar.group", "mvar.group_run", "mvar.interval", "mvar.seed"
@@ -452,9 +440,9 @@ def write_plots(rows: list[dict], out: Path) -> list[Path]:
     def point(r: dict, xcol: str | None, ycol: str, x=None) -> tuple:
         return (r[xcol] if xcol else x, r[ycol], interval(r, xcol) if xcol else None, interval(r, ycol))
 
-    fid_k = {f"mvar d{d}": [point(r, None, "FID", r["window"]) for r in has
-                            if r["variant"] == "mvar" and r["depth"] == d]
-             for d in sorted({r["depth"] for r in has})}
+    windowed = [v for v in PATTERNS if pattern_info(v).windowed]  # the patterns with a window size k
+    fid_k = {f"{v} d{d}": [point(r, None, "FID", r["window"]) for r in has if r["variant"] == v and r["depth"] == d]
+             for v in windowed for d in sorted({r["depth"] for r in has})}
     mem_depth = {v: [point(r, None, mem, r["depth"]) for r in rows if r["variant"] == v and r.get(mem) is not None]
                  for v in VARIANT_ORDER}
     pts = {v: [point(r, mem, "FID") for r in has if r["variant"] == v and r.get(mem) is not None]

@@ -139,7 +139,7 @@ def generate(model: NextScaleTransformer, quant: MultiScaleQuantizer, labels_B: 
     side = model.patch_nums[-1]
     f_hat = cond_BC.new_zeros(B, model.Cvae, side, side)
     inputs, indices, kv_bytes = None, [], 0
-    model.set_kv_cache(model.spec.pattern == "var")
+    model.set_kv_cache(model.spec.info.kv_cache)
     try:
         for si in range(K):
             features_BlC = model.step_features(cond_BC, inputs, si)

@@ -31,36 +31,12 @@ from typing import Any, Literal
 import yaml
 
 from mvar.config import ConfigError, check, from_dict, merge, parse_overrides, read_yaml
+from mvar.metric_names import MetricName, objectives
 
 
-@dataclass(frozen=True)
-class Metric:
-    """A metric every trial's runs log: its usual direction and where a trial reads it."""
-
-    direction: str
-    source: str              # eval: the evaluation of the final checkpoint; train: the training run
-    aggregate: str = "last"  # train metrics: last | max | median over the run's history
-
-
-# The names of DESIGN.md that runs log (training: mvar/training/loop.py; evaluation: mvar/evaluation).
-KNOWN_METRICS: dict[str, Metric] = {
-    "eval/fid": Metric("minimize", "eval"),
-    "eval/is": Metric("maximize", "eval"),
-    "eval/precision": Metric("maximize", "eval"),
-    "eval/recall": Metric("maximize", "eval"),
-    "infer/latency_s": Metric("minimize", "eval"),
-    "infer/peak_mem_mb": Metric("minimize", "eval"),
-    "infer/kv_cache_mb": Metric("minimize", "eval"),
-    "infer/images_per_s": Metric("maximize", "eval"),
-    "val/loss": Metric("minimize", "train", "last"),
-    "train/loss": Metric("minimize", "train", "last"),
-    "train/acc": Metric("maximize", "train", "last"),
-    "perf/peak_mem_mb": Metric("minimize", "train", "max"),
-    "perf/step_s": Metric("minimize", "train", "median"),
-    "perf/images_per_s": Metric("maximize", "train", "median"),
-    "model/attn_gflops": Metric("minimize", "train", "last"),
-    "model/params_m": Metric("minimize", "train", "last"),
-}
+# What a study may optimise and where a trial reads each (source, aggregate): the metric registry's entries
+# with a source (mvar/metric_names.py; training: mvar/training/loop.py; evaluation: mvar/evaluation).
+KNOWN_METRICS: dict[str, MetricName] = objectives()
 DIRECTIONS = ("minimize", "maximize")
 # keys a sweep sets itself for every trial
 RESERVED_KEYS = ("run.name", "run.storage_path", "run.repeats", "tracking.uri", "tracking.experiment",

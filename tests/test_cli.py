@@ -133,6 +133,34 @@ def test_unknown_variant_fails_before_measuring(capsys):
     assert "unknown ['foo']" in capsys.readouterr().err
 
 
+def test_each_benchmark_entry_point_is_a_bench_subcommand_with_the_same_flags():
+    subs = {path.split()[-1]: p for path, p in walk(build_parser(), "mvar") if path.startswith("mvar bench ")}
+    modules = entry_parsers()
+    pairs = {"window": "tools.bench_window", "compare-authors": "tools.compare_authors", "gpu": "workflows.bench_gpu",
+             "train": "workflows.bench_train", "data": "mvar.data.bench"}
+    assert set(subs) == set(pairs)
+
+    def flags(parser):
+        return {(a.dest, repr(a.default)) for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS}
+    for sub, module in pairs.items():
+        assert flags(subs[sub]) == flags(modules[module]) and len(flags(subs[sub])) > 1, sub
+
+
+def test_benchmark_and_quickstart_bad_input_is_one_line_exit_2(capsys):
+    from tools import bench_window
+    from workflows import bench_gpu, quickstart
+    cases = [(lambda: main(["bench", "window", "--sides", "13,x"]), "mvar bench: error: --sides: expected integers"),
+             (lambda: bench_window.main(["--sides", "0"]), "tools.bench_window: error: --sides: expected positive"),
+             (lambda: bench_gpu.main(["--variants", "var,foo", "--device", "cpu"]),
+              "workflows.bench_gpu: error: --variants: unknown ['foo']"),
+             (lambda: quickstart.main(["--workers", "0"]), "workflows.quickstart: error: --workers: must be at least 1"),
+             (lambda: quickstart.main(["--seeds", "0"]), "workflows.quickstart: error: --seeds: must be at least 1")]
+    for call, line in cases:
+        assert call() == 2
+        err = capsys.readouterr().err
+        assert err.startswith(line) and err.count("\n") == 1, err
+
+
 def test_checkpoint_of_another_architecture_is_refused(imported, tmp_path, capsys):
     import shutil
 
@@ -153,16 +181,19 @@ def test_checkpoint_of_another_architecture_is_refused(imported, tmp_path, capsy
 def entry_parsers() -> dict[str, argparse.ArgumentParser]:
     """`mvar` and the parsers of the module entry points (`python -m workflows.train` ...)."""
     from mvar.commands import evaluate, standalone, sweep, train
+    from mvar.data import bench as data_bench
     from tools import bench_window, compare_authors
-    from workflows import bench_gpu, bench_train
+    from workflows import bench_gpu, bench_train, quickstart
     return {"mvar": build_parser(),
             "workflows.train": standalone("workflows.train", "", train.configure_train),
             "workflows.train_tokenizer": standalone("workflows.train_tokenizer", "", train.configure_train_tokenizer),
             "workflows.evaluate": standalone("workflows.evaluate", "", evaluate.configure),
             "sweeps.run": standalone("sweeps.run", "", sweep.configure),
-            "workflows.bench_train": standalone("workflows.bench_train", "", bench_train.configure),
-            "workflows.bench_gpu": bench_gpu.parser(), "tools.compare_authors": compare_authors.parser(),
-            "tools.bench_window": bench_window.parser()}
+            "workflows.quickstart": standalone("workflows.quickstart", "", quickstart.configure),
+            **{name: standalone(name, "", module.configure) for name, module in (
+                ("workflows.bench_train", bench_train), ("workflows.bench_gpu", bench_gpu),
+                ("tools.compare_authors", compare_authors), ("tools.bench_window", bench_window),
+                ("mvar.data.bench", data_bench))}}
 
 
 def walk(parser, path: str):

@@ -1,6 +1,6 @@
 """CPU window attention: reference (one masked SDPA call) against banded, and dense attention for scale.
 
-    python -m tools.bench_window [--sides 13,16,24,32] [--repeats 9] [--threads 2]
+    python -m tools.bench_window [--sides 13,16,24,32] [--repeats 9] [--threads 2]   # = mvar bench window
 
 The shapes of d8 sampling with CFG (batch 8 at 13 and 16, batch 2 at 24 and 32: 16 or 4 rows, 8 heads,
 head dim 64) and of its training step (half the rows, forward + backward). q, k and v are the
@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from mvar.commands import Parser
+from mvar.commands import benchmarks, run_cli, standalone
 from mvar.models.attention import window_attention
 
 ROWS = {13: 16, 16: 16, 24: 4, 32: 4}  # 2B rows of d8 sampling at 256 px (13, 16) and 512 px (24, 32)
@@ -49,30 +50,31 @@ def measure(side: int, window: int, grad: bool, repeats: int) -> dict[str, float
     return {name: statistics.median(t[1:]) * 1e3 for name, t in times.items()}
 
 
-def parser() -> Parser:
-    p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sides", default="13,16,24,32", help="map sides to time, comma-separated")
-    p.add_argument("--window", type=int, default=7, help="k of the k x k window")
-    p.add_argument("--repeats", type=int, default=9, help="timed calls per case (the first is dropped)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    return p
+def configure(p) -> None:
+    benchmarks.window(p)
+    p.set_defaults(func=run)
 
 
-def main() -> None:
-    args = parser().parse_args()
+def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"load before {os.getloadavg()[0]:.2f}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| map | pass | reference ms | banded ms | dense ms | banded / reference |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for side in [int(s) for s in args.sides.split(",")]:
+    for side in benchmarks.int_list("--sides", args.sides):
         for grad in (False, True):
             with torch.set_grad_enabled(grad):
                 t = measure(side, args.window, grad, args.repeats)
             print(f"| {side}x{side} | {'fwd+bwd' if grad else 'fwd'} | {t['reference']:.1f} | {t['banded']:.1f} | "
                   f"{t['dense (scale_markov)']:.1f} | {t['banded'] / t['reference']:.2f} |", flush=True)
     print(f"load after {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(standalone("python -m tools.bench_window", benchmarks.WINDOW, configure), argv,
+                   name="tools.bench_window")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """Our VAR / scale-Markov / MVAR beside the authors' own code, measured in one run on one machine.
 
     python -m tools.compare_authors --var-dir /path/to/FoundationVision-VAR --mvar-dir /path/to/CVL-UESTC-MVAR \
-        --resolution 256,512 --json out/compare_authors.json
+        --resolution 256,512 --json out/compare_authors.json          # = mvar bench compare-authors ...
 
 Each measured thing runs in its own process (as `mvar bench` does), so peaks do not mix, and the
 processes take turns round by round, so load from other jobs slows them alike. The authors' modules
@@ -25,8 +25,8 @@ import types
 from dataclasses import asdict
 from pathlib import Path
 
-from mvar.commands import Parser
-from mvar.models.config import BACKENDS
+from mvar.commands import benchmarks, run_cli, standalone
+from mvar.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BATCH = {256: 8, 512: 2}
@@ -262,8 +262,7 @@ def tokenizer_keys(size: str, resolution: int) -> dict:
 
 
 def measure(impl: str, variant: str, args, resolution: int, batch: int) -> dict:
-    from mvar.bench import BenchSpec
-    from mvar.commands.bench import run_variant
+    from mvar.bench import BenchSpec, run_variant
     from mvar.measure import MALLOC_ENV
 
     common = dict(variant=variant, size=args.size, batch=batch, resolution=resolution, cfg=args.cfg,
@@ -366,18 +365,18 @@ def ratios(resolution: int, measured: dict, in_turn: dict | None = None, in_turn
 
 
 def bench_table(results: list[dict]) -> str:
-    from mvar.commands.bench import table
+    from mvar.bench import table
 
     return table(results) if results else "(not measured)"
 
 
 def run(args) -> int:
-    resolutions = [int(r) for r in args.resolution.split(",")]
+    resolutions = benchmarks.int_list("--resolution", args.resolution)
     for d, flag in ((args.var_dir, "--var-dir"), (args.mvar_dir, "--mvar-dir")):
         if d and not (Path(d) / "models").is_dir():
-            raise SystemExit(f"{flag} {d}: no models/ package there (a checkout of the authors' repository?)")
+            raise UserError(f"{flag} {d}: no models/ package there (a checkout of the authors' repository?)")
     wanted = [c for c in COLUMNS if c[0] == "ours" or (args.var_dir if c[1] == "var" else args.mvar_dir)]
-    report = {"args": vars(args), "load_before": os.getloadavg(), "tables": {}}
+    report = {"args": benchmarks.report_args(args), "load_before": os.getloadavg(), "tables": {}}
     for resolution in resolutions:
         batch = args.batch or DEFAULT_BATCH.get(resolution, 2)
         measured = {c: [] for c in wanted}
@@ -401,7 +400,7 @@ def run(args) -> int:
                                              "results": {f"{i} {v}": r for (i, v), r in measured.items()}}
     report["load_after"] = os.getloadavg()
     if args.plot and not args.in_turn_only:  # ours, every resolution: how each variant's cost grows with the work
-        from mvar.commands.bench import plot_scaling
+        from mvar.bench import plot_scaling
 
         ours = [r for t in report["tables"].values() for name, runs in t["results"].items()
                 if name.startswith("ours") for r in runs[:1]]
@@ -414,41 +413,23 @@ def run(args) -> int:
     return 0
 
 
-def parser() -> Parser:
-    p = Parser(prog="python -m tools.compare_authors", description=__doc__.split("\n\n")[0])
-    p.add_argument("--var-dir", help="a checkout of FoundationVision/VAR")
-    p.add_argument("--mvar-dir", help="a checkout of CVL-UESTC/MVAR")
-    p.add_argument("--resolution", default="256,512", help="image sizes in px, comma-separated")
-    p.add_argument("--size", default="d8", help="model size of the registry")
-    p.add_argument("--batch", type=int, default=None, help="default: 8 at 256 px, 2 at 512 px")
-    p.add_argument("--cfg", type=float, default=1.5, help="guidance at the last scale")
-    p.add_argument("--top-k", type=int, default=900, help="top-k of the sampling")
-    p.add_argument("--top-p", type=float, default=0.96, help="top-p of the sampling")
-    p.add_argument("--repeats", type=int, default=2, help="measured calls per phase after a warm-up")
-    p.add_argument("--rounds", type=int, default=1, help="every process again, in turn (interleaved A/B)")
-    p.add_argument("--ab-rounds", type=int, default=3,
-                   help="then every implementation's generate call in turn in one process, this many rounds (0: off)")
-    p.add_argument("--in-turn-only", action="store_true", help="only the in-turn generate times (no peaks)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS, help="our attention backend")
-    p.add_argument("--no-train", action="store_true", help="inference only")
-    p.add_argument("--json", default=None, help="also write the report as JSON to this file")
-    p.add_argument("--plot", default=None, help="PNG: our variants' time and peak memory against tokens per batch")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    return p
+def configure(p) -> None:
+    benchmarks.compare_authors(p)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a measuring process of this tool
+    p.set_defaults(func=run_or_work)
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    return parser().parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
+def run_or_work(args) -> int:
     if args.worker:
         spec = json.loads(args.worker)
         print(json.dumps(ab_worker(spec) if "contenders" in spec else authors_worker(spec)))
         return 0
     return run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(standalone("python -m tools.compare_authors", benchmarks.COMPARE_AUTHORS, configure), argv,
+                   name="tools.compare_authors")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python -m workflows.bench_gpu                  # on one H100/H200: under 8 minutes
     PYTHONPATH=. python -m workflows.bench_gpu --device cpu --size tiny   # smoke run (seconds)
+    mvar bench gpu ...                                          # the same command
 
 Needs only what a bare GPU machine has: Python, PyTorch, numpy, pyyaml, tqdm, pillow, psutil (no
 Ray, MLflow, webdataset, torch-fidelity, matplotlib, torchvision). Each variant runs in its own
@@ -12,7 +13,6 @@ torch.cuda.max_memory_allocated. Writes OUT/bench_gpu.json and OUT/bench_gpu.md 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -22,31 +22,16 @@ from pathlib import Path
 
 import torch
 
-from mvar.bench import BenchSpec
-from mvar.commands import Parser
-from mvar.commands.bench import run_variant, table
-from mvar.models.config import BACKENDS, PATTERNS
+from mvar.bench import BenchSpec, run_variant, table
+from mvar.commands import benchmarks, run_cli, standalone
 
 # The paper's d16 figures on one GPU, and the issue's targets for ours: VAR's value / MVAR's.
 TARGETS = {"infer_peak_mb": 3.5, "infer_latency_s": 1.3, "train_peak_mb": 1.7}
 
 
-def parser() -> Parser:
-    p = Parser(prog="python -m workflows.bench_gpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", default=",".join(PATTERNS), help="comma-separated attention patterns")
-    p.add_argument("--size", default="d16", help="model size of the registry (tiny for a smoke run)")
-    p.add_argument("--batch", type=int, default=None, help="images per batch (default: 32 (d16), 2 (tiny))")
-    p.add_argument("--resolution", type=int, default=None, help="image size in px (default: 256, 64 for tiny)")
-    p.add_argument("--device", default="cuda", help="cuda, cuda:1 ..., or cpu for a smoke run")
-    p.add_argument("--repeats", type=int, default=5, help="measured repetitions per phase")
-    p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="window attention: auto (NATTEN, else compiled Flex), flex ...")
-    p.add_argument("--out", default="out/bench_gpu", help="folder of bench_gpu.json and bench_gpu.md")
-    return p
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    return parser().parse_args(argv)
+def configure(p) -> None:
+    benchmarks.gpu(p)
+    p.set_defaults(func=run)
 
 
 def check_device(device: str) -> None:
@@ -80,8 +65,8 @@ def ratios(results: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
+def run(args) -> int:
+    variants = benchmarks.variant_list("--variants", args.variants)
     check_device(args.device)
     tiny = args.size == "tiny"
     batch = args.batch or (2 if tiny else 32)
@@ -89,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0, results = time.perf_counter(), []
-    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+    for variant in variants:
         spec = BenchSpec(variant=variant, size=args.size, batch=batch, resolution=resolution, device=args.device,
                          repeats=args.repeats, backend=args.backend, top_k=20 if tiny else 900)
         print(f"measuring {variant}-{args.size} (batch {batch}, {resolution} px) ...", file=sys.stderr, flush=True)
@@ -98,12 +83,17 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.size}, batch {batch}, {resolution} px, cfg 1.5, device {args.device} "
                     f"({machine(args.device).get('gpu', 'cpu')}), peak: {results[0]['memory_method']}, "
                     f"wall {time.perf_counter() - t0:.0f} s"])
-    report = {"args": vars(args), "machine": machine(args.device), "wall_s": time.perf_counter() - t0,
+    report = {"args": benchmarks.report_args(args), "machine": machine(args.device), "wall_s": time.perf_counter() - t0,
               "results": results, "ratios": ratios(results)}
     (out / "bench_gpu.json").write_text(json.dumps(report, indent=2))
     (out / "bench_gpu.md").write_text(md + "\n")
     print(md)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(standalone("python -m workflows.bench_gpu", benchmarks.GPU, configure), argv,
+                   name="workflows.bench_gpu")
 
 
 if __name__ == "__main__":

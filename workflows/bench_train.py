@@ -1,6 +1,6 @@
 """Training throughput of the tiny models with 1 and 2 Ray Train CPU workers (docs/benchmarks.md).
 
-    python -m workflows.bench_train [--out out/bench-train] [--steps 200] [--batch 16]
+    python -m workflows.bench_train [--out out/bench-train] [--steps 200] [--batch 16]   # = mvar bench train
 
 Makes its own inputs (synthetic 64 px shards, a stand-in tiny tokenizer with
 random weights, token shards), trains var-tiny and mvar-tiny for `--steps`
@@ -19,7 +19,7 @@ import torch
 
 from mvar import cluster, tracking
 from mvar.checkpoint import save_tokenizer
-from mvar.commands import run_cli, standalone
+from mvar.commands import benchmarks, run_cli, standalone
 from mvar.data.synth import write_synth
 from mvar.data.tokens import tokenize
 from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
@@ -58,9 +58,7 @@ def measure(out: Path, variant: str, workers: int, steps: int, batch: int, tok: 
 
 
 def configure(parser) -> None:
-    parser.add_argument("--out", default="out/bench-train", help="inputs, runs, MLflow store and bench_train.json")
-    parser.add_argument("--steps", type=int, default=200, help="training steps per run")
-    parser.add_argument("--batch", type=int, default=16, help="batch per worker")
+    benchmarks.train(parser)
     parser.set_defaults(func=run)
 
 
@@ -80,7 +78,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(standalone("python -m workflows.bench_train", __doc__.splitlines()[0], configure), argv,
+    return run_cli(standalone("python -m workflows.bench_train", benchmarks.TRAIN, configure), argv,
                    name="workflows.bench_train")
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from mvar import cluster, tracking
 from mvar.cli import main as mvar_main
-from mvar.commands import Parser
+from mvar.commands import run_cli, standalone
+from mvar.errors import UserError
 
 EXPERIMENT = "quickstart"
 STEPS = 11
@@ -127,7 +128,9 @@ class Quickstart:
         and equal steps are equal pyramids and equal tokens. --budget steps: the authors' 8:1:1 cycle at equal
         optimizer steps (most of MVAR's steps then train only the small scales: fewer tokens)."""
         steps = self.args.train_steps
-        schedule = "packed" if self.args.budget == "pyramids" and variant != "var" else "auto"
+        from mvar.models.patterns import pattern_info
+        packs = "packed" in pattern_info(variant).schedules  # VAR's full step is a pyramid already
+        schedule = "packed" if self.args.budget == "pyramids" and packs else "auto"
         return [f"model.attention={variant}", f"tokenizer={self.out / 'tokenizer'}",
                 f"data.shards={self.train_split.parent / 'synth-tokens'}",
                 f"data.eval_shards={self.held_out.parent / 'synth-eval-tokens'}", f"run.name={name}",
@@ -265,8 +268,7 @@ def check(rc: int) -> None:
         raise SystemExit(rc)
 
 
-def parse(argv: list[str] | None):
-    parser = Parser(description=__doc__.splitlines()[0])
+def configure(parser) -> None:
     parser.add_argument("--out", default="out/quickstart", help="where everything is written")
     parser.add_argument("--num-images", type=int, default=4000, help="training images")
     parser.add_argument("--num-held-out", type=int, default=400, help="held-out images (0: half of --num-images)")
@@ -285,21 +287,24 @@ def parse(argv: list[str] | None):
     parser.add_argument("--num-per-class", type=int, default=20, help="evaluation samples per class")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers of each training, and Ray workers "
                         "of each evaluation's sampling (0.5 CPU each)")
-    args = parser.parse_args(argv)
+    parser.set_defaults(func=run)
+
+
+def check_args(args) -> None:
     if args.workers < 1:
-        parser.error(f"argument --workers: must be at least 1, got {args.workers}")
+        raise UserError(f"--workers: must be at least 1, got {args.workers}")
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown or "var" not in args.variants:
-        parser.error(f"argument --variants: unknown {unknown}; known: {', '.join(VARIANTS)}" if unknown else
-                     "argument --variants: must include var, the baseline of the report's ratios")
+    if unknown:
+        raise UserError(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    if "var" not in args.variants:
+        raise UserError("--variants: must include var, the baseline of the report's ratios")
     if args.seeds < 1:
-        parser.error(f"argument --seeds: must be at least 1 (training seeds per variant), got {args.seeds}")
-    return args
+        raise UserError(f"--seeds: must be at least 1 (training seeds per variant), got {args.seeds}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+def run(args) -> int:
+    check_args(args)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     q = Quickstart(out, args)
@@ -329,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
           f"  .venv/bin/mlflow ui --backend-store-uri {q.uri} --host 127.0.0.1 --port 5000\n"
           f"  then http://127.0.0.1:5000 -> experiment '{EXPERIMENT}' -> select the runs -> Compare")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(standalone("python -m workflows.quickstart", __doc__.splitlines()[0], configure), argv,
+                   name="workflows.quickstart")
 
 
 if __name__ == "__main__":

@@ -1,31 +1,26 @@
-"""`mvar bench`: inference and training memory/speed of each attention variant, one process each."""
+"""`mvar bench`: inference and training memory/speed of each attention variant, one process each; and the
+project's other benchmarks as sub-commands.
+
+    mvar bench --variants var,scale_markov,mvar --size d8 ...   # the variants' table (python -m mvar.bench each)
+    mvar bench window ...            # = python -m tools.bench_window      (CPU window attention backends)
+    mvar bench compare-authors ...   # = python -m tools.compare_authors   (ours beside the authors' code)
+    mvar bench gpu ...               # = python -m workflows.bench_gpu     (the d16 GPU benchmark)
+    mvar bench train ...             # = python -m workflows.bench_train   (Ray Train throughput, tiny models)
+    mvar bench data ...              # = python -m mvar.data.bench         (packing and loading throughput)
+
+The module entry points stay (aliases with the same flags: mvar/commands/benchmarks.py); tools/ is not
+installed with the package, so its two run from a checkout of the project.
+"""
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from dataclasses import asdict
 
+from mvar.commands import benchmarks
 from mvar.errors import UserError
 from mvar.models.config import BACKENDS, PATTERNS, SIZES
-
-COLUMNS = [  # (header, key, format)
-    ("variant", "variant", "{}"),
-    ("px", "resolution", "{}"),
-    ("batch", "batch", "{}"),
-    ("infer s/batch", "infer_latency_s", "{:.3f}"),
-    ("infer peak +MB", "infer_peak_mb", "{:.1f}"),
-    ("KV cache MB", "kv_cache_mb", "{:.1f}"),
-    ("attn GFLOPs/img", "attn_gflops", "{:.4g}"),
-    ("train s/pyramid", "train_pyramid_s", "{:.3f}"),
-    ("train tokens/s", "train_tokens_per_s", "{:.0f}"),
-    ("train s/step (raw)", "train_step_s", "{:.3f}"),
-    ("train peak +MB", "train_peak_mb", "{:.1f}"),
-    ("packed s/step", "packed_s", "{:.3f}"),
-    ("packed peak +MB", "packed_mb", "{:.1f}"),
-]
 
 
 def register(subparsers) -> None:
@@ -48,48 +43,75 @@ def register(subparsers) -> None:
     p.add_argument("--json", default=None, help="also write the results as JSON to this file")
     p.add_argument("--plot", default=None, help="a PNG of time and peak memory against tokens per batch, per variant")
     p.set_defaults(func=run)
+    add_benchmarks(p)
 
 
-def run_variant(spec: dict) -> dict:
-    from mvar.measure import MALLOC_ENV
-
-    env = {**os.environ, **MALLOC_ENV}
-    proc = subprocess.run([sys.executable, "-m", "mvar.bench", json.dumps(spec)], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise UserError(f"benchmark of variant '{spec['variant']}' failed:\n{proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def table(results: list[dict]) -> str:
-    rows = []
-    for r in results:
-        packed = r.get("train_steps", {}).get("packed", {})
-        r = {**r, "packed_s": packed.get("step_s"), "packed_mb": packed.get("peak_mb")}
-        rows.append([fmt.format(r[key]) if r.get(key) is not None else "-" for _, key, fmt in COLUMNS])
-    headers = [h for h, _, _ in COLUMNS]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+def add_benchmarks(p: argparse.ArgumentParser) -> None:
+    """The sub-commands: each benchmark entry point's flags, run in this process."""
+    subs = p.add_subparsers(dest="benchmark", metavar="BENCHMARK",
+                            help="another benchmark instead of the variants' table: " + ", ".join(
+                                name for name, *_ in BENCHMARKS))
+    for name, help_text, description, configure, func in BENCHMARKS:
+        sub = subs.add_parser(name, help=help_text, description=description)
+        configure(sub)
+        sub.set_defaults(func=func)
 
 
-def int_list(flag: str, text: str) -> list[int]:
+def outside_checkout(err: ModuleNotFoundError) -> Exception:
+    """tools/ is not installed with the package: only a checkout of the project has its benchmarks."""
+    if err.name != "tools" and not (err.name or "").startswith("tools."):
+        return err
+    return UserError("this is a developer benchmark of the project's checkout (tools/ is not installed with the "
+                     "package); run it from the repository's root")
+
+
+def run_window(args: argparse.Namespace) -> int:
     try:
-        values = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"{flag}: expected integers separated by commas, got '{text}'") from None
-    if not values or min(values) <= 0:
-        raise UserError(f"{flag}: expected positive integers, got '{text}'")
-    return values
+        from tools import bench_window
+    except ModuleNotFoundError as err:
+        raise outside_checkout(err) from None
+    return bench_window.run(args)
+
+
+def run_compare_authors(args: argparse.Namespace) -> int:
+    try:
+        from tools import compare_authors
+    except ModuleNotFoundError as err:
+        raise outside_checkout(err) from None
+    return compare_authors.run(args)
+
+
+def run_gpu(args: argparse.Namespace) -> int:
+    from workflows import bench_gpu
+    return bench_gpu.run(args)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from workflows import bench_train
+    return bench_train.run(args)
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from mvar.data import bench as data_bench
+    return data_bench.run(args)
+
+
+# (sub-command, help, description, flags, function)
+BENCHMARKS = [
+    ("window", "CPU window attention: reference vs banded vs dense", benchmarks.WINDOW, benchmarks.window,
+     run_window),
+    ("compare-authors", "ours beside the authors' VAR and MVAR code, one machine", benchmarks.COMPARE_AUTHORS,
+     benchmarks.compare_authors, run_compare_authors),
+    ("gpu", "the GPU benchmark: var / scale_markov / mvar at d16, batch 32", benchmarks.GPU, benchmarks.gpu, run_gpu),
+    ("train", "training throughput of the tiny models on 1 and 2 Ray Train workers", benchmarks.TRAIN,
+     benchmarks.train, run_train),
+    ("data", "packing and loading throughput of image shards", benchmarks.DATA, benchmarks.data, run_data),
+]
 
 
 def variant_list(text: str) -> list[str]:
     """--variants: attention patterns separated by commas, at least one, each known."""
-    variants = [v.strip() for v in str(text).split(",") if v.strip()]
-    bad = [v for v in variants if v not in PATTERNS]
-    if bad or not variants:
-        raise UserError(f"--variants: {f'unknown {bad}' if bad else 'none given'}; known: {', '.join(PATTERNS)}")
-    return variants
+    return benchmarks.variant_list("--variants", text)
 
 
 def check_specs(args: argparse.Namespace, variants: list[str], resolutions: list[int]) -> None:
@@ -112,7 +134,8 @@ def check_specs(args: argparse.Namespace, variants: list[str], resolutions: list
 
 def settings(args: argparse.Namespace) -> list[tuple[int, int]]:
     """(resolution, batch) pairs: one batch for all, or one per resolution."""
-    resolutions, batches = int_list("--resolution", args.resolution), int_list("--batch", args.batch)
+    resolutions = benchmarks.int_list("--resolution", args.resolution)
+    batches = benchmarks.int_list("--batch", args.batch)
     if len(batches) == 1:
         batches = batches * len(resolutions)
     if len(batches) != len(resolutions):
@@ -121,7 +144,7 @@ def settings(args: argparse.Namespace) -> list[tuple[int, int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mvar.bench import BenchSpec
+    from mvar.bench import BenchSpec, plot_scaling, run_variant, table
     from mvar.sampling import check_device
 
     variants = variant_list(args.variants)
@@ -147,46 +170,9 @@ def run(args: argparse.Namespace) -> int:
           "one sequence per image (CFG doubles it)")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args) | {"func": None}, "results": results}, fh, indent=2)
+            json.dump({"args": benchmarks.report_args(args), "results": results}, fh, indent=2)
     if args.plot:
         plot_scaling(results, args.plot)
     return 0
 
 
-def tokens_per_batch(result: dict) -> int:
-    from mvar.bench import BenchSpec, tokenizer_config
-
-    tok = tokenizer_config(BenchSpec(variant=result["variant"], size=result["size"], resolution=result["resolution"]))
-    return result["batch"] * sum(p * p for p in tok.patch_nums)
-
-
-def plot_scaling(results: list[dict], path: str) -> None:
-    """Four panels (inference time, inference peak, training step, training peak) against tokens per batch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("infer_latency_s", "generate a batch, s"), ("infer_peak_mb", "inference peak above baseline, MB"),
-              ("train_step_s", "training step, s (MVAR: cycle mean)"), ("train_peak_mb", "training peak, MB")]
-    panels = [(key, title) for key, title in panels if any(r.get(key) is not None for r in results)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.5 * len(panels), 3.4), squeeze=False)
-    axes = axes[0]
-    for ax, (key, title) in zip(axes, panels):
-        for variant in dict.fromkeys(r["variant"] for r in results):
-            rows = sorted((tokens_per_batch(r), r[key], r["resolution"]) for r in results
-                          if r["variant"] == variant and r.get(key) is not None)
-            if rows:
-                ax.plot([x for x, _, _ in rows], [y for _, y, _ in rows], marker="o", label=variant)
-                for x, y, px in rows:
-                    ax.annotate(f"{px}px", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("tokens per batch (batch x L)", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.set_ylim(bottom=0)
-    axes[0].legend(fontsize=8)
-    r0 = results[0]
-    fig.suptitle(f"{r0['size']} on {r0['device']}, cfg 1.5, top-k 900, top-p 0.96", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)

@@ -10,24 +10,14 @@ does not pull in torch and webdataset.
 """
 from __future__ import annotations
 
-from mvar.lazy import lazy_getattr
+from mvar.lazy import lazy_exports
 
-_EXPORTS = {
-    "DataConfig": "mvar.data.config",
-    "DataError": "mvar.data.manifest",
-    "Manifest": "mvar.data.manifest",
-    "read_manifest": "mvar.data.manifest",
-    "BadSampleCounter": "mvar.data.counter",
-    "build_train_loader": "mvar.data.loader",
-    "build_eval_loader": "mvar.data.loader",
-    "open_shard_set": "mvar.data.loader",
-    "verify_shard_checksums": "mvar.data.loader",
-    "TrainLoader": "mvar.data.loader",
-    "EvalLoader": "mvar.data.loader",
-    "split_scales": "mvar.data.samples",
-    "center_crop_arr": "mvar.data.imaging",
-}
-
-__all__ = sorted(_EXPORTS)
-
-__getattr__ = lazy_getattr(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "mvar.data.config": ["DataConfig"],
+    "mvar.data.manifest": ["DataError", "Manifest", "read_manifest"],
+    "mvar.data.counter": ["BadSampleCounter"],
+    "mvar.data.loader": ["build_train_loader", "build_eval_loader", "open_shard_set", "verify_shard_checksums",
+                         "TrainLoader", "EvalLoader"],
+    "mvar.data.samples": ["split_scales"],
+    "mvar.data.imaging": ["center_crop_arr"],
+})

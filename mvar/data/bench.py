@@ -1,6 +1,6 @@
 """Data throughput benchmark: packing (images/s per core) and loading (decoded images/s per worker).
 
-    python -m mvar.data.bench --work /tmp/mvar-data-bench --num-images 600 --image-size 256
+    python -m mvar.data.bench --work /tmp/mvar-data-bench --num-images 600 --image-size 256   # = mvar bench data
 
 Source images are photo-like stand-ins for ImageNet (no downloads): 500x375
 colour 1/f-noise images (the power spectrum of natural photos) saved as JPEG
@@ -13,12 +13,13 @@ import io
 import os
 import platform
 import shutil
+import sys
 import time
 
 import numpy as np
 from PIL import Image
 
-from mvar.commands import Parser
+from mvar.commands import benchmarks, run_cli, standalone
 from mvar.data.imaging import JPEG_QUALITY, center_crop_arr, decode, open_rgb
 
 
@@ -136,19 +137,19 @@ def report(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = Parser(prog="python -m mvar.data.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--work", default="/tmp/mvar-data-bench", help="scratch directory (kept for reruns)")
-    parser.add_argument("--num-images", type=int, default=600, help="images of the synthetic source tree")
-    parser.add_argument("--image-size", type=int, default=256, help="side of the packed images in px")
-    parser.add_argument("--formats", nargs="+", default=["png", "jpg"], choices=["png", "jpg"],
-                        help="shard image encodings to compare")
-    parser.add_argument("--pack-workers", type=int, nargs="+", default=[1, 2], help="`mvar data pack` process counts")
-    parser.add_argument("--loader-workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per loader batch")
-    parser.add_argument("--steps", type=int, default=30, help="timed batches per loader run")
-    print(report(parser.parse_args(argv)))
+def configure(p) -> None:
+    benchmarks.data(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(report(args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(standalone("python -m mvar.data.bench", benchmarks.DATA, configure), argv, name="mvar.data.bench")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

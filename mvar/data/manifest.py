@@ -15,7 +15,7 @@ from typing import Any
 
 from mvar.data import storage
 from mvar.errors import UserError
-from mvar.files import one_line, write_text_atomic
+from mvar.files import fsync_path, one_line, write_text_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -92,17 +92,8 @@ def write_manifest(directory: str, manifest: Manifest) -> str:
     """Atomically (temp + fsync + rename) write `directory/manifest.json`."""
     path = os.path.join(directory, MANIFEST_NAME)
     write_text_atomic(path, manifest.to_json())
-    fsync_dir(directory)
+    fsync_path(directory)
     return path
-
-
-def fsync_dir(directory: str) -> None:
-    """Make a rename durable: the directory entry must reach the disk too."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def how_to_make(location: str) -> str:

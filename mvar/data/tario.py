@@ -15,8 +15,8 @@ import os
 import tarfile
 from typing import IO, Iterator
 
-from mvar.data.manifest import ShardInfo, fsync_dir
-from mvar.files import sha256_stream
+from mvar.data.manifest import ShardInfo
+from mvar.files import fsync_path, sha256_stream
 
 SHARD_PATTERN = "shard-{index:06d}.tar"
 TMP_MARK = ".tmp-"  # temp files: `<final name>.tmp-<pid>`; stale ones are removed on resume
@@ -63,7 +63,7 @@ class ShardWriter:
     def publish(self) -> None:
         """Atomically give the finished shard its final name."""
         os.replace(self.tmp_path, self.final_path)
-        fsync_dir(self.directory)
+        fsync_path(self.directory)
 
     def commit(self) -> ShardInfo:
         info = self.finish()

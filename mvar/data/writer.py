@@ -19,10 +19,10 @@ import os
 from typing import Any, Iterable
 
 from mvar import faults
-from mvar.data.manifest import MANIFEST_NAME, ShardInfo, fsync_dir
+from mvar.data.manifest import MANIFEST_NAME, ShardInfo
 from mvar.data.tario import Sample, ShardWriter, remove_stale_temps, shard_name
 from mvar.errors import DiskFull, UserError
-from mvar.files import disk_full, disk_full_error, read_json_mapping, write_text_atomic
+from mvar.files import disk_full, disk_full_error, fsync_path, read_json_mapping, write_text_atomic
 
 STATE_DIR = ".mvar-data"
 
@@ -118,7 +118,7 @@ class ShardSetWriter:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
-        fsync_dir(self.out)
+        fsync_path(self.out)
 
     def __enter__(self) -> "ShardSetWriter":
         return self

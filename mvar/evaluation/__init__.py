@@ -10,17 +10,10 @@ mvar/commands/evaluate.py); the `eval.*` keys are EvalConfig's fields.
 """
 from __future__ import annotations
 
-from mvar.lazy import lazy_getattr
+from mvar.lazy import lazy_exports
 
-_EXPORTS = {
-    "EvalConfig": "mvar.evaluation.config",
-    "EvaluateConfig": "mvar.evaluation.config",
-    "SamplePlan": "mvar.evaluation.plan",
-    "evaluate": "mvar.evaluation.run",
-    "prepare": "mvar.evaluation.run",
-    "SettingResult": "mvar.evaluation.run",
-}
-
-__all__ = list(_EXPORTS)
-
-__getattr__ = lazy_getattr(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "mvar.evaluation.config": ["EvalConfig", "EvaluateConfig"],
+    "mvar.evaluation.plan": ["SamplePlan"],
+    "mvar.evaluation.run": ["evaluate", "prepare", "SettingResult"],
+})

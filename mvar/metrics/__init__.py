@@ -10,29 +10,14 @@ The names below load lazily, so that importing this package does not import torc
 """
 from __future__ import annotations
 
-from mvar.lazy import lazy_getattr
+from mvar.lazy import lazy_exports
 
-_EXPORTS = {
-    "FeatureWeights": "mvar.metrics.inception",
-    "resolve_weights": "mvar.metrics.inception",
-    "feature_extractor": "mvar.metrics.inception",
-    "extract_features": "mvar.metrics.inception",
-    "write_standin_inception_weights": "mvar.metrics.inception",
-    "Reference": "mvar.metrics.fidelity",
-    "compute_reference": "mvar.metrics.fidelity",
-    "check_reference": "mvar.metrics.fidelity",
-    "fidelity_metrics": "mvar.metrics.fidelity",
-    "image_features": "mvar.metrics.fidelity",
-    "load_reference": "mvar.metrics.fidelity",
-    "class_accuracy": "mvar.metrics.fidelity",
-    "score_images": "mvar.metrics.fidelity",
-    "train_classifier": "mvar.metrics.classifier",
-    "load_classifier": "mvar.metrics.classifier",
-    "save_reference": "mvar.metrics.fidelity",
-    "open_image_set": "mvar.metrics.images",
-    "write_images_npz": "mvar.metrics.images",
-}
-
-__all__ = list(_EXPORTS)
-
-__getattr__ = lazy_getattr(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "mvar.metrics.inception": ["FeatureWeights", "resolve_weights", "feature_extractor", "extract_features",
+                               "write_standin_inception_weights"],
+    "mvar.metrics.fidelity": ["Reference", "compute_reference", "check_reference", "fidelity_metrics",
+                              "image_features", "load_reference", "class_accuracy", "score_images",
+                              "save_reference"],
+    "mvar.metrics.classifier": ["train_classifier", "load_classifier"],
+    "mvar.metrics.images": ["open_image_set", "write_images_npz"],
+})

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import yaml
 
 from mvar.errors import UserError
+from mvar.files import file_sha256
 
 EXTRACTOR_NAME = "mvar-classifier"
 FORMAT = "mvar-classifier/1"
@@ -94,7 +95,6 @@ def meta_path(weights: str | Path) -> Path:
 
 def save_classifier(path: str | Path, model: SmallClassifier, meta: ClassifierMeta) -> Path:
     """Write ``path`` (.pt) and its yaml atomically, the yaml (with the .pt's sha256) last."""
-    from mvar.metrics.inception import file_sha256
     path = Path(path)
     if path.suffix != ".pt":
         raise UserError(f"--out: the classifier is a .pt file (its .yaml goes beside it), got '{path}'")
@@ -111,7 +111,6 @@ def save_classifier(path: str | Path, model: SmallClassifier, meta: ClassifierMe
 
 def read_meta(path: str | Path) -> ClassifierMeta:
     """The yaml beside ``path``, checked against the weights file (UserError naming what is wrong)."""
-    from mvar.metrics.inception import file_sha256
     path, mpath = Path(path), meta_path(path)
     if not path.is_file():
         raise UserError(f"{WEIGHTS_KEY}: classifier file '{path}' does not exist; train one with "

@@ -1,25 +1,15 @@
 """The next-scale transformer (VAR, scale-Markov, MVAR) and its attention backends.
 
-The names below load lazily, so that `mvar.models.config` (the config, ``PATTERNS``, the size
-registry) can be imported without torch.
+The names below load lazily, so that `mvar.models.config` (the config, the size registry) and
+`mvar.models.patterns` (the pattern registry) can be imported without torch.
 """
 from __future__ import annotations
 
-from mvar.lazy import lazy_getattr
+from mvar.lazy import lazy_exports
 
-_EXPORTS = {
-    "AttentionSpec": "mvar.models.attention",
-    "attend": "mvar.models.attention",
-    "window_attention": "mvar.models.attention",
-    "ModelConfig": "mvar.models.config",
-    "PATTERNS": "mvar.models.config",
-    "SIZES": "mvar.models.config",
-    "model_names": "mvar.models.config",
-    "named_model": "mvar.models.config",
-    "tokenizer_for": "mvar.models.config",
-    "NextScaleTransformer": "mvar.models.transformer",
-}
-
-__all__ = list(_EXPORTS)
-
-__getattr__ = lazy_getattr(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "mvar.models.attention": ["AttentionSpec", "attend", "window_attention"],
+    "mvar.models.config": ["ModelConfig", "SIZES", "model_names", "named_model", "tokenizer_for"],
+    "mvar.models.patterns": ["PATTERNS", "PATTERN_INFO", "PatternInfo", "pattern_info"],
+    "mvar.models.transformer": ["NextScaleTransformer"],
+})

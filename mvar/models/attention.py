@@ -1,6 +1,6 @@
 """Attention over multi-scale token maps: the three patterns and their backends.
 
-Patterns (a config choice, same parameters for all three):
+Patterns (a config choice, same parameters for all three; what each means: ``mvar.models.patterns``):
 - ``var``: block-causal; a token of scale s sees every token of scales <= s.
 - ``scale_markov``: a token sees only the tokens of its own scale (bidirectional).
 - ``mvar``: scale_markov, and on scales >= ``markov_from_scale`` only a
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mvar.models.config import BACKENDS, Backend, Pattern
+from mvar.models.config import BACKENDS, Backend
+from mvar.models.patterns import Pattern, PatternInfo, pattern_info
 
 # The banded CPU window: queries in bands of this many map rows, each against the key rows its
 # windows reach (a contiguous slice of the sequence). `auto` takes it on CPU for maps at least
@@ -50,8 +51,17 @@ class AttentionSpec:
         """The spec of a ``ModelConfig`` on a tokenizer's ``patch_nums``."""
         return cls(cfg.attention, tuple(patch_nums), cfg.window_size, cfg.markov_from_scale, cfg.attention_backend)
 
+    @property
+    def info(self) -> PatternInfo:
+        return pattern_info(self.pattern)
+
+    @property
+    def block_causal(self) -> bool:
+        """One mask over the whole sequence (every earlier scale), else each scale (group) attends alone."""
+        return self.info.mask == "block_causal"
+
     def windowed(self, si: int) -> bool:
-        return self.pattern == "mvar" and si >= self.markov_from_scale
+        return self.info.windowed and si >= self.markov_from_scale
 
 
 # ---------------------------------------------------------------------------
@@ -95,7 +105,7 @@ def sequence_mask(spec: AttentionSpec, scales: tuple[int, ...], device: torch.de
 
 def _sequence_mask_cpu(spec: AttentionSpec, scales: tuple[int, ...]) -> torch.Tensor:
     ids = _scale_ids(spec.patch_nums, scales)
-    if spec.pattern == "var":
+    if spec.block_causal:
         return ids[:, None] >= ids[None, :]
     mask = ids[:, None] == ids[None, :]
     offset = 0
@@ -125,7 +135,7 @@ def scale_groups(spec: AttentionSpec, scales: tuple[int, ...]) -> tuple[tuple[in
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
            scales: tuple[int, ...], scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """Attention of a sequence made of ``scales`` (q, k, v: (B, H, L, d)) -> (B, H, L, d)."""
-    if spec.pattern == "var":
+    if spec.block_causal:
         if len(scales) == 1 and scales[0] == 0 or q.shape[2] != k.shape[2]:
             mask = None  # first scale alone, or a query scale against a KV cache of everything before it
         else:
@@ -268,8 +278,9 @@ def brute_force_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
 
 
 def attended_pairs(spec: AttentionSpec, scales: tuple[int, ...], cached_prefix: int = 0) -> int:
-    """Number of (query, key) pairs a sequence of ``scales`` attends: the basis of the FLOP count."""
-    if spec.pattern == "var":
+    """Number of (query, key) pairs a sequence of ``scales`` attends: the basis of the FLOP count (how each
+    pattern counts: its ``PatternInfo.pairs``); ``cached_prefix``: keys in a KV cache before the sequence."""
+    if spec.block_causal:
         ids = _scale_ids(spec.patch_nums, scales)
         return int((ids[:, None] >= ids[None, :]).sum()) + cached_prefix * len(ids)
     total = 0

@@ -1,16 +1,15 @@
-"""Generator configuration, the names of the attention patterns and backends, and the registry of
-named sizes (`var-d16`, `mvar-d16`, `*-tiny` ...). Imports no torch: the command-line parsers list
-``PATTERNS`` and ``BACKENDS`` without loading the model."""
+"""Generator configuration, the names of the attention backends, and the registry of named sizes
+(`var-d16`, `mvar-d16`, `*-tiny` ...). Imports no torch: the command-line parsers list ``PATTERNS``
+(from the pattern registry, ``mvar.models.patterns``) and ``BACKENDS`` without loading the model."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Literal, Optional, get_args
 
 from mvar.config import check
+from mvar.models.patterns import PATTERNS, Pattern, pattern_info
 
-Pattern = Literal["var", "scale_markov", "mvar"]   # the attention patterns, spelled here only
 Backend = Literal["auto", "reference", "banded", "flex", "natten"]
-PATTERNS: tuple[str, ...] = get_args(Pattern)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
@@ -72,10 +71,10 @@ class ModelConfig:
 
     def check_scales(self, patch_nums: tuple[int, ...], prefix: str = "model.") -> None:
         """Checks that need the tokenizer's scales."""
-        if self.attention != "mvar":
+        if not pattern_info(self.attention).windowed:
             return
         check(self.markov_from_scale < len(patch_nums), prefix + "markov_from_scale",
-              f"must be below the number of scales ({len(patch_nums)}) for attention 'mvar'")
+              f"must be below the number of scales ({len(patch_nums)}) for attention '{self.attention}'")
         side = patch_nums[self.markov_from_scale]
         check(self.window_size <= side, prefix + "window_size",
               f"{self.window_size} is larger than the first windowed scale ({side}x{side}, index "

@@ -260,8 +260,8 @@ class NextScaleTransformer(nn.Module):
         """
         scales = tuple(range(len(self.patch_nums))) if scales is None else tuple(scales)
         self.check_inputs(labels_B, teacher_BLCv, scales)
-        if self.spec.pattern == "var" and scales != tuple(range(len(scales))):
-            raise ValueError(f"attention 'var' trains on a prefix of scales, got {scales}")
+        if self.spec.info.prefix_only and scales != tuple(range(len(scales))):
+            raise ValueError(f"attention '{self.spec.pattern}' trains on a prefix of scales, got {scales}")
         if self.training and self.cfg.cond_drop_rate > 0:
             drop = torch.rand(labels_B.shape[0], device=labels_B.device) < self.cfg.cond_drop_rate
             labels_B = torch.where(drop, torch.full_like(labels_B, self.num_classes), labels_B)

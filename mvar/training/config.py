@@ -23,6 +23,7 @@ from mvar.config import (
 from mvar.data.config import DataConfig
 from mvar.evaluation.config import SamplingDefaults
 from mvar.models.config import ModelConfig, named_fields
+from mvar.models.patterns import pattern_info
 from mvar.tracking import TrackingConfig
 
 
@@ -107,7 +108,7 @@ class LoopConfig:
     """The `train.*` keys: what one step covers and in which precision."""
 
     # full: all scales (VAR); cycle: the MVAR authors' scale cycle; packed: all scales at once, Markov mask
-    scale_schedule: Literal["auto", "full", "cycle", "packed"] = "auto"  # auto: full for var, else cycle
+    scale_schedule: Literal["auto", "full", "cycle", "packed"] = "auto"  # auto: the pattern's (var full, else cycle)
     # cycle: this many steps on the dense scales (< model.markov_from_scale), then one on each later scale
     cycle_ratio: int = 8           # MVAR's --ratio_k (8 with 10 scales: the paper's 8:1:1)
     # auto: bf16 autocast on GPU, fp32 on CPU; fp16: autocast + GradScaler (the authors' --fp16=1, GPU only)
@@ -120,7 +121,7 @@ class LoopConfig:
     def schedule_for(self, attention: str) -> str:
         if self.scale_schedule != "auto":
             return self.scale_schedule
-        return "full" if attention == "var" else "cycle"
+        return pattern_info(attention).default_schedule
 
     def validate(self, prefix: str = "") -> None:
         check(self.cycle_ratio >= 1, prefix + "cycle_ratio", f"must be >= 1, got {self.cycle_ratio}")
@@ -190,9 +191,10 @@ class TrainConfig:
         check(bool(self.tokenizer), prefix + "tokenizer",
               "must name a tokenizer checkpoint directory (workflows.train_tokenizer, mvar import-var)")
         check(bool(self.data.shards), prefix + "data.shards", "must name a shard directory or URL (mvar data pack)")
-        schedule = self.train.schedule_for(self.model.attention)
-        check(not (self.model.attention == "var" and schedule != "full"), prefix + "train.scale_schedule",
-              f"attention 'var' trains on full sequences only, got '{schedule}'")
+        schedule, info = self.train.schedule_for(self.model.attention), pattern_info(self.model.attention)
+        what = "full sequences" if info.schedules == ("full",) else "the schedules " + ", ".join(info.schedules)
+        check(schedule in info.schedules, prefix + "train.scale_schedule",
+              f"attention '{info.name}' trains on {what} only, got '{schedule}'")
         check(schedule != "cycle" or self.model.markov_from_scale >= 1, prefix + "model.markov_from_scale",
               "is 0: the scale cycle (train.scale_schedule) needs at least one dense scale before it")
         check(self.train.precision != "fp16" or self.scaling.use_gpu, prefix + "train.precision",
