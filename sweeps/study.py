@@ -42,9 +42,11 @@ class Metric:
     aggregate: str = "last"  # train metrics: last | max | median over the run's history
 
 
-# The names of DESIGN.md that runs log (training: mvar/training/loop.py; evaluation: mvar/evaluation).
+# The metrics that runs log (docs/training.md and docs/evaluation.md list them; training: mvar/training/trainer.py
+# and loop.py, evaluation: mvar/evaluation/run.py) and that a study may name as objectives.
 KNOWN_METRICS: dict[str, Metric] = {
     "eval/fid": Metric("minimize", "eval"),
+    "eval/kid": Metric("minimize", "eval"),
     "eval/is": Metric("maximize", "eval"),
     "eval/precision": Metric("maximize", "eval"),
     "eval/recall": Metric("maximize", "eval"),
@@ -55,11 +57,14 @@ KNOWN_METRICS: dict[str, Metric] = {
     "val/loss": Metric("minimize", "train", "last"),
     "train/loss": Metric("minimize", "train", "last"),
     "train/acc": Metric("maximize", "train", "last"),
-    "perf/peak_mem_mb": Metric("minimize", "train", "max"),
+    "perf/peak_mem_mb": Metric("minimize", "train", "max"),    # deprecated alias of the two below
+    "perf/peak_cuda_mb": Metric("minimize", "train", "max"),
+    "perf/peak_rss_mb": Metric("minimize", "train", "max"),
     "perf/step_s": Metric("minimize", "train", "median"),
     "perf/images_per_s": Metric("maximize", "train", "median"),
     "model/attn_gflops": Metric("minimize", "train", "last"),
     "model/params_m": Metric("minimize", "train", "last"),
+    "cost/device_hours": Metric("minimize", "train", "last"),   # a run's total (logged cumulatively)
 }
 DIRECTIONS = ("minimize", "maximize")
 # keys a sweep sets itself for every trial
