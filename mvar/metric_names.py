@@ -29,7 +29,7 @@ class MetricName:
         return "minimize" if self.lower_is_better else "maximize"
 
 
-# In the report's column order; the names of DESIGN.md (training: mvar/training/; evaluation: mvar/evaluation/).
+# In the report's column order; the names of docs/training.md and docs/evaluation.md (training: mvar/training/; evaluation: mvar/evaluation/).
 METRICS: tuple[MetricName, ...] = (
     MetricName("infer/latency_s", True, "eval", column="infer s/batch"),
     MetricName("model/attn_gflops", True, "train", "last", column="attn GFLOPs"),
@@ -37,12 +37,14 @@ METRICS: tuple[MetricName, ...] = (
     MetricName("infer/peak_mem_mb", True, "eval", column="infer mem MB"),
     # like-for-like: seconds to train every scale once (an MVAR cycle trains a slice of them per step)
     MetricName("train/pyramid_s", True, column="train s/pyramid"),
-    MetricName("perf/peak_mem_mb", True, "train", "max", column="train mem MB"),
+    MetricName("perf/peak_mem_mb", True, "train", "max", column="train mem MB"),  # deprecated alias of the two below
     MetricName("eval/fid", True, "eval", column="FID"),
+    MetricName("eval/kid", True, "eval", column="KID"),
     MetricName("eval/is", False, "eval", column="IS"),
     MetricName("eval/precision", False, "eval", column="precision"),
     MetricName("eval/recall", False, "eval", column="recall"),
     MetricName("eval/class_acc", False, column="class acc"),  # with a classifier feature extractor only
+    MetricName("cost/device_hours", True, "train", "last", column="device h"),  # wall hours x devices, cumulative
     # seconds per optimizer step as logged: no ratio (an MVAR step covers fewer scales than a VAR step)
     MetricName("perf/step_s", True, "train", "median", column="train s/it (raw)", ratio=False),
     MetricName("infer/images_per_s", False, "eval"),
@@ -51,6 +53,8 @@ METRICS: tuple[MetricName, ...] = (
     MetricName("train/acc", False, "train", "last"),
     MetricName("perf/images_per_s", False, "train", "median"),
     MetricName("model/params_m", True, "train", "last"),
+    MetricName("perf/peak_cuda_mb", True, "train", "max"),   # CUDA max allocated (GPU workers)
+    MetricName("perf/peak_rss_mb", True, "train", "max"),    # peak resident set (CPU workers)
 )
 BY_KEY: dict[str, MetricName] = {m.key: m for m in METRICS}
 

@@ -7,9 +7,9 @@ that were not trained here (a row each), a sweep's trials; evaluation child runs
 group runs (tag `mvar.group_run=true`) are no rows. Per group and metric: the mean over seeds with a
 95 % Student t interval; a group of one seed shows the bootstrap interval over its samples
 (`eval/*_boot_low|high`), labelled `bootstrap`. Columns are the paper's (inference time, attention
-GFLOPs, KV cache, inference memory, train seconds per full pyramid, train memory, FID, IS,
-precision, recall, class accuracy), each followed by its ratio of means to the VAR group of the same
-depth and a verdict from the paired difference over the seeds both share: `better`, `worse` or
+GFLOPs, KV cache, inference memory, train seconds per full pyramid, train memory, FID, KID, IS,
+precision, recall, class accuracy, training device-hours), each followed by its ratio of means to the VAR group
+of the same depth and a verdict from the paired difference over the seeds both share: `better`, `worse` or
 `inconclusive` (the interval holds 0). Runs that a group or a comparison would mix (another data
 set, tokenizer, reference, sample count, guidance or feature extractor) are refused, naming both.
 Written as Markdown, CSV, HTML (and LaTeX with ``--latex``) with three plots (FID vs window size,

@@ -174,7 +174,7 @@ def optimize(s: optuna.Study, objective: Objective, study: StudyConfig, n_parall
 def summary(s: optuna.Study) -> dict[str, float]:
     return {"sweep/complete": count(s, (TrialState.COMPLETE,)), "sweep/pruned": count(s, (TrialState.PRUNED,)),
             "sweep/failed": count(s, (TrialState.FAIL,)), "sweep/pareto_size": len(s.best_trials)
-            if count(s, (TrialState.COMPLETE,)) else 0}
+            if count(s, (TrialState.COMPLETE,)) else 0, report.COST: report.study_device_hours(s)}
 
 
 def finish(s: optuna.Study, study: StudyConfig, t: SweepTracking, out: Path, status: str) -> None:

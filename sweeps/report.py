@@ -1,7 +1,9 @@
 """What the parent run holds at the end of a sweep (also written under <log_dir>/<study>/report/).
 
 - `trials.csv`: `study.trials_dataframe()`: number, state, objective values (named), params
-  (the config keys), user attrs (every metric the trial's runs logged, the MLflow run ids);
+  (the config keys), user attrs (every metric the trial's runs logged, the MLflow run ids), and
+  `device_hours`: the trial's training cost, the sum of its seeds' `cost/device_hours`;
+- `cost.json`: `device_hours` per trial and the study's `total` (also the parent run's `cost/device_hours`);
 - `pareto_front.png`: eval/fid against infer/peak_mem_mb of every complete trial, the
   non-dominated ones joined (both lower is better), whatever the study's objectives;
 - `history_<objective>.png` (`/` as `_`: `history_eval_fid.png`): Optuna's optimisation history
@@ -28,6 +30,7 @@ from sweeps.storage import quiet_experimental
 log = logging.getLogger(__name__)
 
 QUALITY, MEMORY = "eval/fid", "infer/peak_mem_mb"
+COST = "cost/device_hours"
 
 
 def write_report(study: optuna.Study, objectives: dict[str, str], out: Path) -> list[Path]:
@@ -35,7 +38,7 @@ def write_report(study: optuna.Study, objectives: dict[str, str], out: Path) -> 
     import matplotlib
     matplotlib.use("Agg")
     out.mkdir(parents=True, exist_ok=True)
-    files = [write_trials(study, out / "trials.csv")]
+    files = [write_trials(study, out / "trials.csv"), write_cost(study, out / "cost.json")]
     for make in (write_pareto, write_history, write_importances):
         try:
             files += make(study, objectives, out)
@@ -45,8 +48,43 @@ def write_report(study: optuna.Study, objectives: dict[str, str], out: Path) -> 
 
 
 def write_trials(study: optuna.Study, path: Path) -> Path:
-    study.trials_dataframe(attrs=("number", "state", "value", "datetime_start", "datetime_complete", "duration",
-                                  "params", "user_attrs")).to_csv(path, index=False)
+    frame = study.trials_dataframe(attrs=("number", "state", "value", "datetime_start", "datetime_complete",
+                                          "duration", "params", "user_attrs"))
+    if len(frame):
+        hours = trial_device_hours(study)
+        frame["device_hours"] = [hours.get(n) for n in frame["number"]]
+    frame.to_csv(path, index=False)
+    return path
+
+
+def device_hours(attrs: dict) -> float | None:
+    """A trial's training cost from its user attrs: the sum of its seeds' `cost/device_hours` (a trial of
+    several seeds holds their mean under the metric's name, each seed's under `seed<seed>/`), else its one run's."""
+    seeds = [v for k, v in attrs.items() if k.startswith("seed") and k.endswith("/" + COST)]
+    if seeds:
+        return float(sum(seeds))
+    return float(attrs[COST]) if COST in attrs else None
+
+
+def trial_device_hours(study: optuna.Study) -> dict[int, float]:
+    """{trial number: device-hours} of the trials whose runs were measured (complete trials)."""
+    out = {}
+    for t in study.get_trials(deepcopy=False):
+        hours = device_hours(t.user_attrs)
+        if hours is not None:
+            out[t.number] = hours
+    return out
+
+
+def study_device_hours(study: optuna.Study) -> float:
+    """The study's training cost: the sum over its trials' device-hours."""
+    return float(sum(trial_device_hours(study).values()))
+
+
+def write_cost(study: optuna.Study, path: Path) -> Path:
+    per_trial = trial_device_hours(study)
+    path.write_text(json.dumps({"device_hours": {str(n): h for n, h in sorted(per_trial.items())},
+                                "total": float(sum(per_trial.values()))}, indent=1) + "\n")
     return path
 
 

@@ -17,10 +17,12 @@ from mvar.tracking import MlflowTracker, TrackingConfig
 # variant, depth, window, metrics
 RUNS = [
     ("var", 2, 3, {"eval/fid": 40.0, "infer/peak_mem_mb": 100.0, "perf/step_s": 0.50, "infer/kv_cache_mb": 8.0,
-                   "model/attn_gflops": 2.0, "eval/is": 3.0, "train/pyramid_s": 0.50}),
+                   "model/attn_gflops": 2.0, "eval/is": 3.0, "train/pyramid_s": 0.50, "eval/kid": 0.040,
+                   "cost/device_hours": 2.0}),
     ("scale_markov", 2, 3, {"eval/fid": 38.0, "infer/peak_mem_mb": 60.0, "perf/step_s": 0.40,
                             "infer/kv_cache_mb": 0.0}),
-    ("mvar", 2, 3, {"eval/fid": 39.0, "infer/peak_mem_mb": 50.0, "perf/step_s": 0.30, "infer/kv_cache_mb": 0.0}),
+    ("mvar", 2, 3, {"eval/fid": 39.0, "infer/peak_mem_mb": 50.0, "perf/step_s": 0.30, "infer/kv_cache_mb": 0.0,
+                    "eval/kid": 0.030, "cost/device_hours": 1.5}),
     ("mvar", 2, 5, {"eval/fid": 36.0, "infer/peak_mem_mb": 55.0, "perf/step_s": 0.10, "infer/kv_cache_mb": 0.0,
                     "train/pyramid_s": 0.35}),
     ("var", 4, 3, {"eval/fid": 30.0, "infer/peak_mem_mb": 200.0}),
@@ -70,6 +72,12 @@ def test_table_has_a_row_per_run_and_ratios_to_var_of_the_same_depth(store, tmp_
     assert rows["mvar-d2-k5"]["train s/it (raw)"] == pytest.approx(0.10)
     assert rows["mvar-d2-k3"]["train s/pyramid"] is None and rows["mvar-d2-k3"]["train s/pyramid x VAR"] is None
     assert rows["mvar-d2-k3"]["IS x VAR"] is None  # no IS logged for that run
+    # KID beside FID, and the training's device-hours, each with its ratio to VAR
+    assert rows["mvar-d2-k3"]["KID x VAR"] == pytest.approx(0.030 / 0.040)
+    assert rows["mvar-d2-k3"]["device h"] == 1.5 and rows["mvar-d2-k3"]["device h x VAR"] == pytest.approx(0.75)
+    hdr = header(report.markdown)
+    assert hdr.index("FID") < hdr.index("KID") and "device h" in hdr
+    assert table_row(report.markdown, "var-d2-k3")[hdr.index("device h")] == "2"
     names = {f.name for f in report.files}
     assert names == {"ablation.md", "ablation.csv", "ablation.html", "fid_vs_window.png", "memory_vs_depth.png",
                      "pareto_fid_memory.png"}

@@ -65,9 +65,9 @@ def add_eval_arguments(p: argparse.ArgumentParser, overrides: bool = True) -> No
     """The evaluation's flags: each a shorthand of one config key, named in its help."""
     p.add_argument("--checkpoint", help=f"model checkpoint directory ({_key('checkpoint')}; default: the run's "
                    "mvar.checkpoint tag)")
-    p.add_argument("--model", help=f"a registered model version: models:/NAME@ALIAS (latest, best) or "
-                   f"models:/NAME/VERSION, e.g. models:/mvar-tiny@best ({_key('model')}); results go into an "
-                   "eval-<checkpoint> run")
+    p.add_argument("--model", help=f"a registered model version: models:/NAME@ALIAS (final: the last "
+                   f"checkpoint, best: the lowest val/loss), models:/NAME/VERSION or models:/NAME/latest, e.g. "
+                   f"models:/mvar-tiny@final ({_key('model')}); results go into an eval-<checkpoint> run")
     p.add_argument("--run-id", help=f"MLflow training run: resolves the checkpoint and receives the results "
                    f"({_key('run_id')})")
     p.add_argument("--reference", help="reference images (shard set or ADM .npz) or a `mvar eval make-ref` file "

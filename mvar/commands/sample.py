@@ -24,8 +24,8 @@ def register(subparsers) -> None:
                               description="Sample class-conditional images from a checkpoint and save them as one grid.")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="checkpoint directory (mvar import-var or a training run)")
-    which.add_argument("--model", help="a registered model version: models:/NAME@ALIAS (latest, best) or "
-                       "models:/NAME/VERSION, e.g. models:/mvar-tiny@best")
+    which.add_argument("--model", help="a registered model version: models:/NAME@ALIAS (final, best), "
+                       "models:/NAME/VERSION or models:/NAME/latest, e.g. models:/mvar-tiny@final")
     p.add_argument("--tracking-uri", default="", help="MLflow store of --model (default: MLFLOW_TRACKING_URI, "
                    "else sqlite under out/mlflow)")
     p.add_argument("--classes", type=_classes, default=None, help="class ids, e.g. 1,2,3 (default: random)")

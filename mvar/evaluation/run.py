@@ -63,6 +63,7 @@ class Prepared:
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)  # the checkpoint's, for empty eval.cfg ...
     weights: object = None        # FeatureWeights when metrics are on
     reference: object = None      # Reference (a make-ref file) or ImageSet (computed when first needed)
+    provenance: dict = field(default_factory=dict)   # the sampling device's tags (`provenance`), once workers run
 
 
 @dataclass
@@ -272,7 +273,7 @@ def reference_for(ecfg: EvalConfig, weights, reference, out_root: Path):
 
 def quality_metrics(ecfg: EvalConfig, image_size: int, out_root: Path, shards_dir: Path,
                     checked: tuple | None = None) -> dict[str, float]:
-    """FID / IS / precision / recall of one setting's samples, and the class accuracy with the classifier.
+    """FID / KID / IS / precision / recall of one setting's samples, and the class accuracy with the classifier.
     ``checked``: (weights, reference) from `prepare`; without it (on a GPU worker) they are checked again
     where this runs."""
     from mvar.metrics.fidelity import (
@@ -333,8 +334,17 @@ def setting_params(prep: Prepared, s: SamplingConfig) -> dict:
     return params
 
 
+def provenance(ecfg: EvalConfig, workers: Workers) -> dict[str, str]:
+    """`mvar.eval_device_type|_model|_count`, `mvar.eval_torch_version` ...: what sampled, told by a sampling
+    worker itself (the driver of a Ray job may have no GPU). Prefixed: an evaluation may log into its
+    training run, whose `mvar.device_*` tags are the training's."""
+    from mvar.provenance import provenance_tags
+    args = (sampling_device(ecfg), max(1, ecfg.num_workers), "mvar.eval_")
+    return workers.call(provenance_tags, *args) if ecfg.num_workers > 0 else provenance_tags(*args)
+
+
 def setting_tags(prep: Prepared, out: Path) -> dict[str, str]:
-    tags = {"mvar.eval_samples": str(out)}
+    tags = {"mvar.eval_samples": str(out), **prep.provenance}
     if prep.cfg.eval.metrics:
         tags["mvar.metrics_comparable"] = "true" if prep.weights.official else "false"
         tags["mvar.feature_extractor_sha256"] = prep.weights.sha256
@@ -377,6 +387,8 @@ def evaluate(cfg: EvaluateConfig) -> list[SettingResult]:
     results = []
     try:
         with Workers(cfg.eval) as workers:
+            if cfg.track:
+                prep.provenance = provenance(cfg.eval, workers)
             for s, p, run_id in zip(settings, params, run_ids):
                 result = evaluate_setting(prep, s, workers)
                 result.params, result.run_id = p, run_id

@@ -1,4 +1,4 @@
-"""FID, Inception Score, precision and recall (and, with the classifier, class accuracy) from a feature
+"""FID, KID, Inception Score, precision and recall (and, with the classifier, class accuracy) from a feature
 extractor's features, with torch-fidelity's own formulas.
 
 The reference side is a ``Reference``: FID statistics (mu, sigma) plus the pool features that
@@ -31,6 +31,8 @@ from mvar.metrics.inception import (
 )
 
 REFERENCE_FORMAT = "mvar-fid-ref/1"
+# KID: torch-fidelity's defaults (100 subsets of 1000, cubic kernel), the subset no larger than either side
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000
 LABELS = "labels"   # key of the images' class labels in a features dict (-1: the set has none)
 
 
@@ -190,9 +192,24 @@ def cache_name(location: str, weights_sha256: str) -> str:
     return f"reference-{key}.npz"
 
 
+def kid_subset_size(num_generated: int, num_reference: int) -> int:
+    """KID's subset size: torch-fidelity's 1000, or fewer when either side has fewer features."""
+    return min(KID_SUBSET_SIZE, num_generated, num_reference)
+
+
+def kid_metrics(features_ND: torch.Tensor, ref: Reference, seed: int = 2020) -> dict[str, float]:
+    """{'kid', 'kid_std'}: the mean and std over ``KID_SUBSETS`` subsets of the unbiased MMD^2 (cubic
+    polynomial kernel) between generated and reference features, torch-fidelity's estimator."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+    size = kid_subset_size(features_ND.shape[0], ref.num_images)
+    kid = kid_features_to_metric(features_ND, ref.features, kid_subsets=KID_SUBSETS, kid_subset_size=size,
+                                 rng_seed=seed, verbose=False)
+    return {"kid": kid[KEY_METRIC_KID_MEAN], "kid_std": kid[KEY_METRIC_KID_STD]}
+
+
 def fidelity_metrics(features: dict[str, torch.Tensor], ref: Reference, prc_k: int = 3,
                      isc_splits: int = 10) -> dict[str, float]:
-    """{'fid', 'is', 'is_std', 'precision', 'recall'} of generated features against ``ref``."""
+    """{'fid', 'kid', 'kid_std', 'is', 'is_std', 'precision', 'recall'} of generated features against ``ref``."""
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
     from torch_fidelity.metric_isc import (
         KEY_METRIC_ISC_MEAN,
@@ -213,8 +230,9 @@ def fidelity_metrics(features: dict[str, torch.Tensor], ref: Reference, prc_k: i
     # convention of torch-fidelity: input 1 = generated, input 2 = real; the chunked variant keeps memory flat
     prc = prc_features_to_metric(features[FID_LAYER], ref.features, prc_neighborhood=prc_k, prc_batch_size=10000,
                                  save_cpu_ram=True, verbose=False)
-    return {"fid": fid[KEY_METRIC_FID], "is": isc[KEY_METRIC_ISC_MEAN], "is_std": isc[KEY_METRIC_ISC_STD],
-            "precision": prc[KEY_METRIC_PRECISION], "recall": prc[KEY_METRIC_RECALL]}
+    return {"fid": fid[KEY_METRIC_FID], **kid_metrics(features[FID_LAYER], ref), "is": isc[KEY_METRIC_ISC_MEAN],
+            "is_std": isc[KEY_METRIC_ISC_STD], "precision": prc[KEY_METRIC_PRECISION],
+            "recall": prc[KEY_METRIC_RECALL]}
 
 
 def class_accuracy(logits_NC: torch.Tensor, labels_N: torch.Tensor) -> dict[str, float]:
@@ -293,7 +311,7 @@ def bootstrap_metrics(features: dict[str, torch.Tensor], ref: Reference, resampl
 
 def score_images(location: str, ref: Reference, weights: FeatureWeights, device: torch.device,
                  prc_k: int = 3, isc_splits: int = 10, batch_size: int = 32) -> dict[str, float]:
-    """The metrics of an image set (samples, or real images for a floor) against ``ref``: FID, IS,
+    """The metrics of an image set (samples, or real images for a floor) against ``ref``: FID, KID, IS,
     precision, recall, and with the classifier the class accuracy of its labelled images."""
     check_reference(ref, "reference", open_image_set(location).image_size, weights, prc_k)
     features = image_features(location, weights, device, batch_size, f"features of {location}")

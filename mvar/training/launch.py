@@ -324,6 +324,8 @@ def launch(cfg: RunConfig, worker_fn, loop_config: dict, tags: dict[str, str], r
     store = Store(cfg.tracking.uri)
     uri = cfg.tracking.uri = store.uri  # workers on other nodes must log to the same absolute store
     run_id, resumed = attach_run(cfg, store, storage, tags)
+    from mvar.provenance import scaling_tags  # the workers' device type and count, the torch build (mvar.provenance)
+    store.set_tags(run_id, scaling_tags(cfg.scaling))
     log_config(cfg, store, run_id, resumed)
     log_datasets(cfg, store, run_id)
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}; "

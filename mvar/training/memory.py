@@ -1,9 +1,19 @@
-"""Peak memory per logging interval (`perf/peak_mem_mb`), by the probes of `mvar.measure` (those of `mvar bench`)."""
+"""Peak memory per logging interval, by the probes of `mvar.measure` (those of `mvar bench`): `perf/peak_cuda_mb`
+(CUDA allocated) on a GPU, `perf/peak_rss_mb` (resident high-water mark) on CPU, and either under the deprecated
+alias `perf/peak_mem_mb` (kept for one release)."""
 from __future__ import annotations
 
 import torch
 
 from mvar.measure import MB, status_mb
+
+
+PEAK_ALIAS = "perf/peak_mem_mb"  # deprecated: the same number under one name for both kinds of memory
+
+
+def peak_metric(device: torch.device) -> str:
+    """The name of a device's peak: CUDA-allocated memory and a CPU process's resident set are not alike."""
+    return "perf/peak_cuda_mb" if device.type == "cuda" else "perf/peak_rss_mb"
 
 
 class PeakTracker:

@@ -33,7 +33,7 @@ from torch import nn
 from mvar import faults
 from mvar.checkpoint import TRAIN_STATE, load_train_state, staged_dir
 from mvar.files import save_torch
-from mvar.training.memory import PeakTracker
+from mvar.training.memory import PEAK_ALIAS, PeakTracker, peak_metric
 from mvar.training.optim import build_optimizer
 
 if TYPE_CHECKING:  # the core runs on any config of this shape
@@ -110,7 +110,8 @@ class TrainTask:
 
     def step_type(self, step: int) -> str:
         """The kind of work of 0-based ``step`` (the generator's cycle: ``dense``, ``s<k>``); one kind: ``full``.
-        Seconds and peak memory are kept per kind (`train/step_s_<kind>`, `train/peak_mem_mb_<kind>`)."""
+        Seconds and peak memory are kept per kind (`train/step_s_<kind>`, `train/peak_mem_mb_<kind>`: CUDA
+        allocated on a GPU, the resident set on CPU, as `perf/peak_cuda_mb` / `perf/peak_rss_mb`)."""
         return "full"
 
     def pyramid_types(self) -> tuple[str, ...]:
@@ -234,10 +235,11 @@ class StepCost:
     epoch ends included, logging and checkpoints not), the first step of the process left out (allocation,
     kernel selection); on CUDA the clock is synchronised where the kind
     changes, so each kind's seconds are its own. Logged (cumulative means):
-    `train/step_s_<kind>`, `train/peak_mem_mb_<kind>` (the probe of `perf/peak_mem_mb`: CUDA allocated,
-    else the resident high-water mark), `train/pyramid_s` (the seconds to train every part once: the
-    sum over ``task.pyramid_types()``), `train/images_per_s` (images of the global batch per pyramid
-    second) and `train/tokens_per_s` (tokens trained per second over all ranks, when the task has tokens).
+    `train/step_s_<kind>`, `train/peak_mem_mb_<kind>` (the probe of `perf/peak_cuda_mb` on CUDA: allocated
+    memory, of `perf/peak_rss_mb` on CPU: the resident high-water mark), `train/pyramid_s` (the seconds
+    to train every part once: the sum over ``task.pyramid_types()``), `train/images_per_s` (images of the
+    global batch per pyramid second) and `train/tokens_per_s` (tokens trained per second over all ranks,
+    when the task has tokens).
     """
 
     def __init__(self, task: TrainTask, device: torch.device, images_per_step: int):
@@ -276,7 +278,7 @@ class StepCost:
         self.interval_peak = max(self.interval_peak, v)
 
     def interval_peak_mb(self) -> float:
-        """`perf/peak_mem_mb`: the peak over every step since the last call."""
+        """`perf/peak_cuda_mb` | `perf/peak_rss_mb`: the peak over every step since the last call."""
         self._read_peak()
         v, self.interval_peak = self.interval_peak, 0.0
         return v
@@ -323,6 +325,13 @@ class Trainer:
         params = [p for p in task.module.parameters() if p.requires_grad]
         self.stepper = Stepper(params, opt, sched, cfg.optim.grad_clip, task.precision == "fp16", device)
         task.attach_optimizer(opt)
+        self.device_s, self.t_run = 0.0, None  # device-seconds of earlier attempts; this attempt's loop start
+
+    def device_hours(self) -> float:
+        """`cost/device_hours`: the training loop's wall seconds (checkpoints and validation included) times
+        the devices (one per rank), summed over the attempts up to the checkpoint this one resumed from."""
+        now = (time.perf_counter() - self.t_run) * self.world if self.t_run is not None else 0.0
+        return (self.device_s + now) / 3600
 
     @property
     def images_per_step(self) -> int:
@@ -340,7 +349,8 @@ class Trainer:
         with staged_dir(out, overwrite) as tmp:
             self.task.save_weights(tmp, meta)
             faults.point("checkpoint-model-written", step)  # testing aid: MVAR_FAULT (mvar.faults)
-            save_torch({**self.stepper.state_dict(), "task": self.task.state(), **meta}, tmp / TRAIN_STATE)
+            save_torch({**self.stepper.state_dict(), "task": self.task.state(), "device_s": self.device_hours() * 3600,
+                        **meta}, tmp / TRAIN_STATE)
         return Path(out)
 
     def restore(self, ckpt_dir: Path) -> int:
@@ -350,6 +360,7 @@ class Trainer:
         state = load_train_state(ckpt_dir / TRAIN_STATE)
         self.stepper.load_state_dict(state)
         self.task.load_state(state.get("task") or {})
+        self.device_s = float(state.get("device_s", 0.0))  # older checkpoints: the cost before them is unknown
         return int(state["step"])
 
     # -- the loop ----------------------------------------------------------------
@@ -359,6 +370,7 @@ class Trainer:
         hooks, run = hooks or Hooks(), self.cfg.run
         interval = Interval(time.perf_counter())
         self.cost = peak = StepCost(self.task, self.device, self.images_per_step)
+        self.t_run = time.perf_counter()
         for step in range(start, run.steps):
             self.cost.begin(step)
             torch.manual_seed(run.seed + 1_000_003 * self.rank + step)  # class dropout etc., same on resume
@@ -385,9 +397,10 @@ class Trainer:
 
     def interval_metrics(self, interval: Interval, last: StepOutcome, peak: StepCost) -> dict[str, float]:
         step_s = (time.perf_counter() - interval.t0) / interval.steps
+        mem = peak.interval_peak_mb()
         out = {**interval.means(), "train/lr": last.lr, "train/grad_norm": last.grad_norm.item(),
                "perf/step_s": step_s, "perf/images_per_s": self.images_per_step / step_s,
-               "perf/peak_mem_mb": peak.interval_peak_mb()}
+               peak_metric(self.device): mem, PEAK_ALIAS: mem, "cost/device_hours": self.device_hours()}
         if last.loss_scale:
             out["train/loss_scale"] = last.loss_scale
         return {**out, **self.cost.metrics(), **self.task.interval_metrics()}

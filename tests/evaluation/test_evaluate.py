@@ -9,6 +9,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mvar import tracking
@@ -20,6 +21,7 @@ from mvar.errors import UserError
 from mvar.evaluation.run import evaluate
 from mvar.metrics.fidelity import load_reference, save_reference
 from mvar.metrics.images import iter_shard_images
+from mvar.provenance import cpu_model
 from mvar.tracking import TrackingConfig
 
 SETTING = "cfg1.5-topk900-topp0.96"
@@ -49,6 +51,8 @@ def test_training_run_is_evaluated_end_to_end_and_logged(eval_inputs, tmp_path):
     assert result.run_id == run_id
     m = result.metrics
     assert m["eval/fid"] >= 0 and m["eval/is"] >= 1 and 0 <= m["eval/precision"] <= 1 and 0 <= m["eval/recall"] <= 1
+    # KID: 20 samples and 20 reference images, so each subset is all of them (the std over subsets ~ 0)
+    assert m["eval/kid_std"] == pytest.approx(0, abs=1e-4) and "eval/kid" in m
     assert m["infer/latency_s"] > 0 and m["infer/peak_mem_mb"] >= 0 and m["infer/kv_cache_mb"] == 0  # mvar: no cache
     # eval.bootstrap (100 resamples by default): an interval of the FID over the samples
     assert 0 <= m["eval/fid_boot_low"] < m["eval/fid_boot_high"] and m["eval/fid_boot_std"] > 0
@@ -64,12 +68,18 @@ def test_training_run_is_evaluated_end_to_end_and_logged(eval_inputs, tmp_path):
     c = tracking.client(eval_inputs.tracking_uri)
     run = c.get_run(run_id)
     assert run.data.metrics["eval/fid"] == pytest.approx(m["eval/fid"])
-    assert {"eval/is", "eval/precision", "eval/recall", "infer/latency_s", "infer/peak_mem_mb",
-            "infer/kv_cache_mb", "eval/fid_boot_std", "eval/fid_boot_low", "eval/fid_boot_high"} <= set(run.data.metrics)
+    assert {"eval/is", "eval/precision", "eval/recall", "infer/latency_s", "infer/peak_mem_mb", "eval/kid",
+            "eval/kid_std", "infer/kv_cache_mb", "eval/fid_boot_std", "eval/fid_boot_low",
+            "eval/fid_boot_high"} <= set(run.data.metrics)
     assert run.data.params["eval.cfg"] == "1.5" and run.data.params["eval.top_k"] == "900"
     assert run.data.params["eval.num_per_class"] == "2" and run.data.params["eval.seed"] == "0"
     assert run.data.tags["mvar.metrics_comparable"] == "false"
     assert run.data.tags["mvar.feature_extractor"] == "inception-v3-compat"  # never mixed with a classifier's
+    # what sampled it, under eval_ names (the training run's own mvar.device_* tags are the training's)
+    tags = run.data.tags
+    assert (tags["mvar.eval_device_type"], tags["mvar.eval_device_count"]) == ("cpu", "1")
+    assert tags["mvar.eval_device_model"] == cpu_model() and tags["mvar.eval_torch_version"] in torch.__version__
+    assert "mvar.device_type" not in tags
     assert f"eval/{SETTING}/grid.png" in {a.path for a in c.list_artifacts(run_id, f"eval/{SETTING}")}
     assert run.info.status == "FINISHED"
     # the reference is the run's evaluation dataset, its digest from the shard manifest

@@ -14,6 +14,8 @@ from mvar.metrics.fidelity import (
     check_reference,
     fid_resampler,
     fidelity_metrics,
+    kid_metrics,
+    kid_subset_size,
     load_reference,
     reference_from_features,
     save_reference,
@@ -53,6 +55,7 @@ def test_fid_of_two_halves_is_far_below_fid_against_noise(eval_inputs):
     vs_noise = fidelity_metrics({**noise_features}, reference_from_features({FID_LAYER: ref.features}, 64,
                                                                             weights.sha256, "all"), 3, 2)
     assert same["fid"] * 5 < vs_noise["fid"], (same, vs_noise)
+    assert same["kid"] < vs_noise["kid"] and vs_noise["kid_std"] >= 0  # KID beside FID, on the same features
     # noise images crowd together in feature space: their k-NN balls hold none of the real images
     assert vs_noise["recall"] < same["recall"]
     assert 0.0 <= vs_noise["precision"] <= 1.0 and vs_noise["is"] >= 1.0
@@ -110,6 +113,28 @@ def test_the_resampled_fid_of_all_samples_is_torch_fidelitys_fid(n):
     idx = np.random.default_rng(2).integers(0, n, n)
     again = fid_statistics_to_metric(fid_statistics(gen[idx]), ref_stats, False)
     assert fid(idx) == pytest.approx(again["frechet_inception_distance"], rel=1e-4)
+
+
+def _unbiased_mmd2_cubic(x: np.ndarray, y: np.ndarray) -> float:
+    """KID's estimator written out: k(a, b) = (a.b / d + 1)^3; within-set sums without the diagonal."""
+    m, d = len(x), x.shape[1]
+    k = lambda a, b: (a @ b.T / d + 1.0) ** 3  # noqa: E731
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+    return float(within - 2 * kxy.sum() / (m * m))
+
+
+def test_kid_is_torch_fidelitys_unbiased_mmd_with_a_subset_no_larger_than_either_side():
+    assert kid_subset_size(50000, 20000) == 1000 and kid_subset_size(60, 80) == 60 and kid_subset_size(80, 12) == 12
+    gen, real = _features(30, 24, 0.3, 1), _features(30, 24, 0.0, 0)
+    ref = reference_from_features({FID_LAYER: real}, 64, "sha", "ref")
+    m = kid_metrics(gen, ref)  # 30 of each: every subset is the whole set, in some order
+    expected = _unbiased_mmd2_cubic(gen.double().numpy(), real.double().numpy())
+    assert m["kid"] == pytest.approx(expected, rel=1e-3, abs=1e-6) and m["kid_std"] == pytest.approx(0, abs=1e-4)
+    pool = _features(92, 24, 0.0, 0)  # one distribution: 80 reference features, 12 more like them
+    ref = reference_from_features({FID_LAYER: pool[:80]}, 64, "sha", "ref")
+    same, shifted = kid_metrics(pool[80:], ref), kid_metrics(_features(12, 24, 0.5, 0), ref)
+    assert same["kid"] < shifted["kid"] and shifted["kid_std"] > 0  # 12 of the 80 reference features per subset
 
 
 def test_bootstrap_metrics_give_an_interval_for_fid_and_class_accuracy():

@@ -2,12 +2,16 @@
 
 Fast and offline: YAML and text only, plus the project's own config loaders. Checks
 - every YAML file under infra/ parses (Kubernetes files as several documents, each with kind and name);
-- every `python -m MODULE` of a RayJob names a module of this repository, and every `--config FILE`
+- every `python -m MODULE` of a RayJob (or a RayCluster's `mvar/entrypoint` annotation: what it is sized
+  for) names a module of this repository, and every `--config FILE`
   (a sweep's study file and its base config) names a file that loads with the project's loaders;
 - a RayJob's worker groups hold the config's Ray Train workers (GPUs and CPUs per worker, all
   workers at once; for a sweep, one trial's training and its sampling workers), the head runs
   none, the configs' absolute paths are mounted in every pod,
   MLFLOW_TRACKING_URI points at the MLflow Service, and the image has the entrypoint's code;
+- Ray token authentication on every Ray container and RayJob submitter (one Secret key for all), so the
+  dashboard on the pod network answers no request without the token; every RayJob retries
+  (`backoffLimit`) and has a deadline (`activeDeadlineSeconds`); specs name only fields of KubeRay's CRDs;
 - the Ray cluster launcher's 8-GPU worker node type holds every 8-GPU config of workflows/configs;
 - Ray versions (images, rayVersion) match the project's pin;
 - no literal secret anywhere under infra/; every Secret a manifest reads is documented;
@@ -110,10 +114,35 @@ def rayjob_ids() -> list[str]:
     return [f"{rel(p)}:{d['metadata']['name']}" for p, d in rayjobs()]
 
 
+def ray_objects() -> list[tuple[Path, dict]]:
+    """RayJobs and standalone RayClusters: what KubeRay turns into Ray clusters."""
+    return objects_of("RayJob") + objects_of("RayCluster")
+
+
+def ray_ids() -> list[str]:
+    return [f"{rel(p)}:{d['metadata']['name']}" for p, d in ray_objects()]
+
+
+ENTRYPOINT_ANNOTATION = "mvar/entrypoint"  # a standalone RayCluster: the command it is sized for
+
+
+def entrypoint_text(obj: dict) -> str:
+    if obj["kind"] == "RayJob":
+        return obj["spec"]["entrypoint"]
+    text = (obj["metadata"].get("annotations") or {}).get(ENTRYPOINT_ANNOTATION, "")
+    assert text, f"RayCluster {obj['metadata']['name']}: no {ENTRYPOINT_ANNOTATION} annotation (what it runs)"
+    return text
+
+
 def entrypoint(job: dict) -> tuple[str, list[str]]:
-    found = python_modules(job["spec"]["entrypoint"])
-    assert len(found) == 1, f"entrypoint should run one `python -m MODULE`: {job['spec']['entrypoint']!r}"
+    found = python_modules(entrypoint_text(job))
+    assert len(found) == 1, f"entrypoint should run one `python -m MODULE`: {entrypoint_text(job)!r}"
     return found[0]
+
+
+def cluster_spec(obj: dict) -> dict:
+    """The RayClusterSpec of a RayJob or a RayCluster."""
+    return obj["spec"]["rayClusterSpec"] if obj["kind"] == "RayJob" else obj["spec"]
 
 
 @dataclass
@@ -176,7 +205,7 @@ def bundles(cpu: float, gpu: float, scaling) -> int:
 
 
 def groups(job: dict) -> list[dict]:
-    spec = job["spec"]["rayClusterSpec"]
+    spec = cluster_spec(job)
     return [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
 
 
@@ -222,7 +251,7 @@ def test_there_is_a_training_rayjob():
     assert any(entrypoint(job)[0] == "workflows.train" for _, job in rayjobs())
 
 
-@pytest.mark.parametrize("job", [d for _, d in rayjobs()], ids=rayjob_ids())
+@pytest.mark.parametrize("job", [d for _, d in ray_objects()], ids=ray_ids())
 def test_rayjob_entrypoint_names_existing_module_and_files(job):
     module, _ = entrypoint(job)
     assert module_file(module), f"`python -m {module}`: no {module.replace('.', '/')}.py in the repository"
@@ -231,7 +260,7 @@ def test_rayjob_entrypoint_names_existing_module_and_files(job):
     assert not missing, f"the entrypoint names files that do not exist: {missing}"
 
 
-@pytest.mark.parametrize("job", [d for _, d in rayjobs()], ids=rayjob_ids())
+@pytest.mark.parametrize("job", [d for _, d in ray_objects()], ids=ray_ids())
 def test_rayjob_worker_groups_hold_the_config(job):
     needs = job_needs(job)
     if not needs.worker_sets:
@@ -250,7 +279,7 @@ def test_rayjob_worker_groups_hold_the_config(job):
         assert (res.get("requests") or {}).get("nvidia.com/gpu") == (res.get("limits") or {}).get("nvidia.com/gpu")
 
 
-@pytest.mark.parametrize("job", [d for _, d in rayjobs()], ids=rayjob_ids())
+@pytest.mark.parametrize("job", [d for _, d in ray_objects()], ids=ray_ids())
 def test_rayjob_pods_mount_the_config_paths(job):
     needs = job_needs(job)
     if not needs.paths:
@@ -267,7 +296,7 @@ def test_rayjob_pods_mount_the_config_paths(job):
             assert claim is None or claim in claims, f"PVC {claim} is not defined under infra/"
 
 
-@pytest.mark.parametrize("job", [d for _, d in rayjobs()], ids=rayjob_ids())
+@pytest.mark.parametrize("job", [d for _, d in ray_objects()], ids=ray_ids())
 def test_rayjob_tracks_to_the_mlflow_service(job):
     services = {(d["metadata"]["name"], p["port"]) for _, d in objects_of("Service") for p in d["spec"]["ports"]}
     for g in groups(job):
@@ -278,9 +307,9 @@ def test_rayjob_tracks_to_the_mlflow_service(job):
         assert (match.group(1), int(match.group(2))) in services, f"no Service {match.group(1)}:{match.group(2)} under infra/"
 
 
-@pytest.mark.parametrize("job", [d for _, d in rayjobs()], ids=rayjob_ids())
+@pytest.mark.parametrize("job", [d for _, d in ray_objects()], ids=ray_ids())
 def test_rayjob_image_holds_the_entrypoint(job):
-    assert job["spec"]["rayClusterSpec"]["rayVersion"] == ray_pin()
+    assert cluster_spec(job)["rayVersion"] == ray_pin()
     workdir, copies = dockerfile_workdir_and_copies(CLUSTER / "Dockerfile")
     assert not [c for c in copies if not (REPO / c).exists()], "the Dockerfile copies files that do not exist"
     module, _ = entrypoint(job)
@@ -288,6 +317,95 @@ def test_rayjob_image_holds_the_entrypoint(job):
     assert needed <= {c.rstrip("/") for c in copies}, f"the image lacks {needed - set(copies)}"
     for g in groups(job):
         assert ray_container(g).get("workingDir") == workdir, "relative paths of the entrypoint resolve in workingDir"
+
+
+# -- KubeRay: authentication, retries, deadline, CRD fields -------------------------------------
+
+# The fields of KubeRay's CRDs (ray.io/v1, KubeRay 1.2 and later) that a spec may name: a misspelt
+# one (`backOffLimit`) would be dropped by the API server without a word
+RAYJOB_SPEC_FIELDS = {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
+                      "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint",
+                      "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus",
+                      "entrypointNumGpus", "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend"}
+RAYCLUSTER_SPEC_FIELDS = {"headGroupSpec", "workerGroupSpecs", "rayVersion", "enableInTreeAutoscaling",
+                          "autoscalerOptions", "headServiceAnnotations", "suspend", "managedBy",
+                          "gcsFaultToleranceOptions", "authOptions"}
+HEAD_GROUP_FIELDS = {"serviceType", "headService", "enableIngress", "rayStartParams", "template"}
+WORKER_GROUP_FIELDS = {"groupName", "replicas", "minReplicas", "maxReplicas", "numOfHosts", "rayStartParams",
+                       "template", "scaleStrategy", "suspend", "idleTimeoutSeconds"}
+
+
+def submitter(job: dict) -> dict | None:
+    """The submitter container of a RayJob in K8sJobMode (KubeRay's default mode), else None."""
+    if job["kind"] != "RayJob" or job["spec"].get("submissionMode", "K8sJobMode") != "K8sJobMode":
+        return None
+    template = job["spec"].get("submitterPodTemplate")
+    assert template, "K8sJobMode: the submitter runs `ray job submit` and needs the token (submitterPodTemplate)"
+    return template["spec"]["containers"][0]
+
+
+def auth_of(container: dict) -> tuple[str, tuple[str, str] | None]:
+    """(RAY_AUTH_MODE's value, the (Secret, key) RAY_AUTH_TOKEN comes from) of a container."""
+    env = {e["name"]: e for e in container.get("env", [])}
+    mode = str(env.get("RAY_AUTH_MODE", {}).get("value", ""))
+    token = env.get("RAY_AUTH_TOKEN", {})
+    ref = (token.get("valueFrom") or {}).get("secretKeyRef")
+    return mode, ((ref["name"], ref["key"]) if ref and "value" not in token else None)
+
+
+@pytest.mark.parametrize("job", [d for _, d in ray_objects()], ids=ray_ids())
+def test_ray_token_authentication_everywhere(job):
+    containers = [ray_container(g) for g in groups(job)]
+    sub = submitter(job)
+    containers += [sub] if sub else []
+    found = {c["name"]: auth_of(c) for c in containers}
+    off = [name for name, (mode, ref) in found.items() if mode != "token" or ref is None]
+    assert not off, (f"{off}: Ray token authentication needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from a "
+                     f"secretKeyRef in every Ray container and the submitter")
+    assert len({ref for _, ref in found.values()}) == 1, f"head, workers and submitter must share one token: {found}"
+    head = groups(job)[0]  # the dashboard stays on the pod network: a port-forward reaches it, nothing outside
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress")
+    if sub:
+        assert sub["image"] == ray_container(head)["image"], "the submitter needs the image's Ray version"
+        assert job["spec"]["submitterPodTemplate"]["spec"].get("restartPolicy") == "Never"
+
+
+def test_the_token_check_catches_a_literal_and_a_missing_token():
+    literal = {"name": "c", "env": [{"name": "RAY_AUTH_MODE", "value": "token"},
+                                    {"name": "RAY_AUTH_TOKEN", "value": "abc"}]}
+    assert auth_of(literal) == ("token", None)
+    assert auth_of({"name": "c", "env": [{"name": "RAY_AUTH_MODE", "value": "disabled"}]}) == ("disabled", None)
+    ref = {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "mvar-ray", "key": "RAY_AUTH_TOKEN"}}}
+    assert auth_of({"name": "c", "env": [{"name": "RAY_AUTH_MODE", "value": "token"}, ref]}) == (
+        "token", ("mvar-ray", "RAY_AUTH_TOKEN"))
+
+
+@pytest.mark.parametrize("job", [d for _, d in rayjobs()], ids=rayjob_ids())
+def test_rayjob_retries_and_has_a_deadline(job):
+    spec = job["spec"]
+    backoff, deadline = spec.get("backoffLimit"), spec.get("activeDeadlineSeconds")
+    assert isinstance(backoff, int) and backoff >= 1, "backoffLimit: a retry resumes from the checkpoint, set >= 1"
+    assert isinstance(deadline, int) and deadline >= 3600, "activeDeadlineSeconds: a positive bound of an hour or more"
+    assert spec.get("shutdownAfterJobFinishes") is True, "the cluster (and its GPUs) must go when the job ends"
+
+
+@pytest.mark.parametrize("job", [d for _, d in ray_objects()], ids=ray_ids())
+def test_ray_specs_name_only_crd_fields(job):
+    if job["kind"] == "RayJob":
+        unknown = set(job["spec"]) - RAYJOB_SPEC_FIELDS
+        assert not unknown, f"not RayJobSpec fields: {unknown}"
+    spec = cluster_spec(job)
+    assert not set(spec) - RAYCLUSTER_SPEC_FIELDS, f"not RayClusterSpec fields: {set(spec) - RAYCLUSTER_SPEC_FIELDS}"
+    head, *workers = groups(job)
+    assert not set(head) - HEAD_GROUP_FIELDS, f"not HeadGroupSpec fields: {set(head) - HEAD_GROUP_FIELDS}"
+    for g in workers:
+        assert not set(g) - WORKER_GROUP_FIELDS, f"not WorkerGroupSpec fields: {set(g) - WORKER_GROUP_FIELDS}"
+        assert g.get("groupName"), "a worker group without groupName"
+
+
+def test_there_is_a_standalone_cluster_for_sweeps():
+    clusters = [d for _, d in objects_of("RayCluster")]
+    assert any(entrypoint(c)[0] == "sweeps.run" for c in clusters), "no RayCluster sized for a sweep (sweeps.run)"
 
 
 def test_launcher_worker_node_holds_every_gpu_config():

@@ -127,6 +127,11 @@ def test_three_trial_sweep_end_to_end(k_depth, sweep_inputs, local_ray):
         assert train.data.params["tracking.parent_run_id"] == parent.info.run_id
         assert steps(k_depth.uri, train.info.run_id, "val/loss") == [25, 50, 75, 100]
         assert steps(k_depth.uri, train.info.run_id, "train/loss")[-1] == 100
+        hours = train.data.metrics["cost/device_hours"]
+        assert hours > 0 and trial.user_attrs["cost/device_hours"] == pytest.approx(hours)
+    # the study's training cost: its trials' device-hours summed (the parent's metric, the report's cost.json)
+    total = sum(t.user_attrs["cost/device_hours"] for t in complete)
+    assert parent.data.metrics["cost/device_hours"] == pytest.approx(total)
     # the parent's report
     c = tracking.client(k_depth.uri)
     assert {a.path for a in c.list_artifacts(parent.info.run_id, "report")} >= {
@@ -136,6 +141,7 @@ def test_three_trial_sweep_end_to_end(k_depth, sweep_inputs, local_ray):
     rows = list(csv.DictReader((report / "trials.csv").read_text().splitlines()))
     assert sorted(r["state"] for r in rows) == ["COMPLETE"] * 3 + ["FAIL"] and "values_eval/fid" in rows[0]
     assert yaml.safe_load((report / "importances.json").read_text()).keys() == {"eval/fid", "infer/peak_mem_mb"}
+    assert yaml.safe_load((report / "cost.json").read_text())["total"] == pytest.approx(total)
 
 
 def test_killed_trial_is_retried_once_and_resumes_its_training_run(k_depth, step_tally):

@@ -41,8 +41,13 @@ def test_tiny_model_trains_and_the_run_holds_everything(tiny_inputs, variant, lo
     first, last = sum(v for _, v in losses[:4]) / 4, sum(v for _, v in losses[-4:]) / 4
     assert last < first - 0.05, f"loss did not decrease: {first:.3f} -> {last:.3f}"
     for key in ("train/acc", "train/acc_s0", "train/lr", "train/grad_norm", "perf/step_s", "perf/images_per_s",
-                "perf/peak_mem_mb", "val/loss", "model/attn_gflops", "model/params_m"):
+                "perf/peak_mem_mb", "perf/peak_rss_mb", "val/loss", "model/attn_gflops", "model/params_m",
+                "cost/device_hours"):
         assert key in run.data.metrics, key
+    # provenance: the workers' device type and count, the torch build
+    tags = run.data.tags
+    assert (tags["mvar.device_type"], tags["mvar.device_count"]) == ("cpu", str(cfg.scaling.num_workers))
+    assert tags["mvar.device_model"] and tags["mvar.torch_version"] and tags["mvar.nccl_version"]
     assert [s for s, _ in history(uri, run_id, "val/loss")] == [20, 40]
     assert "config.yaml" in {a.path for a in tracking.client(uri).list_artifacts(run_id)}
     # the final checkpoint is a model checkpoint that sampling and evaluation load as they are

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from mvar.models import NextScaleTransformer
 from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from mvar.training.config import AUTHORS_NO_DECAY_KEYS, OptimConfig, TrainConfig, load_train_config
 from mvar.training.loop import GeneratorTask
+from mvar.training.memory import peak_metric
 from mvar.training.optim import lr_factor, no_decay_names, weight_decay_at
 from mvar.training.trainer import Hooks, LocalCheckpoints, Trainer
 
@@ -142,6 +144,45 @@ def test_cost_is_kept_per_step_kind_and_a_pyramid_is_every_scale_once():
     seconds = sum(m[f"train/step_s_{k}"] * c for k, c in zip(kinds, (5, 2, 2)))
     assert m["train/tokens_per_s"] == pytest.approx(tokens / seconds)
     assert m["perf/peak_mem_mb"] >= max(m[f"train/peak_mem_mb_{k}"] for k in kinds) * 0.999
+
+
+def test_peak_memory_is_named_by_what_it_measures():
+    cfg = tiny_config(**{"run.steps": 2, "run.log_every": 2})
+    record = Record()
+    Trainer(tiny_task(cfg), cfg, CPU).run(iter(token_batches(2)), 0, record)
+    m = record.logged[-1][1]
+    assert m["perf/peak_rss_mb"] > 0 and "perf/peak_cuda_mb" not in m  # a CPU process: its resident set
+    assert m["perf/peak_mem_mb"] == m["perf/peak_rss_mb"]               # the deprecated alias, for one release
+    assert peak_metric(torch.device("cuda", 0)) == "perf/peak_cuda_mb" and peak_metric(CPU) == "perf/peak_rss_mb"
+
+
+class RecordAndSave(Record):
+    def __init__(self, root):
+        super().__init__()
+        self.saver = LocalCheckpoints(root)
+
+    def checkpoint(self, trainer, step, report):
+        self.saver.checkpoint(trainer, step, report)
+
+
+def test_device_hours_are_wall_time_times_ranks_and_add_up_over_a_resume(tmp_path):
+    cfg = tiny_config(**{"run.steps": 6, "run.log_every": 3, "run.checkpoint_every": 3})
+    data, world = token_batches(6), 2  # two ranks' worth of devices (the loop runs one, undistributed)
+    first, record = Trainer(tiny_task(cfg), cfg, CPU, world=world), RecordAndSave(tmp_path)
+    t0 = time.perf_counter()
+    first.run(iter(data), 0, record)
+    wall1 = time.perf_counter() - t0
+    hours = [m["cost/device_hours"] for _, m in record.logged]
+    assert [s for s, _ in record.logged] == [3, 6] and 0 < hours[0] < hours[1] <= wall1 * world / 3600
+    resumed, again = Trainer(tiny_task(cfg), cfg, CPU, world=world), Record()
+    assert resumed.restore(tmp_path / "step_00000003") == 3
+    saved = resumed.device_s / 3600  # the cost up to the checkpoint, kept in its train state
+    assert hours[0] <= saved <= hours[1]
+    t0 = time.perf_counter()
+    resumed.run(iter(data[3:]), 3, again)
+    wall2 = time.perf_counter() - t0
+    [(step, m)] = again.logged
+    assert step == 6 and saved < m["cost/device_hours"] <= saved + wall2 * world / 3600
 
 
 def test_a_full_step_is_a_pyramid():
