@@ -290,13 +290,14 @@ def _centred(gram_NN: np.ndarray) -> np.ndarray:
 def bootstrap_metrics(features: dict[str, torch.Tensor], ref: Reference, resamples: int, seed: int = 0,
                       class_acc: bool = False, level: float = 0.95) -> dict[str, float]:
     """{'fid_boot_std', 'fid_boot_low', 'fid_boot_high'} (and 'class_acc_boot_*' with ``class_acc``: the
-    classifier's logits and labels): percentile bootstrap over the generated samples, the reference fixed."""
+    classifier's logits and labels): bootstrap over the generated samples, the reference fixed (FID: the basic
+    interval, which corrects its resampling bias; class accuracy: the percentile interval)."""
     from mvar.metrics.stats import bootstrap_interval
     n = int(features[FID_LAYER].shape[0])
     index = np.arange(n)
     out = {}
     fid = fid_resampler(features[FID_LAYER].numpy(), ref)
-    b = bootstrap_interval(fid, index, resamples, seed, level)
+    b = bootstrap_interval(fid, index, resamples, seed, level, basic=True, floor=0.0)  # FID's resampling bias
     out.update({"fid_boot_std": b.std, "fid_boot_low": b.low, "fid_boot_high": b.high})
     if class_acc:
         pred, true = features[ISC_LAYER].argmax(1).numpy(), features[LABELS].numpy()

@@ -75,9 +75,12 @@ class Bootstrap(NamedTuple):
 
 
 def bootstrap_interval(stat_fn: Callable[..., float], data, resamples: int, seed: int = 0,
-                       level: float = 0.95) -> Bootstrap:
+                       level: float = 0.95, basic: bool = False, floor: float | None = None) -> Bootstrap:
     """Percentile bootstrap of ``stat_fn(*data)`` over the rows (samples) of ``data``: an array, or a tuple of
-    arrays resampled together (features and labels)."""
+    arrays resampled together (features and labels). ``basic``: the reverse-percentile ('basic') interval
+    [2t - q_high, 2t - q_low] around the estimate t, for a statistic that resampling biases (FID: drawn with
+    replacement, duplicates shrink the sample's spread and raise it; the percentile interval of the real
+    images' FID then lies above the estimate), bounded below by ``floor``."""
     arrays = data if isinstance(data, tuple) else (data,)
     n = len(arrays[0])
     if resamples < 1 or n < 2:
@@ -89,6 +92,11 @@ def bootstrap_interval(stat_fn: Callable[..., float], data, resamples: int, seed
         values[i] = stat_fn(*(a[idx] for a in arrays))
     alpha = (1 - level) / 2
     low, high = np.percentile(values, [100 * alpha, 100 * (1 - alpha)])
+    if basic:
+        t = float(stat_fn(*arrays))
+        low, high = 2 * t - high, 2 * t - low
+        if floor is not None:
+            low, high = max(low, floor), max(high, floor)
     return Bootstrap(float(values.std(ddof=1)) if resamples > 1 else math.nan, float(low), float(high))
 
 

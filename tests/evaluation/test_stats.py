@@ -48,6 +48,21 @@ def test_bootstrap_is_the_percentile_of_the_resampled_statistic():
     assert b.low < x.mean() < b.high
 
 
+def test_the_basic_bootstrap_reflects_the_percentiles_about_the_estimate():
+    x = np.random.default_rng(3).normal(10.0, 2.0, 50)
+    stat = lambda a: float(np.var(a))  # noqa: E731 - resampling biases it, as it does FID
+    p = bootstrap_interval(stat, x, resamples=300, seed=7)
+    b = bootstrap_interval(stat, x, resamples=300, seed=7, basic=True)
+    t = stat(x)
+    assert (b.low, b.high) == pytest.approx((2 * t - p.high, 2 * t - p.low)) and b.std == p.std
+    ref = stats.bootstrap((x,), stat, n_resamples=3000, method="basic", random_state=1, vectorized=False)
+    assert b.low == pytest.approx(ref.confidence_interval.low, rel=0.1)
+    assert b.high == pytest.approx(ref.confidence_interval.high, rel=0.1)
+    assert b.low < t < b.high
+    floored = bootstrap_interval(lambda a: float(np.mean(a)), x - 10, resamples=300, seed=7, basic=True, floor=0.0)
+    assert floored.low >= 0.0
+
+
 def test_bootstrap_resamples_paired_arrays_together():
     labels = np.arange(40) % 4
     predicted = labels.copy()
