@@ -37,23 +37,25 @@ PRIVATE: dict[str, tuple[str, str | None]] = {
 ATTRIBUTES = {"ray_constants": ("ENABLE_RAY_CLUSTER",), "train_context": ("logger",)}
 
 
-def __getattr__(name: str):
-    if name not in PRIVATE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _load(name: str):
     module, attr = PRIVATE[name]
     found = importlib.import_module(module)
     return found if attr is None else getattr(found, attr)
 
 
+def __getattr__(name: str):
+    if name not in PRIVATE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _load(name)
+
+
 def single_machine_mode() -> None:
     """Ray's single-machine mode (the one it uses on macOS and Windows): `ray.init` keeps a loopback
     ``_node_ip_address`` instead of rewriting it to the machine's routable address. Read at call time."""
-    from mvar.ray_private import ray_constants
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    _load("ray_constants").ENABLE_RAY_CLUSTER = False
 
 
 def report_logger() -> logging.Logger:
     """The logger that Ray Train's worker context logs each `ray.train.report` on at INFO (named by its
     file path, outside the ``ray.train`` loggers that Ray Train's LoggingConfig sets)."""
-    from mvar.ray_private import train_context
-    return train_context.logger
+    return _load("train_context").logger
