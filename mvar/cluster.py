@@ -94,8 +94,8 @@ def quiet_train_worker() -> None:
     file path, outside the `ray.train` loggers that its LoggingConfig sets; give that logger the level."""
     if verbose():
         return
-    import ray.train.v2._internal.execution.context as train_context
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    from mvar import ray_private
+    ray_private.report_logger().setLevel(logging.WARNING)
 
 
 def ray_log_level() -> int:
@@ -165,8 +165,8 @@ def _advertise_loopback() -> None:
     every connection of the local cluster on loopback, as `ray start
     --node-ip-address=127.0.0.1` does for a head started by hand.
     """
-    from ray._private import ray_constants
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    from mvar import ray_private
+    ray_private.single_machine_mode()
 
 
 def is_local() -> bool:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from ray.train.torch import TorchConfig
-from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
-from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+
+from mvar.ray_private import TorchBackend, V1WorkerGroup, set_torch_distributed_env_vars
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def _drop_store() -> None:
     _store = None
 
 
-class _BoundTorchBackend(_TorchBackend):
+class _BoundTorchBackend(TorchBackend):
     def on_start(self, worker_group, backend_config: BoundTorchConfig) -> None:
         import ray
         backend = backend_config.backend or (
@@ -140,7 +140,7 @@ class _BoundTorchBackend(_TorchBackend):
         n = len(worker_group)
         address, port = worker_group.execute_single(0, open_store, n, backend_config.timeout_s)
         if not isinstance(worker_group, V1WorkerGroup):  # V1 sets them in on_training_start
-            worker_group.execute(_set_torch_distributed_env_vars)  # LOCAL_RANK, RANK, WORLD_SIZE ...
+            worker_group.execute(set_torch_distributed_env_vars)  # LOCAL_RANK, RANK, WORLD_SIZE ...
         ray.get([worker_group.execute_single_async(i, join_process_group, backend, i, n, address, port,
                                                    backend_config.timeout_s, backend_config.socket_ifname)
                  for i in range(n)])

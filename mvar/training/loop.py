@@ -1,8 +1,8 @@
 """The generator's training task: what one VAR / MVAR step computes, logs, validates and checkpoints.
 
 ``GeneratorTask`` plugs into the trainer core (`mvar.training.trainer`), which runs the
-same way in a test, a notebook or a Ray Train worker (`train_worker`, through
-`mvar.training.ray_worker`). A step: the batch's code indices (token shards as they
+same way in a test, a notebook, one process (`mvar train --local`) or a Ray Train
+worker (its spec: `mvar.training.tasks.GENERATOR`). A step: the batch's code indices (token shards as they
 are, image shards through the frozen tokenizer), the tokenizer's teacher-forcing
 input, the transformer over the step's scales (`train.scale_schedule`), and the
 authors' loss (`mvar.models.schedule.next_scale_loss`: every token weighted 1/L).
@@ -183,8 +183,3 @@ def build_task(cfg: TrainConfig, device: torch.device, rank: int, world: int) ->
     tokenizer, tok_cfg = load_tokenizer(cfg.tokenizer, device)
     return GeneratorTask(cfg, build_model(cfg, tok_cfg, device), tokenizer, device, rank, world)
 
-
-def train_worker(config: dict) -> dict:
-    """Ray Train's train_loop_per_worker. Returns {'status': 'completed' | 'nonfinite', 'step': ...}."""
-    from mvar.training.ray_worker import run_worker
-    return run_worker(config, TrainConfig, build_task)

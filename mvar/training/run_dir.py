@@ -19,17 +19,23 @@ stays registered until Ray's retention drops it, and a rewritten step gets anoth
 
 These checks read the files, so they run where ``run.storage_path`` is a local (or shared) path;
 for an object store (s3://...) Ray Train's own handling applies.
+
+A run without Ray (`mvar.training.local`) keeps the same record with ``record_checkpoint``, as Ray
+Train does when a worker reports a checkpoint, so that Ray resumes its checkpoints and the other
+way round. The record's format is Ray's (`mvar.ray_private`: checked there against Ray's own model).
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 from mvar.checkpoint import check_train_checkpoint, is_partial
 from mvar.errors import UserError
-from mvar.files import read_json_mapping
+from mvar.files import read_json_mapping, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,7 @@ def checkpoint_name(step: int, taken: frozenset[str] | set[str] = frozenset()) -
 class Registered:
     names: list[str] = field(default_factory=list)   # oldest first
     latest: str | None = None
+    metrics: dict[str, dict] = field(default_factory=dict)  # name -> the metrics it was reported with
 
 
 def registered(run_dir: Path) -> Registered:
@@ -62,10 +69,11 @@ def registered(run_dir: Path) -> Registered:
     try:
         names = [str(r["checkpoint_dir_name"]) for r in data["checkpoint_results"]]
         latest = (data.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    except (KeyError, TypeError, AttributeError) as err:
+        metrics = {str(r["checkpoint_dir_name"]): dict(r.get("metrics") or {}) for r in data["checkpoint_results"]}
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
         raise UserError(f"Ray Train checkpoint record '{path}' does not list checkpoints as Ray 2.60 does "
                         f"(missing {err}); move '{run_dir}' away to start the run over") from None
-    return Registered(names, latest)
+    return Registered(names, latest, metrics)
 
 
 def prune(run_dir: Path, partial_only: bool = False) -> list[str]:
@@ -115,3 +123,42 @@ def resume_point(run_dir: Path) -> ResumePoint:
     first = next(iter(point.damaged.values()))
     raise UserError(f"no checkpoint of the run in '{run_dir}' can be resumed from ({first}); move '{run_dir}' "
                     "away, or choose another run.name, to start the run over")
+
+
+def _ray_version() -> str:
+    """The installed Ray's version, without importing Ray: Ray refuses a record of another version."""
+    try:
+        return metadata.version("ray")
+    except metadata.PackageNotFoundError:
+        from mvar.ray_private import CHECKED_ON
+        return CHECKED_ON
+
+
+def new_record() -> dict:
+    """An empty checkpoint record, as Ray Train V2 writes it (`_CheckpointManagerState`)."""
+    return {"ray_version": _ray_version(), "checkpoint_results": [], "checkpoint_report_indices": [],
+            "latest_checkpoint_result": None, "pending_training_results": [], "pending_validation_specs": [],
+            "current_report_index": 0, "validated_checkpoint_dir_names": [],
+            "timed_out_validation_checkpoint_dir_names": [], "failed_validation_checkpoint_dir_names": []}
+
+
+def record_checkpoint(run_dir: Path, name: str, metrics: dict, keep: int) -> list[str]:
+    """Register the complete checkpoint ``run_dir/name`` (reported with ``metrics``) as the latest in the
+    run's record, as Ray Train does at a report: the oldest beyond ``keep`` leave the record, which is
+    written (atomically) before they are deleted. Returns the names deleted."""
+    run_dir = Path(run_dir)
+    path = run_dir / SNAPSHOT
+    data = read_json_mapping(path, "Ray Train checkpoint record") if path.is_file() else new_record()
+    registered(run_dir)  # a record of another shape: the UserError that says so
+    result = {"version": 0, "checkpoint_dir_name": name, "metrics": metrics}
+    pairs = [(r, i) for r, i in zip(data["checkpoint_results"], data["checkpoint_report_indices"])
+             if r["checkpoint_dir_name"] != name]
+    pairs.append((result, int(data["current_report_index"])))
+    dropped = [r["checkpoint_dir_name"] for r, _ in pairs[:-keep]]
+    pairs = pairs[-keep:]
+    data.update(checkpoint_results=[r for r, _ in pairs], checkpoint_report_indices=[i for _, i in pairs],
+                latest_checkpoint_result=result, current_report_index=int(data["current_report_index"]) + 1)
+    write_text_atomic(path, json.dumps(data))
+    for old in dropped:
+        shutil.rmtree(run_dir / old, ignore_errors=True)
+    return dropped

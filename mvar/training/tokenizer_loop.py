@@ -1,4 +1,4 @@
-"""Training the multi-scale tokenizer: its task for the trainer core, and the driver around it.
+"""Training the multi-scale tokenizer: its task for the trainer core.
 
 ``TokenizerTask`` plugs into `mvar.training.trainer` (the same loop, optimizer step,
 checkpoints and resume as the generator's; `mvar.training.ray_worker` runs it on Ray
@@ -11,10 +11,8 @@ so that code choice does not depend on the precision.
 Collectives besides the core's: DDP's gradient all-reduce, the code histograms at
 log steps and the validation sums at checkpoints.
 
-The driver (`train_tokenizer`) checks every input before Ray starts, runs
-`mvar.training.launch.launch`, then writes the final tokenizer checkpoint to
-`output` with `save_tokenizer`: the directory `train` (`tokenizer: DIR`) and
-`mvar data tokenize --tokenizer DIR` read.
+The driver's part of a tokenizer run (its checks, tags, and the final tokenizer
+written to `output`) is its spec, `mvar.training.tasks.TOKENIZER`.
 """
 from __future__ import annotations
 
@@ -29,17 +27,8 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from mvar.checkpoint import (
-    load_into,
-    load_state_dict,
-    load_tokenizer,
-    read_tokenizer_config,
-    save_tokenizer,
-    tokenizer_dir,
-)
+from mvar.checkpoint import load_into, load_state_dict, save_tokenizer, tokenizer_dir
 from mvar.data import build_eval_loader, build_train_loader
-from mvar.data.storage import is_local
-from mvar.errors import UserError
 from mvar.tokenizer import MultiScaleVQVAE
 from mvar.tokenizer.codebook import (
     CodeUsage,
@@ -54,13 +43,6 @@ from mvar.tokenizer.discriminator import (
 )
 from mvar.tokenizer.metrics import code_counts, low_usage, psnr_db, usage_metrics
 from mvar.tokenizer.perceptual import VGGPerceptual, load_perceptual
-from mvar.training.launch import (
-    TrainOutcome,
-    check_paths_in_job,
-    launch,
-    resolve_epochs,
-    storage_location,
-)
 from mvar.training.optim import param_groups, peak_lr
 from mvar.training.tokenizer_config import TokenizerLossConfig, TokenizerTrainConfig
 from mvar.training.trainer import TrainTask, maybe_ddp, resolve_precision
@@ -68,8 +50,6 @@ from mvar.training.trainer import TrainTask, maybe_ddp, resolve_precision
 log = logging.getLogger(__name__)
 
 LOSS_KEYS = ("loss", "recon_l1", "recon_l2", "vq_loss", "perceptual")
-# the tokenizer fields that fix the parameters' shapes: init_from must agree on them
-SHAPE_FIELDS = ("vocab_size", "z_channels", "ch", "ch_mult", "num_res_blocks", "share_quant_resi")
 
 
 class TokenizerObjective(nn.Module):
@@ -314,112 +294,3 @@ class TokenizerTask(TrainTask):
 
 def build_task(cfg: TokenizerTrainConfig, device: torch.device, rank: int, world: int) -> TokenizerTask:
     return TokenizerTask(cfg, build_objective(cfg, device), device, rank, world)
-
-
-def train_worker(config: dict) -> dict:
-    """Ray Train's train_loop_per_worker. Returns {'status': 'completed' | 'nonfinite', 'step': ...}."""
-    from mvar.training.ray_worker import run_worker
-    return run_worker(config, TokenizerTrainConfig, build_task)
-
-
-# -- the driver -------------------------------------------------------------------
-
-def _check_shards(cfg: TokenizerTrainConfig) -> int:
-    """Both image shard sets against the tokenizer; returns the training set's sample count."""
-    from mvar.data.loader import open_shard_set
-    from mvar.data.verify import check_shard_set
-    samples = 0
-    for key, location in (("data.shards", cfg.data.shards), ("data.eval_shards", cfg.data.eval_shards)):
-        if not location:
-            continue
-        try:
-            manifest = open_shard_set(location, "images")
-            check_shard_set(location, manifest, verify_checksums=cfg.data.verify_checksums,
-                            opener=cfg.data.shard_opener)
-        except UserError as err:
-            raise UserError(f"{key}: {err}") from None
-        if manifest.image_size != cfg.tokenizer.image_size:
-            raise UserError(f"{key}: '{location}' holds {manifest.image_size} px images but the tokenizer takes "
-                            f"{cfg.tokenizer.image_size} px (tokenizer.image_size); repack with "
-                            f"`mvar data pack --image-size {cfg.tokenizer.image_size}` or pick another tokenizer_name")
-        if key == "data.shards":
-            samples = manifest.num_samples
-    return samples
-
-
-def _check_init_from(cfg: TokenizerTrainConfig) -> None:
-    if not cfg.init_from:
-        return
-    try:
-        theirs = read_tokenizer_config(cfg.init_from)
-    except UserError as err:
-        raise UserError(f"init_from: {err}") from None
-    ours = cfg.tokenizer
-    for attr in SHAPE_FIELDS:
-        a, b = getattr(theirs, attr), getattr(ours, attr)
-        if a != b:
-            raise UserError(f"init_from: '{cfg.init_from}' has tokenizer.{attr} {a}, this run's tokenizer has {b}")
-    if len(theirs.patch_nums) != len(ours.patch_nums):
-        raise UserError(f"init_from: '{cfg.init_from}' has {len(theirs.patch_nums)} scales (tokenizer.patch_nums "
-                        f"{list(theirs.patch_nums)}), this run's tokenizer has {len(ours.patch_nums)}")
-
-
-JOB_PATH_KEYS = ("init_from", "output", "data.shards", "data.eval_shards", "run.storage_path",
-                 "losses.perceptual_weights")
-
-
-def _check_output(cfg: TokenizerTrainConfig, storage: str) -> None:
-    out = cfg.output_dir(storage)
-    if not is_local(out):
-        raise UserError(f"output: the final tokenizer is written to a local (or shared) path, got '{out}'; "
-                        "set output to a directory")
-    p = Path(out)
-    if p.exists() and not (p / "tokenizer.yaml").is_file() and (not p.is_dir() or any(p.iterdir())):
-        raise UserError(f"output: '{out}' exists and is not a tokenizer checkpoint; choose another directory")
-
-
-def prepare(cfg: TokenizerTrainConfig) -> None:
-    """Every check on the run's inputs; raises UserError naming the key before anything starts."""
-    check_paths_in_job(cfg, JOB_PATH_KEYS)
-    resolve_epochs(cfg, _check_shards(cfg))
-    if cfg.losses.perceptual:
-        load_perceptual(cfg.losses.perceptual_weights, cfg.losses.perceptual_layers)  # the file exists and fits
-    _check_init_from(cfg)
-    _check_output(cfg, storage_location(cfg.run.storage_path))
-
-
-def write_output(cfg: TokenizerTrainConfig, outcome: TrainOutcome, storage: str) -> Path:
-    """The final Ray checkpoint's tokenizer -> `output` (replacing an earlier tokenizer there)."""
-    from ray.train import Checkpoint
-    if not outcome.checkpoint:
-        raise UserError(f"run '{cfg.run.name}' ended without a checkpoint; nothing to write to output")
-    with Checkpoint(outcome.checkpoint).as_directory() as d:
-        vae, tok_cfg = load_tokenizer(d)
-    out = Path(cfg.output_dir(storage)).resolve()
-    return save_tokenizer(out, vae, tok_cfg, overwrite=out.exists())  # prepare() refused anything else there
-
-
-def train_tokenizer(cfg: TokenizerTrainConfig) -> tuple[TrainOutcome, Path]:
-    """Check every input, train with Ray Train, write the tokenizer to `output`; (outcome, output dir)."""
-    from mvar import tracking
-    from mvar.checkpoint import tokenizer_fingerprint
-    prepare(cfg)
-    tags = {"mvar.task": "tokenizer", "mvar.model": f"tokenizer-{cfg.tokenizer_name or 'custom'}"}
-    outcome = launch(cfg, train_worker, {}, tags)
-    out = write_output(cfg, outcome, storage_location(cfg.run.storage_path))
-    store = tracking.Store(cfg.tracking.uri)
-    tags = {"mvar.tokenizer": str(out), "mvar.tokenizer_sha256": tokenizer_fingerprint(out)}
-    store.set_tags(outcome.run_id, {**tags, **usage_warning_tag(store, outcome.run_id)})
-    return outcome, out
-
-
-def usage_warning_tag(store, run_id: str) -> dict[str, str]:
-    """`mvar.codebook_warning` when the run's last log step had scales below codebook.warn_usage_below
-    (the workers printed which); {} when not, or when the run logged no usage."""
-    run = store.get(run_id) if run_id else None
-    low = int((run.metrics if run else {}).get("tok/low_usage_scales", 0))
-    if not low:
-        return {}
-    print(f"warning: codebook usage is low at {low} scale(s) at the end of the run (tok/usage_s*); "
-          "the run is tagged mvar.codebook_warning")
-    return {"mvar.codebook_warning": f"{low} scale(s) below codebook.warn_usage_below at the last log step"}

@@ -373,8 +373,9 @@ class Trainer:
         self.t_run = time.perf_counter()
         for step in range(start, run.steps):
             self.cost.begin(step)
+            batch = next(data)  # first: a loader may draw from torch's RNG (a new iterator draws its base seed)
             torch.manual_seed(run.seed + 1_000_003 * self.rank + step)  # class dropout etc., same on resume
-            loss, metrics = self.task.loss(next(data), step)
+            loss, metrics = self.task.loss(batch, step)
             if run.fault_nan_at_step == step + 1:  # testing aid
                 loss = loss * float("nan")
             outcome = self.stepper.step(loss)

@@ -1,7 +1,7 @@
 """What rank 0 prints at each log step and checkpoint (the console line of a training run)."""
 from __future__ import annotations
 
-from mvar.training.ray_worker import checkpoint_line, progress_line
+from mvar.training.worker import checkpoint_line, progress_line
 
 
 def test_progress_line_has_step_loss_lr_speed_and_eta(progress_line_pattern):

@@ -41,10 +41,8 @@ class _Cfg:
 
 def ray_record(run: Path, names: list[str]) -> None:
     """Ray Train V2's checkpoint_manager_snapshot.json for ``names`` (oldest first), by Ray's own model."""
-    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
-        _CheckpointManagerState,
-        _TrainingResultState,
-    )
+    from mvar.ray_private import CheckpointManagerState as _CheckpointManagerState
+    from mvar.ray_private import TrainingResultState as _TrainingResultState
     results = [_TrainingResultState(checkpoint_dir_name=n, metrics={}) for n in names]
     state = _CheckpointManagerState(
         checkpoint_results=results, checkpoint_report_indices=list(range(len(names))),

@@ -160,7 +160,8 @@ def test_a_config_is_validated_once_at_load_and_crosses_to_the_workers_as_itself
     """The registry entry of `model_name` is merged as plain keys (no ModelConfig built and validated on the
     way), and the driver hands Ray Train the loaded config object, not a dict the worker rebuilds."""
     from mvar.models.config import ModelConfig
-    from mvar.training import launch
+    from mvar.training import driver, launch
+    from mvar.training.tasks import GENERATOR
     calls = []
     validate = ModelConfig.validate
     monkeypatch.setattr(ModelConfig, "validate", lambda self, prefix="": calls.append(prefix) or validate(self, prefix))
@@ -168,13 +169,14 @@ def test_a_config_is_validated_once_at_load_and_crosses_to_the_workers_as_itself
     assert calls == ["model."] and cfg.model.attention == "mvar" and cfg.model.depth == 2
     seen = {}
     monkeypatch.setattr(launch, "fit", lambda cfg, fn, loop_config, storage: seen.update(loop_config) or 1 / 0)
-    monkeypatch.setattr(launch, "attach_run", lambda *a: ("run-1", False))
-    monkeypatch.setattr(launch, "log_config", lambda *a: None)
-    monkeypatch.setattr(launch, "log_datasets", lambda *a: None)
+    monkeypatch.setattr(driver, "attach_run", lambda *a: ("run-1", False))
+    monkeypatch.setattr(driver.Store, "set_tags", lambda *a: None)
+    monkeypatch.setattr(driver, "log_config", lambda *a: None)
+    monkeypatch.setattr(driver, "log_datasets", lambda *a: None)
     monkeypatch.setattr(launch.cluster, "connect", lambda **kw: "local")  # Ray's side: the slow tests run it
     monkeypatch.setattr(launch, "check_resources", lambda *a: None)
     with pytest.raises(ZeroDivisionError):
-        launch.launch(cfg, None, {}, {})
+        launch.launch(GENERATOR, cfg, checked={})
     assert seen["train"] is cfg and seen["run_id"] == "run-1" and calls == ["model."]
 
 
@@ -222,12 +224,13 @@ def test_the_repeats_flag_is_run_repeats_and_wins_over_the_overrides(tiny_inputs
 def test_one_run_entry_points_refuse_several_seeds_naming_run_repeats(tiny_inputs):
     """`train` trains one run, and so does the tokenizer's training (`launch`): several seeds are train_repeats'."""
     from mvar.training import launch, train
+    from mvar.training.tasks import TOKENIZER
     from mvar.training.tokenizer_config import load_tokenizer_train_config
     with pytest.raises(UserError, match=r"^run.repeats: 2 training seeds are trained by `mvar train`"):
         train(load_train_config(LOCAL, tiny_inputs.overrides("r", **{"run.repeats": 2})))
     tok = load_tokenizer_train_config("workflows/configs/tokenizer_tiny_local.yaml", ["run.repeats=2"])
     with pytest.raises(UserError, match=r"^run.repeats: 2 training seeds"):
-        launch.launch(tok, None, {}, {})
+        launch.launch(TOKENIZER, tok)
 
 
 def test_seed_configs_differ_in_seed_and_name_only_and_share_the_group_key():

@@ -19,7 +19,8 @@ from mvar.tokenizer.perceptual import (
     vgg16_features,
 )
 from mvar.training.tokenizer_config import load_tokenizer_train_config
-from mvar.training.tokenizer_loop import TokenizerObjective, prepare
+from mvar.training.tasks import prepare_tokenizer as prepare
+from mvar.training.tokenizer_loop import TokenizerObjective
 from workflows.train_tokenizer import main
 
 LOCAL = "workflows/configs/tokenizer_tiny_local.yaml"
