@@ -36,6 +36,7 @@ COLUMNS = report_columns(ratio=True)
 RAW_COLUMNS = report_columns(ratio=False)
 # runs tagged `mvar.reference_row` (real, untrained) frame the variants: listed first, never a baseline
 REFERENCE_TAG = "mvar.reference_row"
+BUDGET_TAG = "mvar.budget"  # what an ablation held equal across its variants: pyramids | steps | tokens | seconds
 GROUP_TAG, GROUP_RUN_TAG, INTERVAL_TAG, SEED_TAG = "mvar.group", "mvar.group_run", "mvar.interval", "mvar.seed"
 VARIANT_ORDER = {variant: i for i, variant in enumerate(PATTERNS)}
 # what members of a group, and compared rows, must share: (field, params or tags); missing on one side = unknown
@@ -328,7 +329,6 @@ NOTES = {"classifier": "FID/IS/precision/recall/class acc computed with a classi
                   "difference over shared seeds: inconclusive when its 95 % interval holds 0."}
 
 
-BUDGET_TAG = "mvar.budget"  # what an ablation held equal across its variants: pyramids | steps | tokens | seconds
 BUDGETS = {"pyramids": "equal full pyramids (every scale trained as often in each variant; the Markov variants "
                        "packed, one pyramid a step)",
            "steps": "equal optimizer steps (under the 8:1:1 cycle most MVAR steps train only the small scales: "

@@ -22,6 +22,7 @@ from mvar import cluster, tracking
 from mvar.cli import main as mvar_main
 from mvar.commands import run_cli, standalone
 from mvar.errors import UserError
+from mvar.report import BUDGET_TAG  # what the variants' runs held equal: pyramids | steps
 
 EXPERIMENT = "quickstart"
 STEPS = 11
@@ -29,7 +30,6 @@ VARIANTS = ("var", "scale_markov", "mvar")
 TOKENIZER_CONFIG = "workflows/configs/tokenizer_quick_local.yaml"
 GENERATOR_CONFIG = "workflows/configs/generator_quick_local.yaml"
 REFERENCE_TAG = "mvar.reference_row"
-BUDGET_TAG = "mvar.budget"   # what the variants' runs held equal: pyramids | steps
 
 
 class Quickstart:
