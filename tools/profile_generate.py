@@ -17,20 +17,21 @@ import time
 from pathlib import Path
 
 from mvar.commands import benchmarks, run_cli, standalone
+from tools.compare_authors import DEFAULT_BATCH
 
+CACHE, QUANTIZER = "cat (KV cache, embeddings)", "quantizer (phi convs, resizing)"
 GROUPS = {  # profiler op name -> group; anything else is "other"
     "aten::addmm": "linear", "aten::mm": "linear", "aten::bmm": "linear",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
     "aten::_scaled_dot_product_efficient_attention": "attention", "aten::_flash_attention_forward": "attention",
-    "aten::cat": "cat (KV cache, embeddings)",
+    "aten::cat": CACHE,
     "aten::topk": "sampling", "aten::exponential_": "sampling", "aten::multinomial": "sampling",
     "aten::copy_": "elementwise", "aten::gelu": "elementwise", "aten::native_layer_norm": "elementwise",
     "aten::mul": "elementwise", "aten::add": "elementwise", "aten::div": "elementwise", "aten::add_": "elementwise",
     "aten::mul_": "elementwise", "aten::linalg_vector_norm": "elementwise", "aten::sub_": "elementwise",
     "aten::_softmax": "elementwise", "aten::clamp_min": "elementwise",
-    "aten::mkldnn_convolution": "quantizer (phi convs, resizing)", "aten::upsample_bicubic2d": "quantizer (phi convs, resizing)",
-    "aten::_upsample_bilinear2d_aa": "quantizer (phi convs, resizing)", "aten::upsample_bilinear2d": "quantizer (phi convs, resizing)",
-    "aten::_upsample_bicubic2d_aa": "quantizer (phi convs, resizing)",
+    **dict.fromkeys(("aten::mkldnn_convolution", "aten::upsample_bicubic2d", "aten::_upsample_bicubic2d_aa",
+                     "aten::upsample_bilinear2d", "aten::_upsample_bilinear2d_aa"), QUANTIZER),
 }
 
 
@@ -48,7 +49,7 @@ def profile_variant(variant: str, args) -> dict:
     from mvar.bench import BenchSpec, build
     from mvar.sampling import generate, make_generator
 
-    batch = args.batch or (8 if args.resolution == 256 else 2)
+    batch = args.batch or DEFAULT_BATCH.get(args.resolution, 2)
     torch.manual_seed(0)
     model, quant = build(BenchSpec(variant=variant, size=args.size, batch=batch, resolution=args.resolution,
                                    backend=args.backend), torch.device("cpu"))
@@ -68,7 +69,7 @@ def profile_variant(variant: str, args) -> dict:
     groups: dict[str, float] = {}
     for name, _, seconds in ops:
         groups[group_of(name)] = groups.get(group_of(name), 0.0) + seconds
-    return {"variant": variant, "batch": batch, "wall_s": wall, "self_s": sum(g for g in groups.values()),
+    return {"variant": variant, "batch": batch, "wall_s": wall, "self_s": sum(groups.values()),
             "groups": groups, "top": [{"op": n, "calls": c, "self_s": s} for n, c, s in ops[:args.top]]}
 
 
@@ -90,7 +91,7 @@ def bounds(results: list[dict]) -> list[str]:
         return []
     out = []
     for r in results:
-        rest = r["self_s"] - r["groups"].get("attention", 0.0) - r["groups"].get("cat (KV cache, embeddings)", 0.0)
+        rest = r["self_s"] - r["groups"].get("attention", 0.0) - r["groups"].get(CACHE, 0.0)
         out.append(f"{r['variant']}: self time {r['self_s'] / var['self_s']:.3f}x VAR's; without attention and "
                    f"concatenation {rest / var['self_s']:.3f}x (the bound if attention were free)")
     return out
