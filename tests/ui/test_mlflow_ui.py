@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.parse
 from dataclasses import dataclass
 
@@ -196,11 +197,23 @@ def test_sweep_parent_expands_to_its_trials_with_curves_sources_and_datasets(bro
     browser.set_window(1600, 2000)
     browser.open(f"{mlflow_server}/#/experiments/{sweep_logged.experiment_id}/runs?{query}", ["sweep-kd"])
     needles = [f"{n} ({m})" for n in names for m in ("train/loss", "val/loss")]
-    if _missing(browser.text(), needles):
-        _click_expander(browser, "sweep-kd")  # the run list beside the charts nests the trials too
-    text = browser.wait_for_text(needles, timeout=60)
+    text = _expand_until(browser, "sweep-kd", names, needles, timeout=60)
     text = browser.keep(shots, "sweep-trials-charts")
     assert not _missing(text, needles), f"not in the charts: {_missing(text, needles)}; page text:\n{text[:3000]}"
+
+
+def _expand_until(browser, parent: str, children: list[str], needles: list[str], timeout: float) -> str:
+    """The page text once ``needles`` show. The run list beside the charts nests the trials too: open the
+    parent's expander whenever no child is listed (the list may still be loading at the first look, so one
+    click right after opening can miss the row)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = browser.text()
+        if not _missing(text, needles) or time.monotonic() > deadline:
+            return text
+        if _missing(text, children):
+            _click_expander(browser, parent)
+        time.sleep(2)
 
 
 def _click_expander(browser, run_name: str) -> bool:
