@@ -239,9 +239,12 @@ def _banded_window(q, k, v, side, window_size, scale):
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
-def flex_block_size(side: int) -> tuple[int, int]:
-    """(query, key) block sizes of the Flex window: whole map rows, so a key block lies outside every window
-    of a query block exactly when its rows do, and the kernel skips it (it walks only the listed blocks)."""
+def flex_block_size(side: int, device: str = "cpu") -> tuple[int, int]:
+    """(query, key) block sizes of the Flex window. CPU: whole map rows, so a key block lies outside every
+    window of a query block exactly when its rows do, and the kernel skips it (it walks only the listed
+    blocks, any block size). CUDA: Flex's default 128 (its Triton tiles need multiples of their own sizes)."""
+    if torch.device(device).type != "cpu":
+        return 128, 128
     return FLEX_Q_ROWS * side, FLEX_KV_ROWS * side
 
 
@@ -264,7 +267,7 @@ def _flex_block_mask(side: int, window_size: int, device: str):
 
     n = side * side
     return create_block_mask(_window_mask_mod(side, window_size), B=None, H=None, Q_LEN=n, KV_LEN=n,
-                             device=device, BLOCK_SIZE=flex_block_size(side))
+                             device=device, BLOCK_SIZE=flex_block_size(side, device))
 
 
 @functools.lru_cache(maxsize=128)
