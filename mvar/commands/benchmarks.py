@@ -53,6 +53,9 @@ def gpu(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5, help="measured repetitions per phase")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="window attention: auto (NATTEN, else compiled Flex), flex ...")
+    p.add_argument("--window-backends", default="auto",
+                   help="MVAR again with each of these window backends, comma-separated (auto: natten when installed, "
+                        "flex and reference on CUDA, none on CPU; '': none)")
     p.add_argument("--out", default="out/bench_gpu", help="folder of bench_gpu.json and bench_gpu.md")
 
 
