@@ -34,9 +34,9 @@ BANDED_ROWS = 8
 
 # Compiled FlexAttention's blocks, in map rows (flex_block_size): the CPU kernel runs one GEMM per
 # (query block, listed key block), so blocks of whole rows skip every key row outside the block's windows.
-# A query block of r rows reaches r + k - 1 key rows: 2 rows measured fastest at 32x32, k 7 (1, 2, 4, 8
-# tried, docs/benchmarks.md); 1 row ties it, 4 and 8 compute more pairs than they save in calls.
-FLEX_Q_ROWS = 2
+# A query block of r rows reaches r + k - 1 key rows: 1 row measured fastest at 24x24 and 32x32, k 7
+# (1, 2, 4, 8 tried quiet, docs/benchmarks.md): larger blocks compute more pairs than they save in calls.
+FLEX_Q_ROWS = 1
 FLEX_KV_ROWS = 1
 FLEX_RECOMPILE_LIMIT = 4  # per compiled shape: grad and autocast modes; beyond that an error, never eager
 
