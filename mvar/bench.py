@@ -70,6 +70,7 @@ class BenchResult:
     train_tokens_per_s: float | None = None  # tokens trained per second over the training's own cycle
     memory_method: str = ""
     backend: str = ""
+    infer_first_s: float | None = None   # the first generate call: kernels, masks and compiles (flex) included
     torch: str = torch.__version__
 
 
@@ -97,15 +98,18 @@ def build(spec: BenchSpec, device: torch.device) -> tuple[NextScaleTransformer, 
     return model, quant
 
 
-def measure_inference(model, quant, spec: BenchSpec, device: torch.device) -> tuple[float, float, float]:
-    """(median latency s, peak MiB, KV cache MiB) of generating a batch with CFG."""
+def measure_inference(model, quant, spec: BenchSpec, device: torch.device) -> tuple[float, float, float, float]:
+    """(median latency s, peak MiB, KV cache MiB, first call s) of generating a batch with CFG."""
     model.eval()
     labels = torch.arange(spec.batch, device=device) % model.num_classes
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     run = lambda: generate(model, quant, labels, cfg=spec.cfg, top_k=spec.top_k, top_p=spec.top_p,
                            generator=make_generator(spec.seed, device))
     with amp:
-        gen = run()  # warm-up: kernels, caches, masks
+        t0 = time.perf_counter()
+        gen = run()  # warm-up: kernels, caches, masks, compiles
+        _sync(device)
+        first = time.perf_counter() - t0
         times, peaks = [], []
         for _ in range(spec.repeats):
             with PeakMemory(device) as mem:
@@ -115,7 +119,7 @@ def measure_inference(model, quant, spec: BenchSpec, device: torch.device) -> tu
                 times.append(time.perf_counter() - t0)
             peaks.append(mem.peak)
             del gen
-    return statistics.median(times), max(peaks), _kv_mb(model, quant, labels, spec, device)
+    return statistics.median(times), max(peaks), _kv_mb(model, quant, labels, spec, device), first
 
 
 def _kv_mb(model, quant, labels, spec, device) -> float:
@@ -194,11 +198,11 @@ def run_one(spec: BenchSpec) -> BenchResult:
         torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     model, quant = build(spec, device)
-    latency, infer_peak, kv_mb = measure_inference(model, quant, spec, device)
+    latency, infer_peak, kv_mb, first = measure_inference(model, quant, spec, device)
     result = BenchResult(variant=spec.variant, size=spec.size, batch=spec.batch, resolution=spec.resolution,
                          device=str(device), params_m=model.num_params() / 1e6, attn_gflops=attention_gflops(model),
                          infer_latency_s=latency, infer_peak_mb=infer_peak, kv_cache_mb=kv_mb,
-                         memory_method=PeakMemory(device).method,
+                         memory_method=PeakMemory(device).method, infer_first_s=first,
                          backend=resolve_backend(spec.backend, device))
     if spec.train:
         result.train_steps = measure_training(model, spec, device)
@@ -215,6 +219,7 @@ TABLE_COLUMNS = [  # (header, key, format) of the printed comparison
     ("px", "resolution", "{}"),
     ("batch", "batch", "{}"),
     ("infer s/batch", "infer_latency_s", "{:.3f}"),
+    ("infer first s", "infer_first_s", "{:.3f}"),
     ("infer peak +MB", "infer_peak_mb", "{:.1f}"),
     ("KV cache MB", "kv_cache_mb", "{:.1f}"),
     ("attn GFLOPs/img", "attn_gflops", "{:.4g}"),

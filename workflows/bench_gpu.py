@@ -9,7 +9,8 @@ Ray, MLflow, webdataset, torch-fidelity, matplotlib, torchvision). Each variant 
 process (`python -m mvar.bench`): inference (generating the token maps of all scales with CFG) and
 training steps (VAR: full sequences; scale_markov / mvar: the 8:1:1 cycle, and packed), bf16 autocast,
 FlexAttention compiled for the windows (NATTEN where installed), peaks by
-torch.cuda.max_memory_allocated. Writes OUT/bench_gpu.json and OUT/bench_gpu.md and prints the table.
+torch.cuda.max_memory_allocated; then MVAR again with each window backend (`--window-backends`: NATTEN
+when installed, compiled Flex, masked SDPA), first call (compiles) and steady state. Writes OUT/bench_gpu.json and OUT/bench_gpu.md and prints the table.
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ import torch
 
 from mvar.bench import BenchSpec, run_variant, table
 from mvar.commands import benchmarks, run_cli, standalone
+from mvar.errors import UserError
+from mvar.models.attention import natten_available
+from mvar.models.config import BACKENDS
 
 # The paper's d16 figures on one GPU, and the issue's targets for ours: VAR's value / MVAR's.
 TARGETS = {"infer_peak_mb": 3.5, "infer_latency_s": 1.3, "train_peak_mb": 1.7}
@@ -65,8 +69,32 @@ def ratios(results: list[dict]) -> list[str]:
     return lines
 
 
+def window_backends(text: str, device: str) -> list[str]:
+    """The backends MVAR is measured with beside the main run: NATTEN, compiled Flex and masked SDPA on CUDA."""
+    if text != "auto":
+        names = [b.strip() for b in text.split(",") if b.strip()]
+        bad = [b for b in names if b not in BACKENDS or b == "auto"]
+        if bad:
+            raise UserError(f"--window-backends: unknown {bad}; known: {', '.join(b for b in BACKENDS if b != 'auto')}")
+        return names
+    if not device.startswith("cuda"):
+        return []  # CPU Flex has no backward (training steps) and compiles per shape: not a smoke run's business
+    return (["natten"] if natten_available() else []) + ["flex", "reference"]
+
+
+def backend_table(rows: list[dict]) -> str:
+    lines = ["| mvar window backend | infer s/batch | infer first s | infer peak MB | train s/pyramid | train peak MB |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['backend']} | {fmt(r['infer_latency_s'])} | {fmt(r.get('infer_first_s'))} | "
+                     f"{fmt(r['infer_peak_mb'])} | {fmt(r.get('train_pyramid_s'))} | {fmt(r.get('train_peak_mb'))} |")
+    return "\n".join(lines)
+
+
 def run(args) -> int:
     variants = benchmarks.variant_list("--variants", args.variants)
+    extra_backends = window_backends(args.window_backends, args.device)
     check_device(args.device)
     tiny = args.size == "tiny"
     batch = args.batch or (2 if tiny else 32)
@@ -79,12 +107,18 @@ def run(args) -> int:
                          repeats=args.repeats, backend=args.backend, top_k=20 if tiny else 900)
         print(f"measuring {variant}-{args.size} (batch {batch}, {resolution} px) ...", file=sys.stderr, flush=True)
         results.append(run_variant(asdict(spec)))
-    md = "\n".join([table(results), "", *ratios(results), "",
+    by_backend = []
+    for backend in extra_backends:
+        spec = BenchSpec(variant="mvar", size=args.size, batch=batch, resolution=resolution, device=args.device,
+                         repeats=args.repeats, backend=backend, top_k=20 if tiny else 900)
+        print(f"measuring mvar-{args.size} with window backend {backend} ...", file=sys.stderr, flush=True)
+        by_backend.append(run_variant(asdict(spec)))
+    md = "\n".join([table(results), "", *ratios(results), "", *([backend_table(by_backend), ""] if by_backend else []),
                     f"{args.size}, batch {batch}, {resolution} px, cfg 1.5, device {args.device} "
                     f"({machine(args.device).get('gpu', 'cpu')}), peak: {results[0]['memory_method']}, "
                     f"wall {time.perf_counter() - t0:.0f} s"])
     report = {"args": benchmarks.report_args(args), "machine": machine(args.device), "wall_s": time.perf_counter() - t0,
-              "results": results, "ratios": ratios(results)}
+              "results": results, "ratios": ratios(results), "window_backends": by_backend}
     (out / "bench_gpu.json").write_text(json.dumps(report, indent=2))
     (out / "bench_gpu.md").write_text(md + "\n")
     print(md)

@@ -9,7 +9,7 @@ import argparse
 from mvar.errors import UserError
 from mvar.models.config import BACKENDS, PATTERNS
 
-WINDOW = "CPU window attention: reference (one masked SDPA call) against banded, and dense attention for scale."
+WINDOW = "CPU window attention: reference, banded and compiled flex, and dense attention for scale."
 COMPARE_AUTHORS = "Our VAR / scale-Markov / MVAR beside the authors' own code, measured in one run on one machine."
 GPU = "The GPU benchmark in one go: VAR, scale-Markov and MVAR at d16, batch 32, 256 px (docs/benchmarks.md)."
 TRAIN = "Training throughput of the tiny models with 1 and 2 Ray Train CPU workers (docs/benchmarks.md)."
@@ -20,7 +20,7 @@ DATA = "Data throughput benchmark: packing (images/s per core) and loading (deco
 
 def window(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sides", default="13,16,24,32", help="map sides to time, comma-separated")
-    p.add_argument("--window", type=int, default=7, help="k of the k x k window")
+    p.add_argument("--window", default="3,5,7,9", help="k of the k x k window, comma-separated")
     p.add_argument("--repeats", type=int, default=9, help="timed calls per case (the first is dropped)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -55,6 +55,9 @@ def gpu(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5, help="measured repetitions per phase")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="window attention: auto (NATTEN, else compiled Flex), flex ...")
+    p.add_argument("--window-backends", default="auto",
+                   help="MVAR again with each of these window backends, comma-separated (auto: natten when installed, "
+                        "flex and reference on CUDA, none on CPU; '': none)")
     p.add_argument("--out", default="out/bench_gpu", help="folder of bench_gpu.json and bench_gpu.md")
 
 

@@ -12,7 +12,8 @@ scale (or a pack of small dense scales) is attended separately. Windowed
 scales go through one of the backends of ``window_attention``: ``reference``
 (one masked SDPA call over the map), ``banded`` (CPU: bands of map rows, each
 against the contiguous slice of key rows its windows reach), ``flex``
-(FlexAttention, compiled on CUDA), ``natten``. None of them gathers keys and
+(FlexAttention under ``torch.compile``, a block mask of whole map rows: CUDA, and CPU for inference),
+``natten``. None of them gathers keys and
 values into (N, k*k) tensors, which would cost more memory than MVAR saves.
 """
 from __future__ import annotations
@@ -28,11 +29,25 @@ from mvar.models.config import BACKENDS, Backend
 from mvar.models.patterns import Pattern, PatternInfo, pattern_info
 
 # The banded CPU window: queries in bands of this many map rows, each against the key rows its
-# windows reach (a contiguous slice of the sequence). `auto` takes it on CPU for maps at least
-# BANDED_MIN_SIDE wide when no gradient is needed: where it measured faster than the reference
-# (docs/benchmarks.md); below that, and with autograd, one fused masked SDPA call wins.
+# windows reach (a contiguous slice of the sequence).
 BANDED_ROWS = 8
-BANDED_MIN_SIDE = 32
+
+# Compiled FlexAttention's blocks, in map rows (flex_block_size): the CPU kernel runs one GEMM per
+# (query block, listed key block), so blocks of whole rows skip every key row outside the block's windows.
+# A query block of r rows reaches r + k - 1 key rows: 1 row measured fastest at 24x24 and 32x32, k 7
+# (1, 2, 4, 8 tried quiet, docs/benchmarks.md): larger blocks compute more pairs than they save in calls.
+FLEX_Q_ROWS = 1
+FLEX_KV_ROWS = 1
+FLEX_RECOMPILE_LIMIT = 4  # per compiled shape: grad and autocast modes; beyond that an error, never eager
+
+# `auto` on CPU, per pass (with / without autograd): (smallest map side, backend), first match wins: the
+# backend that measured fastest there at the default k 7 (docs/benchmarks.md, quiet `python -m
+# tools.bench_window`: banded 0.53-0.64x the reference at 24x24 and 32x32 in both passes; below, the two
+# within 10 %). Compiled Flex lost at k 7 everywhere and has no backward on CPU, so it is never auto here.
+CPU_AUTO: dict[bool, tuple[tuple[int, str], ...]] = {
+    False: ((24, "banded"), (0, "reference")),
+    True: ((24, "banded"), (0, "reference")),
+}
 
 
 @dataclass(frozen=True)
@@ -167,15 +182,16 @@ def natten_available() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device, side: int | None = None, needs_grad: bool = False) -> str:
-    """``auto``: NATTEN on CUDA when installed, else FlexAttention on CUDA; on CPU the banded window for
-    maps of side >= BANDED_MIN_SIDE without autograd, else the reference. Without ``side``: the rule, in words."""
+    """``auto``: NATTEN on CUDA when installed, else compiled FlexAttention on CUDA; on CPU the row of
+    ``CPU_AUTO`` for the pass and map side. Without ``side``: the rule, in words."""
     if backend != "auto":
         return backend
     if device.type == "cuda":
         return "natten" if natten_available() else "flex"
     if side is None:
-        return f"reference; banded for maps >= {BANDED_MIN_SIDE} without grad"
-    return "banded" if side >= BANDED_MIN_SIDE and not needs_grad else "reference"
+        return "; ".join(f"{'fwd+bwd' if grad else 'fwd'}: " + ", ".join(f"{name} from {lo}" for lo, name in rule)
+                         for grad, rule in CPU_AUTO.items())
+    return next(name for lo, name in CPU_AUTO[needs_grad] if side >= lo)
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, side: int, window_size: int,
@@ -226,35 +242,64 @@ def _banded_window(q, k, v, side, window_size, scale):
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
-@functools.lru_cache(maxsize=32)
+def flex_block_size(side: int, device: str = "cpu") -> tuple[int, int]:
+    """(query, key) block sizes of the Flex window. CPU: whole map rows, so a key block lies outside every
+    window of a query block exactly when its rows do, and the kernel skips it (it walks only the listed
+    blocks, any block size). CUDA: Flex's default 128 (its Triton tiles need multiples of their own sizes)."""
+    if torch.device(device).type != "cpu":
+        return 128, 128
+    return FLEX_Q_ROWS * side, FLEX_KV_ROWS * side
+
+
+def _window_mask_mod(side: int, window_size: int):
+    """FlexAttention's mask_mod of the clamped window, index arithmetic only (no captured tensor, so the
+    compiled kernel takes no extra buffer)."""
+    half, last = window_size // 2, side - window_size
+
+    def in_window(b, h, q_idx, kv_idx):
+        si, sj = (q_idx // side - half).clamp(0, last), (q_idx % side - half).clamp(0, last)
+        ki, kj = kv_idx // side, kv_idx % side
+        return (ki >= si) & (ki < si + window_size) & (kj >= sj) & (kj < sj + window_size)
+
+    return in_window
+
+
+@functools.lru_cache(maxsize=64)
 def _flex_block_mask(side: int, window_size: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    starts = window_starts(side, window_size).to(device)
-
-    def in_window(b, h, q_idx, kv_idx):
-        qi, qj = q_idx // side, q_idx % side
-        ki, kj = kv_idx // side, kv_idx % side
-        si, sj = starts[qi], starts[qj]
-        return (ki >= si) & (ki < si + window_size) & (kj >= sj) & (kj < sj + window_size)
-
     n = side * side
-    return create_block_mask(in_window, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
+    return create_block_mask(_window_mask_mod(side, window_size), B=None, H=None, Q_LEN=n, KV_LEN=n,
+                             device=device, BLOCK_SIZE=flex_block_size(side, device))
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
+@functools.lru_cache(maxsize=128)
+def _compiled_flex(shapes: tuple, dtype: torch.dtype, device: str, side: int, window_size: int, scale: float,
+                   grad: bool):
+    """One compiled FlexAttention per window, shape, dtype, device and grad mode (the arguments are the cache
+    key): compiled with dynamic=False, each shape is its own kernel anyway. Its own recompile region, so the
+    windowed scales, CFG batch sizes and benchmark shapes never add up to torch._dynamo's recompile_limit
+    (past which it would silently run eager: a full score matrix); fullgraph, so a break is an error."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=False, fullgraph=True, isolate_recompiles=True,
+                         recompile_limit=FLEX_RECOMPILE_LIMIT)
+
+
+def flex_has_backward(device: torch.device) -> bool:
+    """FlexAttention's backward exists on CUDA, not on CPU (torch 2.14: compiled CPU Flex is inference only)."""
+    return device.type != "cpu"
 
 
 def _flex_window(q, k, v, side, window_size, scale):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    block_mask = _flex_block_mask(side, window_size, str(q.device))
-    # compiled on CUDA (fused, no score matrix); eager elsewhere, where it is a correctness path only
-    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if needs_grad and not flex_has_backward(q.device):
+        raise ValueError(f"attention backend 'flex' has no backward on {q.device.type} (torch {torch.__version__}): "
+                         "set model.attention_backend to auto, reference or banded to train there")
+    device = str(q.device)
+    block_mask = _flex_block_mask(side, window_size, device)
+    shapes = tuple((tuple(t.shape), t.stride()) for t in (q, k, v))
+    fn = _compiled_flex(shapes, q.dtype, device, side, window_size, float(scale), torch.is_grad_enabled())
     return fn(q, k, v, block_mask=block_mask, scale=scale)
 
 

@@ -1,10 +1,9 @@
 """Every attention path against an explicit masked softmax."""
-import warnings
-
 import pytest
 import torch
 
-from mvar.models.attention import (BANDED_MIN_SIDE, AttentionSpec, attend, attended_pairs, brute_force_attention,
+from mvar.models.attention import (CPU_AUTO, AttentionSpec, _flex_block_mask, _window_mask_mod, attend, attended_pairs,
+                                   brute_force_attention, flex_block_size,
                                    natten_available, resolve_backend, scale_groups, sequence_mask, window_attention,
                                    window_bands, window_mask)
 
@@ -34,7 +33,8 @@ def qkv(L, B=2, H=2, d=16, requires_grad=False):
     return [torch.randn(B, H, L, d, requires_grad=requires_grad) for _ in range(3)]
 
 
-BACKENDS = ["reference", "banded", "flex", pytest.param("natten", marks=pytest.mark.skipif(
+# compiled flex on CPU: its own tests below (each shape is a compile of several seconds)
+BACKENDS = ["reference", "banded", pytest.param("natten", marks=pytest.mark.skipif(
     not natten_available(), reason="NATTEN is not installed"))]
 
 
@@ -46,9 +46,7 @@ def test_window_backends_match_brute_force(backend, side, k):
     device = "cuda" if backend == "natten" else "cpu"
     q, k_, v = (t.to(device) for t in qkv(side * side))
     expected = brute_force_attention(q, k_, v, window_mask(side, k, device), scale=0.7)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # flex warns that eager mode is unfused
-        out = window_attention(q, k_, v, side, k, scale=0.7, backend=backend)
+    out = window_attention(q, k_, v, side, k, scale=0.7, backend=backend)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -74,12 +72,56 @@ def test_bands_cover_every_query_once_and_attend_fewer_pairs_than_the_map():
     assert sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1, _ in bands) < 0.5 * side ** 4
 
 
-def test_auto_takes_the_banded_window_on_cpu_only_for_big_maps_without_grad():
+def test_auto_on_cpu_follows_the_measured_table_and_never_takes_flex_with_grad():
     cpu = torch.device("cpu")
-    assert resolve_backend("auto", cpu, BANDED_MIN_SIDE, needs_grad=False) == "banded"
-    assert resolve_backend("auto", cpu, BANDED_MIN_SIDE - 1, needs_grad=False) == "reference"
-    assert resolve_backend("auto", cpu, 32, needs_grad=True) == "reference"
+    for grad, rule in CPU_AUTO.items():
+        sides = sorted({lo for lo, _ in rule} | {lo - 1 for lo, _ in rule if lo > 0} | {13, 16, 24, 32, 64})
+        for side in sides:
+            expected = next(name for lo, name in rule if side >= lo)  # first match wins
+            assert resolve_backend("auto", cpu, side, needs_grad=grad) == expected
+        assert rule[-1][0] == 0  # every side has a backend
+    assert all(name != "flex" for _, name in CPU_AUTO[True])
     assert resolve_backend("reference", cpu, 32) == "reference"
+    for grad in (False, True):  # the measured winners (quiet, k 7): banded at 24x24 and 32x32, reference below
+        assert [resolve_backend("auto", cpu, s, needs_grad=grad) for s in (13, 16, 24, 32)] == \
+            ["reference", "reference", "banded", "banded"]
+
+
+@pytest.mark.parametrize("side", [13, 16, 24, 32])
+@pytest.mark.parametrize("k", [3, 5, 7, 9])
+def test_flex_block_mask_is_the_window_and_skips_only_empty_blocks(side, k):
+    """The mask_mod equals the window at every pair; a (query, key) block pair the block mask leaves out
+    holds no allowed pair, and a block it calls full holds no masked one (the kernel skips the mask there)."""
+    n = side * side
+    idx = torch.arange(n)
+    mask = _window_mask_mod(side, k)(0, 0, idx[:, None], idx[None, :])
+    assert torch.equal(mask, window_mask(side, k))
+    qb, kb = flex_block_size(side)
+    assert qb % side == 0 and kb % side == 0
+    bm = _flex_block_mask(side, k, "cpu")
+    listed = bm.to_dense()[0, 0].bool()  # partial or full blocks
+    nq, nk = -(-n // qb), -(-n // kb)
+    padded = torch.zeros(nq * qb, nk * kb, dtype=torch.bool)
+    padded[:n, :n] = mask
+    any_allowed = padded.reshape(nq, qb, nk, kb).any(3).any(1)
+    assert torch.equal(listed[:nq, :nk], any_allowed)
+    assert listed.sum() < nq * nk or side <= 2 * k  # rows far apart are skipped
+
+
+@pytest.mark.slow  # a compile each: 10-60 s on 2 loaded cores
+@pytest.mark.parametrize("side, k", [(16, 3), (24, 9)])
+def test_compiled_flex_on_cpu_is_exact_at_d8_shapes_without_grad(side, k):
+    q, k_, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(side * side, B=2, H=8, d=64))
+    with torch.no_grad():
+        out = window_attention(q, k_, v, side, k, scale=0.125, backend="flex")
+    torch.testing.assert_close(out, brute_force_attention(q, k_, v, window_mask(side, k), scale=0.125),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_flex_with_grad_on_cpu_is_an_error_naming_the_key():
+    q, k, v = qkv(64, requires_grad=True)
+    with pytest.raises(ValueError, match="no backward on cpu.*model.attention_backend"):
+        window_attention(q, k, v, 8, 3, scale=1.0, backend="flex")
 
 
 SEQUENCES = [tuple(range(10)), tuple(range(8)), (8,), (9,), (0,), (3, 4, 5)]

@@ -51,3 +51,16 @@ def test_no_cuda_is_a_clear_error_before_any_work(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "workflows.bench_gpu", "--out", str(tmp_path)], cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     assert proc.returncode != 0 and "no CUDA device visible" in proc.stderr
+
+
+def test_the_gpu_run_measures_mvar_with_natten_flex_and_sdpa_and_the_cpu_smoke_run_with_none():
+    import pytest
+
+    from mvar.errors import UserError
+    from mvar.models.attention import natten_available
+    from workflows.bench_gpu import window_backends
+    assert window_backends("auto", "cuda") == (["natten"] if natten_available() else []) + ["flex", "reference"]
+    assert window_backends("auto", "cpu") == [] and window_backends("", "cuda") == []
+    assert window_backends("flex,banded", "cpu") == ["flex", "banded"]
+    with pytest.raises(UserError, match="--window-backends: unknown \\['nope'\\]"):
+        window_backends("flex,nope", "cuda")
