@@ -266,3 +266,48 @@ def test_a_group_runs_page_shows_the_aggregates_of_its_seeds(browser, mlflow_ser
     text = browser.keep(shots, "group-run")
     missing = _missing(text, needles)
     assert not missing, f"not on the group run's page: {missing}; page text:\n{text[:3000]}"
+
+
+# -- a training run whose checkpoints were evaluated while it trained: its eval/fid curve ----------------
+
+EVAL_EXPERIMENT = "ui-checkpoint-eval"
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(mlflow_server, tiny_inputs, tiny_classifier, checkpoint_eval_keys) -> tuple[str, str, dict]:
+    """(experiment id, run id, eval/fid by step): a local training run of the tiny VAR (6 steps, a checkpoint
+    every 2) with checkpoint_eval.every_checkpoint, logging to the test's MLflow server."""
+    from mvar.training import load_train_config
+    from mvar.training.launch import train
+    from mvar.tracking import Store
+    overrides = tiny_inputs.overrides("ui-ckpt-eval", **{
+        "run.steps": 6, "run.checkpoint_every": 2, "run.log_every": 1, "train.sample_images": 0,
+        "tracking.uri": mlflow_server, "tracking.experiment": EVAL_EXPERIMENT, "tracking.retry_s": 30,
+        "run.storage_path": str(tiny_inputs.root / "ui-runs"), **checkpoint_eval_keys(tiny_inputs, tiny_classifier)})
+    outcome = train(load_train_config("workflows/configs/var_tiny_local.yaml", overrides), local=True)
+    fid = dict(Store(mlflow_server).history(outcome.run_id, "eval/fid"))
+    assert sorted(fid) == [2, 4, 6], fid
+    return Store(mlflow_server).experiment_id(EVAL_EXPERIMENT), outcome.run_id, fid
+
+
+def test_a_run_with_checkpoint_eval_shows_its_eval_fid_curve(browser, mlflow_server, evaluated_run, shots):
+    """The run's model metrics page draws eval/fid (and the other checkpoint metrics) as charts over its
+    steps; the metric's own page lists its three values, one per checkpoint step."""
+    experiment_id, run_id, fid = evaluated_run
+    url = f"{mlflow_server}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics"
+    needles = ["ui-ckpt-eval", "eval/fid", "eval/class_acc", "eval/precision", "train/loss"]
+    browser.set_window(1600, 2400)
+    browser.open(url, needles)
+    browser.run_js("for (const el of document.querySelectorAll('*')) {"
+                   "  if ((el.innerText || '').trim() === 'eval/fid') { el.scrollIntoView(); break; } }")
+    text = browser.wait_for_text(needles, timeout=30)
+    text = browser.keep(shots, "checkpoint-eval-run-metrics")
+    assert not _missing(text, needles), f"not on the run's metrics page: {_missing(text, needles)}; text:\n{text[:3000]}"
+    # the curve's points: the metric page of eval/fid for this run, with its values by step
+    query = urllib.parse.urlencode({"runs": json.dumps([run_id]), "experiments": json.dumps([experiment_id]),
+                                    "plot_metric_keys": json.dumps(["eval/fid"]), "plot_layout": "{}",
+                                    "x_axis": "step", "y_axis_scale": "linear", "line_smoothness": 1,
+                                    "show_point": "true", "deselected_curves": "[]", "last_linear_y_axis_range": "[]"})
+    browser.open(f"{mlflow_server}/#/metric/{urllib.parse.quote('eval/fid', safe='')}?{query}", ["eval/fid"])
+    text = browser.keep(shots, "checkpoint-eval-fid-curve")
+    assert "eval/fid" in text and "Step" in text, f"no eval/fid plot over steps; page text:\n{text[:3000]}"
