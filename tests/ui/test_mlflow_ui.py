@@ -291,23 +291,33 @@ def evaluated_run(mlflow_server, tiny_inputs, tiny_classifier, checkpoint_eval_k
 
 
 def test_a_run_with_checkpoint_eval_shows_its_eval_fid_curve(browser, mlflow_server, evaluated_run, shots):
-    """The run's model metrics page draws eval/fid (and the other checkpoint metrics) as charts over its
-    steps; the metric's own page lists its three values, one per checkpoint step."""
+    """The run's Model metrics page draws eval/fid (and the checkpoints' other metrics) as a chart over its
+    steps: the plotted curve is the run's three checkpoint values at steps 2, 4, 6."""
     experiment_id, run_id, fid = evaluated_run
     url = f"{mlflow_server}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics"
-    needles = ["ui-ckpt-eval", "eval/fid", "eval/class_acc", "eval/precision", "train/loss"]
+    # the eval section's charts (the page draws a section's charts as they scroll into view)
+    legends = [f"ui-ckpt-eval ({key})" for key in ("eval/fid", "eval/class_acc", "eval/precision", "eval/recall",
+                                                     "eval/kid")]
     browser.set_window(1600, 2400)
-    browser.open(url, needles)
-    browser.run_js("for (const el of document.querySelectorAll('*')) {"
-                   "  if ((el.innerText || '').trim() === 'eval/fid') { el.scrollIntoView(); break; } }")
-    text = browser.wait_for_text(needles, timeout=30)
+    browser.open(url, legends)
     text = browser.keep(shots, "checkpoint-eval-run-metrics")
-    assert not _missing(text, needles), f"not on the run's metrics page: {_missing(text, needles)}; text:\n{text[:3000]}"
-    # the curve's points: the metric page of eval/fid for this run, with its values by step
-    query = urllib.parse.urlencode({"runs": json.dumps([run_id]), "experiments": json.dumps([experiment_id]),
-                                    "plot_metric_keys": json.dumps(["eval/fid"]), "plot_layout": "{}",
-                                    "x_axis": "step", "y_axis_scale": "linear", "line_smoothness": 1,
-                                    "show_point": "true", "deselected_curves": "[]", "last_linear_y_axis_range": "[]"})
-    browser.open(f"{mlflow_server}/#/metric/{urllib.parse.quote('eval/fid', safe='')}?{query}", ["eval/fid"])
-    text = browser.keep(shots, "checkpoint-eval-fid-curve")
-    assert "eval/fid" in text and "Step" in text, f"no eval/fid plot over steps; page text:\n{text[:3000]}"
+    assert not _missing(text, legends), f"not on the run's metrics page: {_missing(text, legends)}; text:\n{text[:3000]}"
+    curve = _plotted(browser, "ui-ckpt-eval (eval/fid)")
+    assert curve is not None, "no plot beside the legend 'ui-ckpt-eval (eval/fid)'"
+    steps, values = curve
+    assert steps == [2, 4, 6] and values == pytest.approx([fid[s] for s in steps], rel=1e-6), curve
+
+
+def _plotted(browser, legend: str):
+    """([x], [y]) of the Plotly chart whose legend reads ``legend`` (the smallest element holding both): its
+    traces (MLflow draws the line and its points as two) must agree."""
+    return browser.run_js(
+        "const want = arguments[0];"
+        "const leaf = [...document.querySelectorAll('body *')].find("
+        "  e => (e.textContent || '').trim() === want && ![...e.children].some(c => (c.textContent || '').trim() === want));"
+        "let card = leaf; while (card && !card.querySelector('.js-plotly-plot')) card = card.parentElement;"
+        "if (!card) return null;"
+        "const curves = (card.querySelector('.js-plotly-plot').data || []).map("
+        "  t => [Array.from(t.x).map(Number), Array.from(t.y).map(Number)]);"
+        "const same = curves.every(c => JSON.stringify(c) === JSON.stringify(curves[0]));"
+        "return curves.length && same ? curves[0] : null;", legend)
