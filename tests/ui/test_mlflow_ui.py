@@ -301,7 +301,8 @@ def test_a_run_with_checkpoint_eval_shows_its_eval_fid_curve(browser, mlflow_ser
     browser.set_window(1600, 2400)
     browser.open(url, legends)
     text = browser.keep(shots, "checkpoint-eval-run-metrics")
-    assert not _missing(text, legends), f"not on the run's metrics page: {_missing(text, legends)}; text:\n{text[:3000]}"
+    missing = _missing(text, legends)
+    assert not missing, f"not on the run's metrics page: {missing}; page text:\n{text[:3000]}"
     curve = _plotted(browser, "ui-ckpt-eval (eval/fid)")
     assert curve is not None, "no plot beside the legend 'ui-ckpt-eval (eval/fid)'"
     steps, values = curve
@@ -313,8 +314,8 @@ def _plotted(browser, legend: str):
     traces (MLflow draws the line and its points as two) must agree."""
     return browser.run_js(
         "const want = arguments[0];"
-        "const leaf = [...document.querySelectorAll('body *')].find("
-        "  e => (e.textContent || '').trim() === want && ![...e.children].some(c => (c.textContent || '').trim() === want));"
+        "const own = e => (e.textContent || '').trim() === want;"
+        "const leaf = [...document.querySelectorAll('body *')].find(e => own(e) && ![...e.children].some(own));"
         "let card = leaf; while (card && !card.querySelector('.js-plotly-plot')) card = card.parentElement;"
         "if (!card) return null;"
         "const curves = (card.querySelector('.js-plotly-plot').data || []).map("
