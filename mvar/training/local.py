@@ -87,8 +87,13 @@ class LocalReporter(Reporter):
             self.evaluate(name)
 
     def evaluate(self, name: str) -> None:
-        """Checkpoint ``name``'s pending evaluation, and its end in the record (failed: None)."""
-        metrics = self.evaluator.safely(self.run_dir / name)
+        """Checkpoint ``name``'s pending evaluation, and its end in the record (failed: None). Torch's random
+        state is put back after it: the training goes on as it would without the evaluation (and as on Ray
+        Train, where the evaluation has a process of its own)."""
+        import torch
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            metrics = self.evaluator.safely(self.run_dir / name)
         rundir.record_validation(self.run_dir, name, metrics, self.keep)
 
     def evaluate_pending(self) -> None:
