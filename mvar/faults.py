@@ -7,6 +7,9 @@ a training run or one shard index of a data job:
                                            model file is written, before the directory is renamed into
                                            place and reported to Ray Train
     MVAR_FAULT=enospc-checkpoint@20        that checkpoint write fails there with ENOSPC (disk full)
+    MVAR_FAULT=abort-checkpoint-eval@4     the evaluation of the checkpoint of step 4 (checkpoint_eval): its
+                                           process is SIGKILLed before it logs anything (a local run: the
+                                           training's process; on Ray Train the validation task's)
     MVAR_FAULT=enospc-shard@1              writing shard 1 of `mvar data synth/pack/tokenize` fails with
                                            ENOSPC before the shard is complete
 
@@ -31,6 +34,7 @@ FAULTS = {
     "abort-after-model-file": ("checkpoint-model-written", "abort"),
     "enospc-checkpoint": ("checkpoint-model-written", "enospc"),
     "enospc-shard": ("shard-data-written", "enospc"),
+    "abort-checkpoint-eval": ("checkpoint-eval", "abort"),
 }
 
 

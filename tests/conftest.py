@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -286,3 +287,75 @@ def small_disk():
         yield disk
     finally:
         disk.unmount_all()
+
+# -- tiny training inputs (the training tests, and the UI test's training run) -----------------------
+
+@dataclass
+class TinyInputs:
+    root: Path
+    tokenizer: str
+    images: str
+    tokens: str
+    eval_tokens: str
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.root}/mlflow.db"
+
+    def overrides(self, name: str, **extra) -> list[str]:
+        """Overrides that point a tiny local config at these inputs and at a store under ``root``."""
+        base = {"tokenizer": self.tokenizer, "data.shards": self.tokens, "run.name": name,
+                "run.storage_path": str(self.root / "runs"), "tracking.uri": self.tracking_uri,
+                "tracking.experiment": "tests", "tracking.system_metrics": "false", "data.num_workers": 0}
+        base.update(extra)
+        return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_inputs(tmp_path_factory) -> TinyInputs:
+    """A stand-in tiny tokenizer (seeded random weights), 160 + 32 synthetic 64 px images of 10 classes and
+    their token shards."""
+    from mvar.checkpoint import save_tokenizer
+    from mvar.data.synth import write_synth
+    from mvar.data.tokens import tokenize
+    from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
+    root = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    cfg = TokenizerConfig.tiny()
+    save_tokenizer(root / "tokenizer", MultiScaleVQVAE(cfg), cfg)
+    write_synth(str(root / "images"), num_images=160, image_size=64, num_classes=10, seed=0, shard_size=40)
+    write_synth(str(root / "eval-images"), num_images=32, image_size=64, num_classes=10, seed=1, shard_size=16)
+    tokenize(str(root / "tokenizer"), str(root / "images"), str(root / "tokens"), progress=False)
+    tokenize(str(root / "tokenizer"), str(root / "eval-images"), str(root / "eval-tokens"), progress=False)
+    return TinyInputs(root=root, tokenizer=str(root / "tokenizer"), images=str(root / "images"),
+                      tokens=str(root / "tokens"), eval_tokens=str(root / "eval-tokens"))
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tiny_inputs) -> str:
+    """The classifier feature extractor (`mvar eval train-classifier`) of tiny_inputs' training images, a few
+    seconds' training: what a checkpoint's evaluation (FID, class accuracy) needs without Inception's weights."""
+    from mvar.cli import main as mvar_main
+    out = tiny_inputs.root / "classifier" / "classifier.pt"
+    if not out.with_suffix(".yaml").is_file():  # its .yaml is written after the .pt
+        assert mvar_main(["eval", "train-classifier", "--shards", tiny_inputs.images, "--out", str(out),
+                          "--steps", "30", "--batch-size", "40", "--threads", "1"]) == 0
+    return str(out)
+
+
+def checkpoint_eval_overrides(inputs: TinyInputs, classifier: str, **extra) -> dict:
+    """The `checkpoint_eval.*` keys of a tiny run: its checkpoints scored with the classifier against the
+    training images, 4 samples per class (40), in one batch."""
+    return {"checkpoint_eval.every_checkpoint": "true", "checkpoint_eval.reference": inputs.images,
+            "checkpoint_eval.feature_extractor": "classifier", "checkpoint_eval.feature_extractor_weights": classifier,
+            "checkpoint_eval.num_per_class": 4, "checkpoint_eval.batch_size": 40, "checkpoint_eval.isc_splits": 2,
+            "checkpoint_eval.feature_batch_size": 40, "checkpoint_eval.cpus_per_worker": 0.5,
+            "checkpoint_eval.device": "cpu", **extra}
+
+
+@pytest.fixture(scope="session")
+def checkpoint_eval_keys():
+    """``checkpoint_eval_keys(tiny_inputs, tiny_classifier, **extra)``: overrides for a run whose checkpoints
+    are evaluated."""
+    return checkpoint_eval_overrides
+

@@ -97,3 +97,39 @@ def test_the_record_a_local_run_keeps_is_ray_train_s(tmp_path):
     assert [r.checkpoint_dir_name for r in state.checkpoint_results] == ["step_00000010", "step_00000015"]
     assert (state.checkpoint_report_indices, state.current_report_index) == ([7, 8], 9)
     assert state.latest_checkpoint_result.checkpoint_dir_name == "step_00000015"
+
+
+def test_a_pending_checkpoint_evaluation_in_a_local_record_is_ray_train_s_pending_validation(tmp_path):
+    """A local run's record of a checkpoint whose evaluation was asked for (record_checkpoint(validate=True))
+    is, for Ray Train's checkpoint manager, a validation to queue again (what a rerun on Ray Train does with
+    it); once recorded (record_validation) it is validated, with the evaluation's metrics merged in; and
+    retention never drops a checkpoint whose evaluation is pending."""
+    from ray.train import CheckpointConfig
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+    from ray.train.v2._internal.execution.storage import StorageContext
+    from ray.train.v2.api.reported_checkpoint import ReportedCheckpointStatus
+
+    run = tmp_path / "run"
+    _checkpoints(run, (2, 4, 6))
+    for step in (2, 4, 6):
+        rundir.record_checkpoint(run, rundir.checkpoint_name(step), {"step": step}, keep=1, validate=step > 2)
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["step_00000004", "step_00000006"]
+    assert rundir.pending_validations(run) == ["step_00000004", "step_00000006"]
+    data = json.loads((run / rundir.SNAPSHOT).read_text())
+    assert json.loads(ray_private.CheckpointManagerState.parse_obj(data).json()) == data
+
+    def manager():
+        return CheckpointManager(CheckpointConfig(num_to_keep=1), StorageContext(
+            storage_path=str(tmp_path), experiment_dir_name="run", read_only=True))
+    pending = manager().get_pending_training_results()
+    assert sorted(Path(c.path).name for c in pending) == ["step_00000004", "step_00000006"]
+    assert all(spec is True for _, spec in pending.values())  # Ray's ValidationManager queues these again
+
+    assert rundir.record_validation(run, "step_00000004", {"eval/fid": 12.5}, keep=1) == ["step_00000004"]
+    assert rundir.record_validation(run, "step_00000006", {"eval/fid": 11.0}, keep=1) == []
+    assert rundir.pending_validations(run) == []
+    m = manager()
+    assert not m.get_pending_training_results()
+    latest = m.latest_checkpoint_result
+    assert Path(latest.checkpoint.path).name == "step_00000006" and latest.metrics == {"step": 6, "eval/fid": 11.0}
+    assert m._get_checkpoint_status(latest.checkpoint) == ReportedCheckpointStatus.VALIDATED

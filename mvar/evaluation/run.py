@@ -402,3 +402,31 @@ def evaluate(cfg: EvaluateConfig) -> list[SettingResult]:
         raise
     runs.terminate(cfg.tracking, owned, "FINISHED")
     return results
+
+
+# -- one checkpoint of a training run ------------------------------------------------------
+
+def reference_statistics(ecfg: EvalConfig, checkpoint: str, cache: Path) -> str:
+    """A `make-ref` file of ``ecfg.reference`` for the checkpoint's image size and classes: the reference itself
+    when it is one, else its statistics computed once into ``cache`` (each checkpoint of a run loads them)."""
+    from mvar.metrics.fidelity import Reference, cache_name
+    tok_cfg = read_tokenizer_config(checkpoint)
+    model_cfg = model_config(read_checkpoint_meta(checkpoint), {}, tok_cfg, checkpoint)
+    weights, reference = prepare_reference(ecfg, tok_cfg.image_size, model_cfg.num_classes)
+    if isinstance(reference, Reference):
+        return ecfg.reference
+    reference_for(ecfg, weights, reference, cache)  # computed unless cached already
+    return str(cache / cache_name(reference.location, weights.sha256))
+
+
+def evaluate_checkpoint(ecfg: EvalConfig, checkpoint: str) -> SettingResult:
+    """One setting of ``checkpoint`` sampled and measured in this process, untracked, under ``ecfg.out_dir`` (a
+    training run's evaluation of its checkpoints: `mvar.training.checkpoint_eval`); its sample shards are
+    removed once measured (the grid and metrics.json stay)."""
+    import shutil
+    prep = prepare(EvaluateConfig(checkpoint=checkpoint, track=False, eval=ecfg))
+    [setting] = ecfg.settings(prep.sampling)
+    with Workers(ecfg) as workers:
+        result = evaluate_setting(prep, setting, workers)
+    shutil.rmtree(result.out / "samples", ignore_errors=True)
+    return result

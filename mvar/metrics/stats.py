@@ -19,8 +19,8 @@ from typing import NamedTuple
 import numpy as np
 
 # keys that do not change what a run learns: identity, seeds, logging, checkpoints, runtime plumbing,
-# and the evaluation (compared field by field by the report, not part of the group)
-IGNORED_PREFIXES = ("tracking.", "eval.", "sampling.")
+# and the evaluation (compared field by field by the report, not part of the group), also of each checkpoint
+IGNORED_PREFIXES = ("tracking.", "eval.", "sampling.", "checkpoint_eval.")
 IGNORED_KEYS = frozenset({
     "run.seed", "data.seed", "run.repeats", "run.name", "run.storage_path", "run.checkpoint_every",
     "run.keep_checkpoints", "run.log_every", "run.max_failures", "run.fault_nan_at_step",

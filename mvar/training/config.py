@@ -21,7 +21,8 @@ from mvar.config import (
     read_yaml,
 )
 from mvar.data.config import DataConfig
-from mvar.evaluation.config import SamplingDefaults
+from mvar.evaluation.config import EvalConfig, SamplingDefaults
+from mvar.metric_names import BY_KEY
 from mvar.models.config import ModelConfig, named_fields
 from mvar.models.patterns import pattern_info
 from mvar.tracking import TrackingConfig
@@ -149,6 +150,62 @@ class ScalingSettings:
         check(self.gpus_per_worker > 0, prefix + "gpus_per_worker", "must be > 0")
 
 
+
+# what `checkpoint_eval.best_by` may name: the checkpoint's val/loss, or a quality metric its evaluation logs
+BEST_BY = ("val/loss", "eval/fid", "eval/kid", "eval/is", "eval/precision", "eval/recall", "eval/class_acc")
+
+
+@dataclass
+class CheckpointEvalConfig(EvalConfig):
+    """The `checkpoint_eval.*` keys: each checkpoint of a training run evaluated as `mvar eval` would (the same
+    `eval.*` keys and meaning), with a small sample, its `eval/*` metrics logged into the training run at the
+    checkpoint's step. On Ray Train a validation task beside the training (Ray Train's checkpoint validation),
+    in a local run after each checkpoint write (`mvar.training.checkpoint_eval`)."""
+
+    every_checkpoint: bool = False  # evaluate each checkpoint the run reports
+    # which checkpoint models:/NAME@best names: '' = the lowest val/loss; eval/fid (or another of BEST_BY,
+    # each in its own direction) needs every_checkpoint
+    best_by: str = ""
+    timeout_s: float = 0.0         # Ray: a checkpoint's evaluation cancelled after this long; 0 = no limit
+    # the defaults of `mvar eval` made small: a curve over checkpoints, not the final figure
+    num_per_class: int = 10
+    bootstrap: int = 0
+    write_npz: bool = False
+    num_workers: int = 0           # the evaluation samples in its own task (Ray) or in the training process
+    cpus_per_worker: float = 1.0   # the validation task's CPUs on Ray (use_gpu: one GPU)
+
+    def plain(self, out_dir: str, reference: str) -> EvalConfig:
+        """The `mvar eval` config of one checkpoint's evaluation: these keys, its own ``out_dir`` and the
+        ``reference`` (the statistics computed once for the run when it names an image set)."""
+        keys = {f.name: getattr(self, f.name) for f in dataclasses.fields(EvalConfig)}
+        return EvalConfig(**{**keys, "out_dir": out_dir, "reference": reference})
+
+    @property
+    def best_metric(self) -> str:
+        return self.best_by or "val/loss"
+
+    def validate(self, prefix: str = "") -> None:
+        check(self.best_metric in BEST_BY, prefix + "best_by", f"must be '' (val/loss) or one of "
+              f"{', '.join(BEST_BY)}, got '{self.best_by}'")
+        if not self.every_checkpoint:
+            check(self.best_metric == "val/loss", prefix + "best_by",
+                  f"'{self.best_by}' is logged by the checkpoints' evaluation: set {prefix}every_checkpoint=true")
+            return
+        super().validate(prefix)
+        check(self.metrics, prefix + "metrics", "must stay true: the checkpoints' evaluation logs its metrics")
+        check(self.num_workers == 0, prefix + "num_workers",
+              "must be 0: a checkpoint's evaluation samples in its own task (Ray) or in the training process")
+        check(len(self.settings()) == 1, prefix + "cfg", "a checkpoint is evaluated at one setting: give at most "
+              "one value each of cfg, top_k, top_p")
+        check(self.best_metric != "eval/class_acc" or self.feature_extractor == "classifier", prefix + "best_by",
+              "eval/class_acc is measured with feature_extractor=classifier only")
+        check(self.timeout_s >= 0, prefix + "timeout_s", "must be >= 0 (0 = no limit)")
+
+    @property
+    def lower_is_better(self) -> bool:
+        return BY_KEY[self.best_metric].lower_is_better
+
+
 class LoopSettings(Protocol):
     """The `train.*` keys every trainer has."""
 
@@ -186,6 +243,8 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # stored in every checkpoint: the defaults of `mvar sample` and `mvar eval` for this model
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    # each checkpoint's FID / precision / recall / KID (/ class accuracy) logged into the run at its step
+    checkpoint_eval: CheckpointEvalConfig = field(default_factory=CheckpointEvalConfig)
 
     def validate(self, prefix: str = "") -> None:
         check(bool(self.tokenizer), prefix + "tokenizer",

@@ -187,6 +187,7 @@ class OpenRun:
     run_id: str
     storage: str
     workers: dict         # the loop config of every worker: the spec, the config, the run id, run_dir ...
+    evaluator: object = None  # what evaluates each checkpoint (spec.evaluator), None = nothing
 
 
 def run_provenance(cfg: RunConfig, backend: str) -> dict[str, str]:
@@ -211,8 +212,10 @@ def open_run(spec: TaskSpec, cfg: RunConfig, checked: dict, tags: dict[str, str]
     log_datasets(cfg, store, run_id)
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}; "
           f"checkpoints under {run_key(cfg, storage)}", flush=True)
-    workers = {**checked, **workers_part, "spec": spec, "train": cfg, "run_id": run_id}
-    return OpenRun(store=store, run_id=run_id, storage=storage, workers=workers)
+    evaluator = spec.evaluator(cfg, run_id, run_key(cfg, storage))
+    workers = {**checked, **workers_part, "spec": spec, "train": cfg, "run_id": run_id,
+               "checkpoint_eval": evaluator is not None}  # rank 0 asks for each checkpoint's evaluation
+    return OpenRun(store=store, run_id=run_id, storage=storage, workers=workers, evaluator=evaluator)
 
 
 # -- the end -----------------------------------------------------------------------
@@ -224,34 +227,56 @@ def _checkpoint_metrics(metrics: dict) -> tuple[int, dict[str, float]]:
     return int(metrics.get("step", 0)), numbers
 
 
-def register_checkpoints(store: Store, run_id: str, name: str, result: FitResult) -> None:
+def best_checkpoint(kept: list[tuple[str, dict]], best_by: str) -> tuple[float, str, dict] | None:
+    """(value, location, metrics) of the kept checkpoint best by ``best_by`` (its direction from
+    metric_names; the older of equals), or None when none of them has the metric."""
+    from mvar.metric_names import BY_KEY
+    sign = 1.0 if BY_KEY[best_by].lower_is_better else -1.0
+    scored = [(float(m[best_by]), p, m) for p, m in kept
+              if isinstance(m.get(best_by), (int, float)) and math.isfinite(float(m[best_by]))]
+    if not scored:
+        return None
+    return min(scored, key=lambda x: sign * x[0])
+
+
+def _beats(value: float, now: dict | None, run_id: str, best_by: str) -> bool:
+    """Whether a version of ``value`` takes alias ``best`` from the version ``now`` names (one of this run's,
+    or one without the metric, always yields)."""
+    from mvar.metric_names import BY_KEY
+    if now is None or now["run_id"] == run_id or best_by not in now:
+        return True
+    theirs = float(now[best_by])
+    return value < theirs if BY_KEY[best_by].lower_is_better else value > theirs
+
+
+def register_checkpoints(store: Store, run_id: str, name: str, result: FitResult, best_by: str = "val/loss") -> None:
     """The final checkpoint as a version of model ``name`` (alias ``final``; MLflow reserves ``latest`` for the
-    newest version, ``models:/NAME/latest``), and the best by val/loss of
-    the checkpoints the run keeps (``run.keep_checkpoints``) too (alias ``best``: moved only to a version with
-    a lower val/loss than the alias names now, or one of this run). Registry trouble costs the versions, not
-    the run."""
+    newest version, ``models:/NAME/latest``), and the best by ``best_by`` (val/loss, or a metric of the
+    checkpoints' evaluation: eval/fid ...) of the checkpoints the run keeps (``run.keep_checkpoints``) too
+    (alias ``best``: moved only to a version better than the one the alias names now, or one of this run).
+    Registry trouble costs the versions, not the run."""
     kept, final = result.kept, result.checkpoint
     try:
         step, metrics = _checkpoint_metrics(next((m for p, m in kept if p == final), result.metrics))
         version = store.register_model(name, run_id, final, {"mvar.kind": "final"}, step, metrics)
         store.set_alias(name, "final", version)
         print(f"model registry: models:/{name}@final is version {version} (step {step})", flush=True)
-        scored = [(m["val/loss"], p, m) for p, m in kept if isinstance(m.get("val/loss"), (int, float))]
-        if not scored:
+        best = best_checkpoint(kept, best_by)
+        if best is None:
             return
-        loss, path, best_metrics = min(scored, key=lambda x: x[0])
+        value, path, best_metrics = best
         step, metrics = _checkpoint_metrics(best_metrics)
         version = store.register_model(name, run_id, path, {"mvar.kind": "best"}, step, metrics)
-        now = store.model_version(f"models:/{name}@best")
-        if now is None or now["run_id"] == run_id or loss < float(now.get("val/loss", "inf")):
+        if _beats(value, store.model_version(f"models:/{name}@best"), run_id, best_by):
             store.set_alias(name, "best", version)
-            print(f"model registry: models:/{name}@best is version {version} (step {step}, val/loss {loss:.4g})",
+            print(f"model registry: models:/{name}@best is version {version} (step {step}, {best_by} {value:.4g})",
                   flush=True)
     except Exception as err:  # noqa: BLE001 - the training itself succeeded
         log.warning("model registry: the checkpoints of run %s were not registered as '%s': %s", run_id, name, err)
 
 
-def finish(store: Store, run_id: str, result: FitResult, register_as: str = "") -> TrainOutcome:
+def finish(store: Store, run_id: str, result: FitResult, register_as: str = "", best_by: str = "val/loss"
+           ) -> TrainOutcome:
     """The run's final tags and status from what the fit left; a run that stopped is a TrainingFailed."""
     ret, checkpoint = result.returned, result.checkpoint
     if checkpoint:
@@ -270,12 +295,12 @@ def finish(store: Store, run_id: str, result: FitResult, register_as: str = "") 
         store.terminate(run_id, "FAILED")
         raise TrainingFailed(stopped[status])
     if checkpoint and register_as:
-        register_checkpoints(store, run_id, register_as, result)
+        register_checkpoints(store, run_id, register_as, result, best_by)
     store.terminate(run_id, "FINISHED")
     return TrainOutcome(run_id=run_id, checkpoint=checkpoint, step=step, status=status)
 
 
 def end_run(spec: TaskSpec, cfg: RunConfig, opened: OpenRun, result: FitResult) -> TrainOutcome:
     """``finish`` (registering the checkpoints as ``spec.register_as``), then the spec's ``after_fit``."""
-    outcome = finish(opened.store, opened.run_id, result, spec.register_as(cfg))
+    outcome = finish(opened.store, opened.run_id, result, spec.register_as(cfg), spec.best_by(cfg))
     return spec.after_fit(cfg, outcome) if spec.after_fit else outcome

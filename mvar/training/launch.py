@@ -62,24 +62,47 @@ from mvar.training.tasks import (  # noqa: F401 - the generator's checks, as bef
 log = logging.getLogger(__name__)
 
 
-def check_resources(cfg: RunConfig, where: str) -> None:
-    """On a local Ray a worker that asks for more than the machine has waits forever: refuse instead."""
+def check_resources(cfg: RunConfig, where: str, evaluator=None) -> None:
+    """On a local Ray a worker that asks for more than the machine has waits forever: refuse instead. With
+    ``evaluator`` the checkpoints' evaluation task counts too (it runs beside the workers)."""
     have = cluster.cluster_resources()
     s = cfg.scaling
     wants = {"CPU": s.num_workers * s.cpus_per_worker}
     if s.use_gpu:
         wants["GPU"] = s.num_workers * s.gpus_per_worker
+    if evaluator is not None:
+        wants["CPU"] += evaluator.ecfg.cpus_per_worker
+        if evaluator.ecfg.use_gpu:
+            wants["GPU"] = wants.get("GPU", 0) + 1
+    also = " and the checkpoints' evaluation (checkpoint_eval.cpus_per_worker)" if evaluator is not None else ""
     for res, n in wants.items():
         if have.get(res, 0) + 1e-9 < n:
-            msg = (f"scaling: {s.num_workers} workers need {n:g} {res} in all but the {where} Ray cluster has "
-                   f"{have.get(res, 0):g}; lower scaling.num_workers or scaling.{res.lower()}s_per_worker")
+            msg = (f"scaling: {s.num_workers} workers{also} need {n:g} {res} in all but the {where} Ray cluster "
+                   f"has {have.get(res, 0):g}; lower scaling.num_workers or scaling.{res.lower()}s_per_worker")
             if where == "local":
                 raise UserError(msg)
             log.warning("%s (waiting for the cluster to grow)", msg)
 
 
-def fit(cfg: RunConfig, worker_fn, loop_config: dict, storage: str):
-    """Ray Train's TorchTrainer with the run's scaling, storage, checkpoint retention and failure budget."""
+def validation_config(evaluator):
+    """Ray Train's checkpoint validation running ``evaluator`` (`mvar.training.checkpoint_eval`) on each
+    checkpoint reported with ``validation=True``: a task of its own with the evaluation's resources
+    (checkpoint_eval.cpus_per_worker, one GPU with use_gpu), cancelled after checkpoint_eval.timeout_s."""
+    import functools
+
+    from ray.train import ValidationConfig, ValidationTaskConfig
+
+    from mvar.training.ray_worker import validate_checkpoint
+    ecfg = evaluator.ecfg
+    return ValidationConfig(fn=functools.partial(validate_checkpoint, evaluator=evaluator),
+                            task_config=ValidationTaskConfig(timeout_s=ecfg.timeout_s or None),
+                            ray_remote_kwargs={"num_cpus": ecfg.cpus_per_worker, "num_gpus": 1 if ecfg.use_gpu else 0,
+                                               "name": "mvar-checkpoint-eval"})
+
+
+def fit(cfg: RunConfig, worker_fn, loop_config: dict, storage: str, evaluator=None):
+    """Ray Train's TorchTrainer with the run's scaling, storage, checkpoint retention and failure budget; with
+    ``evaluator``, each checkpoint's evaluation as Ray Train's checkpoint validation."""
     from ray.train import (
         CheckpointConfig,
         FailureConfig,
@@ -101,7 +124,8 @@ def fit(cfg: RunConfig, worker_fn, loop_config: dict, storage: str):
                                      placement_strategy=s.placement_strategy),
         run_config=RunConfig(name=cfg.run.name, storage_path=storage, logging_config=logging_config,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)))
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
+        validation_config=validation_config(evaluator) if evaluator is not None else None)
     return trainer.fit()
 
 
@@ -140,13 +164,13 @@ def launch(spec: TaskSpec, cfg: RunConfig, checked: dict | None = None, tags: di
     opened = open_run(spec, cfg, checked, tags or {}, backend="ray")
     where = cluster.connect(env_vars={"MLFLOW_TRACKING_URI": cfg.tracking.uri, "RAY_USAGE_STATS_ENABLED": "0",
                                       "MLFLOW_DISABLE_TELEMETRY": "true", **faults.forwarded_env()})
-    check_resources(cfg, where)
+    check_resources(cfg, where, opened.evaluator)
     s = cfg.scaling
     gpus = f", {s.gpus_per_worker:g} GPU" if s.use_gpu else ""
     print(f"Ray Train: {s.num_workers} workers ({s.cpus_per_worker:g} CPU{gpus} each) on the {where} Ray; "
           f"{cfg.run.steps} steps", flush=True)
     try:
-        result = fit(cfg, train_worker, opened.workers, opened.storage)
+        result = fit(cfg, train_worker, opened.workers, opened.storage, opened.evaluator)
     except Exception as err:
         from ray.train import TrainingFailedError
         if isinstance(err, TrainingFailedError):

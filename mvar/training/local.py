@@ -11,6 +11,11 @@ hooks, `mvar.training.worker`), the same checkpoints in ``run.storage_path/run.n
 record of them that Ray Train keeps there (`mvar.training.run_dir.record_checkpoint`): Ray Train
 resumes a local run's checkpoints and a local run resumes Ray Train's, into the same MLflow run.
 Nothing imports or starts Ray. ``scaling.num_workers`` is taken as 1 (one process).
+
+With ``checkpoint_eval.every_checkpoint`` each checkpoint is evaluated right after it is written, in
+this process (the loop waits for it; on Ray Train it runs beside the training), recorded as pending
+first, as Ray Train records a validation: a run stopped mid-evaluation evaluates it when it resumes,
+locally or on Ray Train (`mvar.training.checkpoint_eval`).
 """
 from __future__ import annotations
 
@@ -56,10 +61,12 @@ def local_device(cfg):
 
 
 class LocalReporter(Reporter):
-    """Checkpoints into the run's directory, registered in its record as Ray Train registers them."""
+    """Checkpoints into the run's directory, registered in its record as Ray Train registers them; with an
+    ``evaluator`` each one evaluated after its write, its metrics recorded with it."""
 
-    def __init__(self, run_dir: Path, resume_from: str | None, keep: int):
+    def __init__(self, run_dir: Path, resume_from: str | None, keep: int, evaluator=None):
         self.run_dir, self.resume_from, self.keep = Path(run_dir), resume_from, keep
+        self.evaluator = evaluator
 
     def restore(self, trainer: Trainer, rank: int) -> int:
         if not self.resume_from:
@@ -73,8 +80,28 @@ class LocalReporter(Reporter):
         yield self.run_dir / name
 
     def report(self, report: dict[str, float], written: Path | None, name: str) -> None:
-        if written is not None:
-            rundir.record_checkpoint(self.run_dir, name, dict(report), self.keep)
+        if written is None:
+            return
+        rundir.record_checkpoint(self.run_dir, name, dict(report), self.keep, validate=self.evaluator is not None)
+        if self.evaluator is not None:
+            self.evaluate(name)
+
+    def evaluate(self, name: str) -> None:
+        """Checkpoint ``name``'s pending evaluation, and its end in the record (failed: None). Torch's random
+        state is put back after it: the training goes on as it would without the evaluation (and as on Ray
+        Train, where the evaluation has a process of its own)."""
+        import torch
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            metrics = self.evaluator.safely(self.run_dir / name)
+        rundir.record_validation(self.run_dir, name, metrics, self.keep)
+
+    def evaluate_pending(self) -> None:
+        """The evaluations a stopped run left pending (asked for, not ended), oldest first."""
+        pending = rundir.pending_validations(self.run_dir) if self.evaluator is not None else []
+        for name in pending:
+            print(f"checkpoint {name}: its evaluation was pending when the run stopped; evaluating it now", flush=True)
+            self.evaluate(name)
 
 
 def fit_result(run_dir: Path, returned: dict) -> FitResult:
@@ -105,8 +132,9 @@ def run_local(spec: TaskSpec, cfg, checked: dict | None = None, tags: dict[str, 
     opened = open_run(spec, cfg, checked, tags or {}, backend="local")
     run_dir = Path(opened.workers["run_dir"])
     print(f"local run: one process on {device}; {cfg.run.steps} steps", flush=True)
-    reporter = LocalReporter(run_dir, opened.workers.get("resume_from"), cfg.run.keep_checkpoints)
+    reporter = LocalReporter(run_dir, opened.workers.get("resume_from"), cfg.run.keep_checkpoints, opened.evaluator)
     try:
+        reporter.evaluate_pending()
         returned = run_rank(opened.workers, spec.build_task, 0, 1, device, reporter)
     except BaseException as err:  # a bug's traceback stays as it is: this process is the worker
         _end(opened, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")

@@ -4,6 +4,10 @@ It supplies the rank, world size and device of Ray Train's context, the restore 
 Train's latest checkpoint, and `ray.train.report` at each checkpoint (every rank calls it the
 same number of times; rank 0 attaches the checkpoint directory).
 
+With ``config['checkpoint_eval']`` rank 0 asks Ray Train to evaluate each checkpoint it reports
+(``validation=True``): Ray Train's controller runs `validate_checkpoint` as a task of its own beside
+the training (`mvar.training.checkpoint_eval`), and merges the metrics it returns into the checkpoint's.
+
 Checkpoints (``config['run_dir']`` set: storage on a local or shared path): rank 0 writes each one
 straight into the run's directory and reports it without a second copy. On an object store rank 0
 writes a local copy that Ray Train uploads.
@@ -59,7 +63,17 @@ class RayReporter(Reporter):
         import ray.train
         ckpt = ray.train.Checkpoint.from_directory(str(written)) if written is not None else None
         mode = ray.train.CheckpointUploadMode.NO_UPLOAD if self.run_dir else ray.train.CheckpointUploadMode.SYNC
-        ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=name, checkpoint_upload_mode=mode)
+        validate = ckpt is not None and bool(self.config.get("checkpoint_eval"))
+        ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=name, checkpoint_upload_mode=mode,
+                         validation=validate)
+
+
+def validate_checkpoint(checkpoint, evaluator) -> dict:
+    """Ray Train's validation function (`TorchTrainer(validation_config=...)`, a task the controller starts):
+    the ``evaluator``'s metrics of the reported ``checkpoint`` (a `ray.train.Checkpoint`; a copy of it for an
+    object store). An exception marks the checkpoint's validation failed; the training goes on."""
+    with checkpoint.as_directory() as d:
+        return evaluator(Path(d))
 
 
 def train_worker(config: dict) -> dict:

@@ -142,23 +142,77 @@ def new_record() -> dict:
             "timed_out_validation_checkpoint_dir_names": [], "failed_validation_checkpoint_dir_names": []}
 
 
-def record_checkpoint(run_dir: Path, name: str, metrics: dict, keep: int) -> list[str]:
-    """Register the complete checkpoint ``run_dir/name`` (reported with ``metrics``) as the latest in the
-    run's record, as Ray Train does at a report: the oldest beyond ``keep`` leave the record, which is
-    written (atomically) before they are deleted. Returns the names deleted."""
-    run_dir = Path(run_dir)
-    path = run_dir / SNAPSHOT
+def _read_record(run_dir: Path) -> dict:
+    path = Path(run_dir) / SNAPSHOT
     data = read_json_mapping(path, "Ray Train checkpoint record") if path.is_file() else new_record()
     registered(run_dir)  # a record of another shape: the UserError that says so
+    return data
+
+
+def _retain(data: dict, keep: int) -> list[str]:
+    """Ray Train's retention on the record: the oldest beyond ``keep`` leave it, except the latest and those
+    whose validation is pending. Returns the names that left."""
+    pending = {r["checkpoint_dir_name"] for r in data.get("pending_training_results") or ()}
+    latest = (data.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    pairs = list(zip(data["checkpoint_results"], data["checkpoint_report_indices"]))
+    spare = {r["checkpoint_dir_name"] for r, _ in pairs[:-keep]} - pending - {latest}
+    kept = [(r, i) for r, i in pairs if r["checkpoint_dir_name"] not in spare]
+    data.update(checkpoint_results=[r for r, _ in kept], checkpoint_report_indices=[i for _, i in kept])
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                "failed_validation_checkpoint_dir_names"):
+        data[key] = [n for n in data.get(key) or () if n not in spare]
+    return sorted(spare)
+
+
+def _write_record(run_dir: Path, data: dict, dropped: list[str]) -> None:
+    """The record (atomically), then the checkpoints that left it deleted."""
+    write_text_atomic(Path(run_dir) / SNAPSHOT, json.dumps(data))
+    for old in dropped:
+        shutil.rmtree(Path(run_dir) / old, ignore_errors=True)
+
+
+def record_checkpoint(run_dir: Path, name: str, metrics: dict, keep: int, validate: bool = False) -> list[str]:
+    """Register the complete checkpoint ``run_dir/name`` (reported with ``metrics``) as the latest in the
+    run's record, as Ray Train does at a report: the oldest beyond ``keep`` leave the record, which is
+    written (atomically) before they are deleted. ``validate``: its evaluation is pending (as a report with
+    ``validation=True``), until ``record_validation``. Returns the names deleted."""
+    run_dir = Path(run_dir)
+    data = _read_record(run_dir)
     result = {"version": 0, "checkpoint_dir_name": name, "metrics": metrics}
     pairs = [(r, i) for r, i in zip(data["checkpoint_results"], data["checkpoint_report_indices"])
              if r["checkpoint_dir_name"] != name]
     pairs.append((result, int(data["current_report_index"])))
-    dropped = [r["checkpoint_dir_name"] for r, _ in pairs[:-keep]]
-    pairs = pairs[-keep:]
     data.update(checkpoint_results=[r for r, _ in pairs], checkpoint_report_indices=[i for _, i in pairs],
                 latest_checkpoint_result=result, current_report_index=int(data["current_report_index"]) + 1)
-    write_text_atomic(path, json.dumps(data))
-    for old in dropped:
-        shutil.rmtree(run_dir / old, ignore_errors=True)
+    if validate:
+        data["pending_training_results"] = [*(data.get("pending_training_results") or ()), dict(result)]
+        data["pending_validation_specs"] = [*(data.get("pending_validation_specs") or ()), True]
+    dropped = _retain(data, keep)
+    _write_record(run_dir, data, dropped)
+    return dropped
+
+
+def pending_validations(run_dir: Path) -> list[str]:
+    """The checkpoints whose evaluation was asked for and has not ended (the run stopped first), oldest first."""
+    path = Path(run_dir) / SNAPSHOT
+    if not path.is_file():
+        return []
+    return [str(r["checkpoint_dir_name"]) for r in _read_record(run_dir).get("pending_training_results") or ()]
+
+
+def record_validation(run_dir: Path, name: str, metrics: dict | None, keep: int) -> list[str]:
+    """The end of checkpoint ``name``'s pending evaluation, as Ray Train records it: ``metrics`` merged into the
+    checkpoint's (validated), or None (failed); then the retention. Returns the names deleted."""
+    run_dir = Path(run_dir)
+    data = _read_record(run_dir)
+    pending = list(zip(data.get("pending_training_results") or (), data.get("pending_validation_specs") or ()))
+    kept = [(r, v) for r, v in pending if r["checkpoint_dir_name"] != name]
+    data.update(pending_training_results=[r for r, _ in kept], pending_validation_specs=[v for _, v in kept])
+    for result in (*data["checkpoint_results"], data.get("latest_checkpoint_result") or {}):
+        if metrics is not None and result.get("checkpoint_dir_name") == name:
+            result["metrics"] = {**result["metrics"], **metrics}
+    key = "validated_checkpoint_dir_names" if metrics is not None else "failed_validation_checkpoint_dir_names"
+    data[key] = [*(n for n in data.get(key) or () if n != name), name]
+    dropped = _retain(data, keep)
+    _write_record(run_dir, data, dropped)
     return dropped

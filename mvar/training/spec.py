@@ -20,6 +20,14 @@ def _no_name(cfg) -> str:
     return ""
 
 
+def _no_evaluator(cfg, run_id: str, run_dir: str):
+    return None
+
+
+def _by_val_loss(cfg) -> str:
+    return "val/loss"
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str                      # 'generator', 'tokenizer'
@@ -35,3 +43,8 @@ class TaskSpec:
     register_as: Callable[[Any], str] = _no_name
     # (cfg, outcome) -> outcome, after the run ended FINISHED (the tokenizer writes its `output`)
     after_fit: Callable[[Any, Any], Any] | None = None
+    # (cfg, MLflow run id, run directory) -> what evaluates each checkpoint into the run
+    # (`mvar.training.checkpoint_eval.CheckpointEvaluator`), or None: checkpoints are not evaluated
+    evaluator: Callable[[Any, str, str], Any] = _no_evaluator
+    # the metric of the checkpoints that `models:/NAME@best` follows (each in its direction: metric_names)
+    best_by: Callable[[Any], str] = _by_val_loss

@@ -30,6 +30,7 @@ from mvar.training.driver import (
     resolve_epochs,
     storage_location,
 )
+from mvar.training.checkpoint_eval import CheckpointEvaluator
 from mvar.training.spec import TaskSpec
 from mvar.training.tokenizer_config import TokenizerTrainConfig
 
@@ -61,16 +62,44 @@ def _check_init_from(cfg: TrainConfig) -> None:
 
 
 JOB_PATH_KEYS = ("tokenizer", "init_from", "data.shards", "data.eval_shards", "run.storage_path")
+CHECKPOINT_EVAL_PATH_KEYS = ("checkpoint_eval.reference", "checkpoint_eval.feature_extractor_weights",
+                             "checkpoint_eval.out_dir")
+
+
+def _in_this_run(key: str, check, *args):
+    """``check(*args)``, its UserError (one of `mvar eval`'s checks) naming this run's ``checkpoint_eval.*`` key."""
+    import re
+    try:
+        return check(*args)
+    except UserError as err:
+        message = re.sub(r"(?<![\w.])eval\.", "checkpoint_eval.", str(err))
+        raise UserError(message if "checkpoint_eval." in message else f"checkpoint_eval.{key}: {message}") from None
+
+
+def _check_checkpoint_eval(cfg: TrainConfig, tok_cfg: TokenizerConfig) -> None:
+    """The checkpoints' evaluation (when on): its sample count fits the metrics, its feature extractor and
+    reference the model's images and classes (`mvar eval`'s checks), before anything starts."""
+    from mvar.evaluation.run import make_plan, prepare_reference
+    from mvar.metrics.inception import resolve_weights
+    ecfg = cfg.checkpoint_eval
+    if not ecfg.every_checkpoint:
+        return
+    _in_this_run("num_per_class", make_plan, ecfg, cfg.model.num_classes)
+    _in_this_run("feature_extractor_weights", resolve_weights, ecfg.feature_extractor_weights, False,
+                 ecfg.feature_extractor)
+    _in_this_run("reference", prepare_reference, ecfg, tok_cfg.image_size, cfg.model.num_classes)
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
     """Every check on the generator run's inputs; raises UserError naming the key before anything starts."""
-    check_paths_in_job(cfg, JOB_PATH_KEYS)
+    evaluated = cfg.checkpoint_eval.every_checkpoint
+    check_paths_in_job(cfg, JOB_PATH_KEYS + (CHECKPOINT_EVAL_PATH_KEYS if evaluated else ()))
     tok_cfg, sha = _check_tokenizer(cfg)
     samples = check_shard_sets(cfg, cfg.data.kind, tok_cfg.image_size, f"the tokenizer '{cfg.tokenizer}'",
                                image_size=cfg.data.image_size, fingerprint=sha, num_classes=cfg.model.num_classes)
     resolve_epochs(cfg, samples)
     _check_init_from(cfg)
+    _check_checkpoint_eval(cfg, tok_cfg)
     return Prepared(tok_cfg=tok_cfg, tokenizer_sha256=sha)
 
 
@@ -88,7 +117,8 @@ def model_name(cfg: TrainConfig) -> str:
 
 
 GENERATOR = TaskSpec(name="generator", config_type=TrainConfig, build_task=loop.build_task, check=check_generator,
-                     tags=model_tags, register_as=model_name)
+                     tags=model_tags, register_as=model_name, evaluator=CheckpointEvaluator.of,
+                     best_by=lambda cfg: cfg.checkpoint_eval.best_metric)
 
 # -- the tokenizer -----------------------------------------------------------------
 

@@ -1,56 +1,15 @@
-"""Inputs of the training tests: a stand-in tiny tokenizer, synthetic image shards and their token shards."""
+"""Fixtures of the training tests: a local Ray; the tiny inputs (``tiny_inputs``: a stand-in tokenizer,
+synthetic image shards and their token shards) and ``tiny_classifier`` are tests/conftest.py's (the UI
+tests train on them too)."""
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-import torch
-
-from mvar.checkpoint import save_tokenizer
-from mvar.data.synth import write_synth
-from mvar.data.tokens import tokenize
-from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-
-@dataclass
-class TinyInputs:
-    root: Path
-    tokenizer: str
-    images: str
-    tokens: str
-    eval_tokens: str
-
-    @property
-    def tracking_uri(self) -> str:
-        return f"sqlite:///{self.root}/mlflow.db"
-
-    def overrides(self, name: str, **extra) -> list[str]:
-        """Overrides that point a tiny local config at these inputs and at a store under ``root``."""
-        base = {"tokenizer": self.tokenizer, "data.shards": self.tokens, "run.name": name,
-                "run.storage_path": str(self.root / "runs"), "tracking.uri": self.tracking_uri,
-                "tracking.experiment": "tests", "tracking.system_metrics": "false", "data.num_workers": 0}
-        base.update(extra)
-        return [f"{k}={v}" for k, v in base.items()]
-
-
-@pytest.fixture(scope="session")
-def tiny_inputs(tmp_path_factory) -> TinyInputs:
-    root = tmp_path_factory.mktemp("train")
-    torch.manual_seed(0)
-    cfg = TokenizerConfig.tiny()
-    save_tokenizer(root / "tokenizer", MultiScaleVQVAE(cfg), cfg)
-    write_synth(str(root / "images"), num_images=160, image_size=64, num_classes=10, seed=0, shard_size=40)
-    write_synth(str(root / "eval-images"), num_images=32, image_size=64, num_classes=10, seed=1, shard_size=16)
-    tokenize(str(root / "tokenizer"), str(root / "images"), str(root / "tokens"), progress=False)
-    tokenize(str(root / "tokenizer"), str(root / "eval-images"), str(root / "eval-tokens"), progress=False)
-    return TinyInputs(root=root, tokenizer=str(root / "tokenizer"), images=str(root / "images"),
-                      tokens=str(root / "tokens"), eval_tokens=str(root / "eval-tokens"))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Real Ray Train runs (2 CPU workers on a local Ray) of tiny VAR and MVAR, tracked in a real MLflow store."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from mvar import tracking
 from mvar.checkpoint import load_checkpoint, read_checkpoint_meta
 from mvar.training import TrainingFailed, load_train_config, train, train_repeats
+from mvar.training import run_dir as rundir
 from mvar.training.launch import group_key_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
@@ -17,16 +19,20 @@ def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in tracking.client(uri).get_metric_history(run_id, key))
 
 
-def fit_overrides(tiny_inputs, variant: str) -> list[str]:
+def fit_overrides(tiny_inputs, variant: str, **extra) -> list[str]:
     return tiny_inputs.overrides(f"{variant}-fit", **{"run.steps": 40, "run.checkpoint_every": 20, "run.log_every": 2,
-                                                      "data.eval_shards": tiny_inputs.eval_tokens})
+                                                      "data.eval_shards": tiny_inputs.eval_tokens, **extra})
 
 
 @pytest.mark.parametrize("variant", ["var", "mvar"])
-def test_tiny_model_trains_and_the_run_holds_everything(tiny_inputs, variant, local_ray, capsys, step_tally):
-    """Then, for mvar, a rerun with more steps: it continues the same MLflow run, and passes over its
-    latest checkpoint, damaged (train_state.pt cut in half), for the one before."""
-    cfg = load_train_config(f"workflows/configs/{variant}_tiny_local.yaml", fit_overrides(tiny_inputs, variant))
+def test_tiny_model_trains_and_the_run_holds_everything(tiny_inputs, variant, local_ray, capsys, step_tally,
+                                                        tiny_classifier, checkpoint_eval_keys):
+    """For var, each checkpoint evaluated beside the training too (checkpoint_eval). Then, for mvar, a rerun
+    with more steps: it continues the same MLflow run, and passes over its latest checkpoint, damaged
+    (train_state.pt cut in half), for the one before."""
+    evaluated = checkpoint_eval_keys(tiny_inputs, tiny_classifier) if variant == "var" else {}
+    cfg = load_train_config(f"workflows/configs/{variant}_tiny_local.yaml",
+                            fit_overrides(tiny_inputs, variant, **evaluated))
     outcome = train(cfg)
     uri, run_id = cfg.tracking.uri, outcome.run_id
     run = tracking.client(uri).get_run(run_id)
@@ -75,8 +81,29 @@ def test_tiny_model_trains_and_the_run_holds_everything(tiny_inputs, variant, lo
     assert best["mvar.step"] == str(min(val, key=val.get))
     # 2 workers: rank 0's rendezvous store and both ranks' gloo sockets listen on loopback only
     local_ray.assert_listeners_on("127.0.0.1", expect=("RayTrainWorker", "gcs_server", "raylet"))
+    if variant == "var":
+        checkpoints_evaluated_beside_the_training(uri, run_id, outcome.checkpoint, best)
     if variant == "mvar":
         rerun_past_a_damaged_checkpoint(tiny_inputs, outcome, capsys, step_tally)
+
+
+def checkpoints_evaluated_beside_the_training(uri: str, run_id: str, final: str, best: dict) -> None:
+    """checkpoint_eval on Ray Train: Ray Train's validation task evaluated each checkpoint while the training
+    went on (step 20's eval/fid reached the run after step 22's train/loss: the loop did not wait for it),
+    each once, with finite values; Ray's checkpoint record holds them with each checkpoint, the registered
+    versions too (@best by val/loss: checkpoint_eval.best_by unset)."""
+    for key in ("eval/fid", "eval/kid", "eval/precision", "eval/recall", "eval/is", "eval/class_acc"):
+        values = history(uri, run_id, key)
+        assert [s for s, _ in values] == [20, 40] and all(math.isfinite(v) for _, v in values), (key, values)
+    fid = dict(history(uri, run_id, "eval/fid"))
+    client = tracking.client(uri)
+    logged_at = {(m.key, m.step): m.timestamp for key in ("train/loss", "eval/fid")
+                 for m in client.get_metric_history(run_id, key)}
+    assert logged_at[("eval/fid", 20)] > logged_at[("train/loss", 22)], logged_at
+    reg = rundir.registered(Path(final).parent)
+    assert {n: reg.metrics[n]["eval/fid"] for n in reg.names} == pytest.approx(
+        {"step_00000020": fid[20], "step_00000040": fid[40]})
+    assert float(best["eval/fid"]) == pytest.approx(fid[int(best["mvar.step"])], rel=1e-4)
 
 
 def rerun_past_a_damaged_checkpoint(tiny_inputs, first, capsys, step_tally):

@@ -168,7 +168,8 @@ def test_a_config_is_validated_once_at_load_and_crosses_to_the_workers_as_itself
     cfg = load_train_config(LOCAL, [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
     assert calls == ["model."] and cfg.model.attention == "mvar" and cfg.model.depth == 2
     seen = {}
-    monkeypatch.setattr(launch, "fit", lambda cfg, fn, loop_config, storage: seen.update(loop_config) or 1 / 0)
+    monkeypatch.setattr(launch, "fit", lambda cfg, fn, loop_config, storage, evaluator=None:
+                        seen.update(loop_config) or 1 / 0)
     monkeypatch.setattr(driver, "attach_run", lambda *a: ("run-1", False))
     monkeypatch.setattr(driver.Store, "set_tags", lambda *a: None)
     monkeypatch.setattr(driver, "log_config", lambda *a: None)

@@ -279,3 +279,59 @@ def test_a_group_runs_page_shows_the_aggregates_of_its_seeds(browser, mlflow_ser
     text = browser.keep(shots, "group-run")
     missing = _missing(text, needles)
     assert not missing, f"not on the group run's page: {missing}; page text:\n{text[:3000]}"
+
+
+# -- a training run whose checkpoints were evaluated while it trained: its eval/fid curve ----------------
+
+EVAL_EXPERIMENT = "ui-checkpoint-eval"
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(mlflow_server, tiny_inputs, tiny_classifier, checkpoint_eval_keys) -> tuple[str, str, dict]:
+    """(experiment id, run id, eval/fid by step): a local training run of the tiny VAR (6 steps, a checkpoint
+    every 2) with checkpoint_eval.every_checkpoint, logging to the test's MLflow server."""
+    from mvar.training import load_train_config
+    from mvar.training.launch import train
+    from mvar.tracking import Store
+    overrides = tiny_inputs.overrides("ui-ckpt-eval", **{
+        "run.steps": 6, "run.checkpoint_every": 2, "run.log_every": 1, "train.sample_images": 0,
+        "tracking.uri": mlflow_server, "tracking.experiment": EVAL_EXPERIMENT, "tracking.retry_s": 30,
+        "run.storage_path": str(tiny_inputs.root / "ui-runs"), **checkpoint_eval_keys(tiny_inputs, tiny_classifier)})
+    outcome = train(load_train_config("workflows/configs/var_tiny_local.yaml", overrides), local=True)
+    fid = dict(Store(mlflow_server).history(outcome.run_id, "eval/fid"))
+    assert sorted(fid) == [2, 4, 6], fid
+    return Store(mlflow_server).experiment_id(EVAL_EXPERIMENT), outcome.run_id, fid
+
+
+def test_a_run_with_checkpoint_eval_shows_its_eval_fid_curve(browser, mlflow_server, evaluated_run, shots):
+    """The run's Model metrics page draws eval/fid (and the checkpoints' other metrics) as a chart over its
+    steps: the plotted curve is the run's three checkpoint values at steps 2, 4, 6."""
+    experiment_id, run_id, fid = evaluated_run
+    url = f"{mlflow_server}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics"
+    # the eval section's charts (the page draws a section's charts as they scroll into view)
+    legends = [f"ui-ckpt-eval ({key})" for key in ("eval/fid", "eval/class_acc", "eval/precision", "eval/recall",
+                                                     "eval/kid")]
+    browser.set_window(1600, 2400)
+    browser.open(url, legends)
+    text = browser.keep(shots, "checkpoint-eval-run-metrics")
+    missing = _missing(text, legends)
+    assert not missing, f"not on the run's metrics page: {missing}; page text:\n{text[:3000]}"
+    curve = _plotted(browser, "ui-ckpt-eval (eval/fid)")
+    assert curve is not None, "no plot beside the legend 'ui-ckpt-eval (eval/fid)'"
+    steps, values = curve
+    assert steps == [2, 4, 6] and values == pytest.approx([fid[s] for s in steps], rel=1e-6), curve
+
+
+def _plotted(browser, legend: str):
+    """([x], [y]) of the Plotly chart whose legend reads ``legend`` (the smallest element holding both): its
+    traces (MLflow draws the line and its points as two) must agree."""
+    return browser.run_js(
+        "const want = arguments[0];"
+        "const own = e => (e.textContent || '').trim() === want;"
+        "const leaf = [...document.querySelectorAll('body *')].find(e => own(e) && ![...e.children].some(own));"
+        "let card = leaf; while (card && !card.querySelector('.js-plotly-plot')) card = card.parentElement;"
+        "if (!card) return null;"
+        "const curves = (card.querySelector('.js-plotly-plot').data || []).map("
+        "  t => [Array.from(t.x).map(Number), Array.from(t.y).map(Number)]);"
+        "const same = curves.every(c => JSON.stringify(c) === JSON.stringify(curves[0]));"
+        "return curves.length && same ? curves[0] : null;", legend)
