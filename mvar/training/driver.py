@@ -224,16 +224,16 @@ def _checkpoint_metrics(metrics: dict) -> tuple[int, dict[str, float]]:
     return int(metrics.get("step", 0)), numbers
 
 
-def register_checkpoints(store: Store, run_id: str, name: str, result: FitResult) -> None:
+def register_checkpoints(store: Store, run_id: str, name: str, result: FitResult, loadable: bool = False) -> None:
     """The final checkpoint as a version of model ``name`` (alias ``final``; MLflow reserves ``latest`` for the
     newest version, ``models:/NAME/latest``), and the best by val/loss of
     the checkpoints the run keeps (``run.keep_checkpoints``) too (alias ``best``: moved only to a version with
-    a lower val/loss than the alias names now, or one of this run). Registry trouble costs the versions, not
-    the run."""
+    a lower val/loss than the alias names now, or one of this run). ``loadable``: each version holds the
+    checkpoint as an MLflow pyfunc. Registry trouble costs the versions, not the run."""
     kept, final = result.kept, result.checkpoint
     try:
         step, metrics = _checkpoint_metrics(next((m for p, m in kept if p == final), result.metrics))
-        version = store.register_model(name, run_id, final, {"mvar.kind": "final"}, step, metrics)
+        version = store.register_model(name, run_id, final, {"mvar.kind": "final"}, step, metrics, loadable)
         store.set_alias(name, "final", version)
         print(f"model registry: models:/{name}@final is version {version} (step {step})", flush=True)
         scored = [(m["val/loss"], p, m) for p, m in kept if isinstance(m.get("val/loss"), (int, float))]
@@ -241,7 +241,7 @@ def register_checkpoints(store: Store, run_id: str, name: str, result: FitResult
             return
         loss, path, best_metrics = min(scored, key=lambda x: x[0])
         step, metrics = _checkpoint_metrics(best_metrics)
-        version = store.register_model(name, run_id, path, {"mvar.kind": "best"}, step, metrics)
+        version = store.register_model(name, run_id, path, {"mvar.kind": "best"}, step, metrics, loadable)
         now = store.model_version(f"models:/{name}@best")
         if now is None or now["run_id"] == run_id or loss < float(now.get("val/loss", "inf")):
             store.set_alias(name, "best", version)
@@ -251,7 +251,7 @@ def register_checkpoints(store: Store, run_id: str, name: str, result: FitResult
         log.warning("model registry: the checkpoints of run %s were not registered as '%s': %s", run_id, name, err)
 
 
-def finish(store: Store, run_id: str, result: FitResult, register_as: str = "") -> TrainOutcome:
+def finish(store: Store, run_id: str, result: FitResult, register_as: str = "", loadable: bool = False) -> TrainOutcome:
     """The run's final tags and status from what the fit left; a run that stopped is a TrainingFailed."""
     ret, checkpoint = result.returned, result.checkpoint
     if checkpoint:
@@ -270,12 +270,12 @@ def finish(store: Store, run_id: str, result: FitResult, register_as: str = "") 
         store.terminate(run_id, "FAILED")
         raise TrainingFailed(stopped[status])
     if checkpoint and register_as:
-        register_checkpoints(store, run_id, register_as, result)
+        register_checkpoints(store, run_id, register_as, result, loadable)
     store.terminate(run_id, "FINISHED")
     return TrainOutcome(run_id=run_id, checkpoint=checkpoint, step=step, status=status)
 
 
 def end_run(spec: TaskSpec, cfg: RunConfig, opened: OpenRun, result: FitResult) -> TrainOutcome:
     """``finish`` (registering the checkpoints as ``spec.register_as``), then the spec's ``after_fit``."""
-    outcome = finish(opened.store, opened.run_id, result, spec.register_as(cfg))
+    outcome = finish(opened.store, opened.run_id, result, spec.register_as(cfg), spec.loadable)
     return spec.after_fit(cfg, outcome) if spec.after_fit else outcome

@@ -88,7 +88,7 @@ def model_name(cfg: TrainConfig) -> str:
 
 
 GENERATOR = TaskSpec(name="generator", config_type=TrainConfig, build_task=loop.build_task, check=check_generator,
-                     tags=model_tags, register_as=model_name)
+                     tags=model_tags, register_as=model_name, loadable=True)
 
 # -- the tokenizer -----------------------------------------------------------------
 
