@@ -57,7 +57,7 @@ class GeneratorModel(PythonModel):
         known = {f.name for f in fields(SamplingConfig)}
         self.defaults = SamplingConfig(**{k: v for k, v in stored.items() if k in known})
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input, params=None):  # no type hints: the signature below is the schema
         import torch
 
         from mvar.sampling import make_generator, sample_images

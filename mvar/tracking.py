@@ -354,19 +354,20 @@ class Store:
         except Exception as err:  # only "exists already" is expected
             if "RESOURCE_ALREADY_EXISTS" not in str(getattr(err, "error_code", "")) + str(err):
                 raise
-        model_id, has_pyfunc = self._logged_model(name, run_id, location, step, metrics or {}, loadable)
+        model_id, pyfunc_at = self._logged_model(name, run_id, location, step, metrics or {}, loadable)
         all_tags = {CHECKPOINT_TAG: location, "mvar.step": str(step), "mvar.logged_model": model_id,
                     **{k: f"{v:.6g}" for k, v in (metrics or {}).items()}, **(tags or {})}
         # a tracking server takes no local path as a version's source: it gets the LoggedModel, which it
-        # resolves itself; a store opened in this process (SQLite) takes the checkpoint's location, unless the
-        # LoggedModel holds the pyfunc, which MLflow's loader finds through models:/<model_id>
+        # resolves itself; a store opened in this process (SQLite) takes the checkpoint's location, or where the
+        # LoggedModel's pyfunc lies (MLflow's SQL registry would resolve models:/<model_id> in the store of the
+        # process-wide tracking URI, not this one)
         remote = self.uri.startswith(("http://", "https://"))
-        source = f"models:/{model_id}" if remote or has_pyfunc else location
+        source = f"models:/{model_id}" if remote else pyfunc_at or location
         return str(c.create_model_version(name, source, run_id=run_id, tags=all_tags, model_id=model_id).version)
 
     def _logged_model(self, name: str, run_id: str, location: str, step: int, metrics: dict[str, float],
-                      loadable: bool = False) -> tuple[str, bool]:
-        """(id, holds the pyfunc?) of an MLflow 3 LoggedModel of ``run_id`` (the experiment's Models tab), the
+                      loadable: bool = False) -> tuple[str, str]:
+        """(id, where its pyfunc lies, '' if none) of an MLflow 3 LoggedModel of ``run_id`` (the experiment's Models tab), the
         checkpoint's metrics as its tags: logged as metrics with the model's id they would enter the run's
         history a second time. A pyfunc that cannot be saved costs a warning: the version still names the
         checkpoint (``mvar sample --model`` and ``mvar eval`` load it from there)."""
@@ -376,11 +377,11 @@ class Store:
                                       tags={CHECKPOINT_TAG: location, **{k: f"{v:.6g}" for k, v in metrics.items()}},
                                       params={"step": str(step)}, model_type="mvar-pyfunc" if loadable
                                       else "mvar-checkpoint")
-        saved = False
+        saved = ""
         if loadable:
             try:
                 self._log_pyfunc(model.model_id, location)
-                saved = True
+                saved = model.artifact_location
             except Exception as err:  # noqa: BLE001 - the version is still registered, by its checkpoint
                 log.warning("model registry: '%s' of %s is registered without its pyfunc: %s", name, location, err)
         c.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
@@ -497,7 +498,7 @@ class SystemMetrics:
     makes the sampler; they are process-wide environment variables, so they are unset again at once). Its
     steps go on from the run's last system step, so a restarted run or a second node adds no duplicate step.
     Stopping it ends the active run: MLflow's only public way to stop the sampler, which also marks the run
-    with a status; the status the run already has (RUNNING) is given, the driver sets the final one."""
+    with a status; the status the run has at that moment is given again (the driver sets the final one)."""
 
     def __init__(self, run_id: str, uri: str, interval_s: float, node_id: str):
         self.run_id, self.uri, self.interval_s, self.node_id = run_id, uri, interval_s, node_id
@@ -527,7 +528,7 @@ class SystemMetrics:
         self._active = False
         try:
             with _fluent_uri(self.uri):
-                mlflow.end_run(status or "RUNNING")
+                mlflow.end_run(status or mlflow.get_run(self.run_id).info.status)
         except Exception as err:  # noqa: BLE001
             log.warning("system metrics of %s did not stop cleanly: %s", self.node_id, err)
 

@@ -290,8 +290,9 @@ def test_a_loadable_version_is_an_mlflow_pyfunc_that_samples_the_checkpoints_ima
     store.set_alias("mvar-tiny", "final", version)
     assert store.resolve_model("models:/mvar-tiny@final") == str(tiny_checkpoint)  # mvar sample --model: as before
     mv = store.model_version("models:/mvar-tiny@final")
-    assert mv["source"] == f"models:/{mv['mvar.logged_model']}"
-    files = {a.path for a in tracking.client(cfg.uri).list_logged_model_artifacts(mv["mvar.logged_model"],
+    logged = tracking.client(cfg.uri).get_logged_model(mv["mvar.logged_model"])
+    assert mv["source"] == logged.artifact_location and logged.model_type == "mvar-pyfunc"  # the pyfunc
+    files = {a.path for a in tracking.client(cfg.uri).list_logged_model_artifacts(logged.model_id,
                                                                                   "artifacts/checkpoint")}
     assert files == {"artifacts/checkpoint/checkpoint.yaml", "artifacts/checkpoint/model.pt",
                      "artifacts/checkpoint/tokenizer"}  # no train_state.pt
