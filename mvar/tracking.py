@@ -12,10 +12,10 @@ Workers log through a ``Tracker``: ``log_params``, ``set_tags``,
 ``log_table``, ``close``.
 Rank 0 gets an ``MlflowTracker`` bound to one run id; the first rank of every other node a
 ``NodeTracker`` (its node's system metrics only); other ranks a ``NullTracker``. System metrics go
-through MLflow's public API (``SystemMetrics``), one sampler per node, named ``system/node_<N>/...``. Metrics and artifacts are sent by a background thread that
-retries, so a tracking server that goes away mid-run costs log lines, not the
-training job; what is still queued when the run closes is flushed with a
-bounded wait.
+through MLflow's public API (``SystemMetrics``), one sampler per node, named ``system/node_<N>/...``.
+Metrics and artifacts are sent by a background thread that retries, so a tracking server that goes
+away mid-run costs log lines, not the training job; what is still queued when the run closes is
+flushed with a bounded wait.
 
 Where runs go (``TrackingConfig.uri``, else ``MLFLOW_TRACKING_URI``, else a
 SQLite store under ``out/mlflow`` of the working directory). For a SQLite
@@ -367,8 +367,8 @@ class Store:
 
     def _logged_model(self, name: str, run_id: str, location: str, step: int, metrics: dict[str, float],
                       loadable: bool = False) -> tuple[str, str]:
-        """(id, where its pyfunc lies, '' if none) of an MLflow 3 LoggedModel of ``run_id`` (the experiment's Models tab), the
-        checkpoint's metrics as its tags: logged as metrics with the model's id they would enter the run's
+        """(id, where its pyfunc lies, '' if none) of an MLflow 3 LoggedModel of ``run_id`` (the experiment's
+        Models tab), the checkpoint's metrics as its tags: logged as metrics with the model's id they would enter the run's
         history a second time. A pyfunc that cannot be saved costs a warning: the version still names the
         checkpoint (``mvar sample --model`` and ``mvar eval`` load it from there)."""
         from mlflow.entities import LoggedModelStatus
