@@ -54,6 +54,9 @@ class TrackingConfig:
     parent_run_id: str = ""       # a training run nested under this run (a sweep's trial under the sweep's run)
     system_metrics: bool = True   # MLflow's CPU/GPU/memory sampler, one per node: system/node_<N>/*
     system_metrics_interval_s: float = 10.0
+    # a registered generator version holds an MLflow pyfunc, a copy of its weights and tokenizer (no optimizer
+    # state): mlflow.pyfunc.load_model("models:/NAME@final"); false: it only names the checkpoint (no copy)
+    register_pyfunc: bool = True
     retry_s: float = 600.0        # how long queued metrics wait for a server that went away
     flush_timeout_s: float = 60.0  # how long close() waits for the queue to drain
 

@@ -277,5 +277,6 @@ def finish(store: Store, run_id: str, result: FitResult, register_as: str = "", 
 
 def end_run(spec: TaskSpec, cfg: RunConfig, opened: OpenRun, result: FitResult) -> TrainOutcome:
     """``finish`` (registering the checkpoints as ``spec.register_as``), then the spec's ``after_fit``."""
-    outcome = finish(opened.store, opened.run_id, result, spec.register_as(cfg), spec.loadable)
+    outcome = finish(opened.store, opened.run_id, result, spec.register_as(cfg),
+                     spec.loadable and cfg.tracking.register_pyfunc)
     return spec.after_fit(cfg, outcome) if spec.after_fit else outcome

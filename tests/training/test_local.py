@@ -114,8 +114,10 @@ def test_a_local_run_trains_tracks_checkpoints_and_resumes_without_ray(tiny_inpu
 
     longer = train(load_train_config(MVAR, tiny_inputs.overrides(name, **{
         "run.steps": 8, "run.checkpoint_every": 2, "run.log_every": 1, "train.sample_images": 0,
-        "data.eval_shards": tiny_inputs.eval_tokens})), local=True)
+        "data.eval_shards": tiny_inputs.eval_tokens, "tracking.register_pyfunc": "false"})), local=True)
     assert (longer.run_id, longer.step) == (run_id, 8)
+    final = store.model_version("models:/mvar-tiny@final")  # registered without a pyfunc: it names the checkpoint
+    assert final["source"] == final["mvar.checkpoint"] == longer.checkpoint
     run = tracking.client(uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["mvar.resumes"] == "1"
     assert [s for s, _ in history(uri, run_id, "train/loss")] == list(range(1, 9))  # steps 7, 8 added, none twice
