@@ -137,7 +137,7 @@ def test_each_benchmark_entry_point_is_a_bench_subcommand_with_the_same_flags():
     subs = {path.split()[-1]: p for path, p in walk(build_parser(), "mvar") if path.startswith("mvar bench ")}
     modules = entry_parsers()
     pairs = {"window": "tools.bench_window", "compare-authors": "tools.compare_authors", "gpu": "workflows.bench_gpu",
-             "train": "workflows.bench_train", "data": "mvar.data.bench"}
+             "train": "workflows.bench_train", "data": "mvar.data.bench", "profile": "tools.profile_generate"}
     assert set(subs) == set(pairs)
 
     def flags(parser):
@@ -182,7 +182,7 @@ def entry_parsers() -> dict[str, argparse.ArgumentParser]:
     """`mvar` and the parsers of the module entry points (`python -m workflows.train` ...)."""
     from mvar.commands import evaluate, standalone, sweep, train
     from mvar.data import bench as data_bench
-    from tools import bench_window, compare_authors
+    from tools import bench_window, compare_authors, profile_generate
     from workflows import bench_gpu, bench_train, quickstart
     return {"mvar": build_parser(),
             "workflows.train": standalone("workflows.train", "", train.configure_train),
@@ -193,6 +193,7 @@ def entry_parsers() -> dict[str, argparse.ArgumentParser]:
             **{name: standalone(name, "", module.configure) for name, module in (
                 ("workflows.bench_train", bench_train), ("workflows.bench_gpu", bench_gpu),
                 ("tools.compare_authors", compare_authors), ("tools.bench_window", bench_window),
+                ("tools.profile_generate", profile_generate),
                 ("mvar.data.bench", data_bench))}}
 
 

@@ -7,6 +7,7 @@ project's other benchmarks as sub-commands.
     mvar bench gpu ...               # = python -m workflows.bench_gpu     (the d16 GPU benchmark)
     mvar bench train ...             # = python -m workflows.bench_train   (Ray Train throughput, tiny models)
     mvar bench data ...              # = python -m mvar.data.bench         (packing and loading throughput)
+    mvar bench profile ...           # = python -m tools.profile_generate  (where a generate call's time goes)
 
 The module entry points stay (aliases with the same flags: mvar/commands/benchmarks.py); tools/ is not
 installed with the package, so its two run from a checkout of the project.
@@ -81,6 +82,14 @@ def run_compare_authors(args: argparse.Namespace) -> int:
     return compare_authors.run(args)
 
 
+def run_profile(args: argparse.Namespace) -> int:
+    try:
+        from tools import profile_generate
+    except ModuleNotFoundError as err:
+        raise outside_checkout(err) from None
+    return profile_generate.run(args)
+
+
 def run_gpu(args: argparse.Namespace) -> int:
     from workflows import bench_gpu
     return bench_gpu.run(args)
@@ -106,6 +115,8 @@ BENCHMARKS = [
     ("train", "training throughput of the tiny models on 1 and 2 Ray Train workers", benchmarks.TRAIN,
      benchmarks.train, run_train),
     ("data", "packing and loading throughput of image shards", benchmarks.DATA, benchmarks.data, run_data),
+    ("profile", "where one generate call's time goes, per variant", benchmarks.PROFILE, benchmarks.profile,
+     run_profile),
 ]
 
 

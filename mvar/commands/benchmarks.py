@@ -13,6 +13,8 @@ WINDOW = "CPU window attention: reference (one masked SDPA call) against banded,
 COMPARE_AUTHORS = "Our VAR / scale-Markov / MVAR beside the authors' own code, measured in one run on one machine."
 GPU = "The GPU benchmark in one go: VAR, scale-Markov and MVAR at d16, batch 32, 256 px (docs/benchmarks.md)."
 TRAIN = "Training throughput of the tiny models with 1 and 2 Ray Train CPU workers (docs/benchmarks.md)."
+PROFILE = ("Where one generate call's time goes: torch.profiler's self time per op, grouped (linear layers, "
+           "attention, KV cache, elementwise, sampling), per variant, in one process.")
 DATA = "Data throughput benchmark: packing (images/s per core) and loading (decoded images/s per worker)."
 
 
@@ -60,6 +62,18 @@ def train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/bench-train", help="inputs, runs, MLflow store and bench_train.json")
     p.add_argument("--steps", type=int, default=200, help="training steps per run")
     p.add_argument("--batch", type=int, default=16, help="batch per worker")
+
+
+def profile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variants", default=",".join(PATTERNS), help="comma-separated attention patterns")
+    p.add_argument("--size", default="d8", help="model size of the registry")
+    p.add_argument("--resolution", type=int, default=512, help="image size in px")
+    p.add_argument("--batch", type=int, default=None, help="images per batch (default: 8 at 256 px, 2 otherwise)")
+    p.add_argument("--cfg", type=float, default=1.5, help="guidance at the last scale")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="attention backend of the windowed scales")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--top", type=int, default=12, help="ops listed per variant")
+    p.add_argument("--json", default=None, help="also write the grouped self times as JSON to this file")
 
 
 def data(p: argparse.ArgumentParser) -> None:

@@ -30,7 +30,7 @@ def test_a_directory_without_the_authors_models_is_refused_before_measuring(tmp_
 def test_tiny_comparison_fills_every_column(tmp_path):
     out = tmp_path / "cmp.json"
     proc = run_tool("--var-dir", str(VAR_DIR), "--mvar-dir", str(MVAR_DIR), "--size", "tiny", "--resolution", "64",
-                    "--batch", "2", "--repeats", "1", "--top-k", "20", "--no-train", "--ab-rounds", "1",
+                    "--batch", "2", "--repeats", "1", "--top-k", "20", "--ab-rounds", "1",
                     "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = json.loads(out.read_text())["tables"]["64"]
@@ -44,3 +44,9 @@ def test_tiny_comparison_fills_every_column(tmp_path):
     assert set(table["in_turn_cpu_s"]) == set(results) and "CPU s (in turn: median)" in table["markdown"]
     assert all(s > 0 for runs in table["in_turn_cpu_s"].values() for s in runs)
     assert any("mvar: ours / authors generate CPU s" in line for line in table["ratios"])
+    # training like-for-like: a full pyramid is every kind of step once, so the cycle's exceeds its mean step
+    for name in ("authors mvar", "ours mvar"):
+        run = results[name][0]
+        assert run["train_pyramid_s"] > run["train_step_s"] > 0 and run["train_tokens_per_s"] > 0, name
+    assert results["authors var"][0]["train_pyramid_s"] == results["authors var"][0]["train_step_s"]
+    assert "training, s per full pyramid" in table["markdown"]
