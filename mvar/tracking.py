@@ -10,11 +10,12 @@ is the project's (``RunRecord``), never MLflow's entities.
 Workers log through a ``Tracker``: ``log_params``, ``set_tags``,
 ``log_metrics(metrics, step)``, ``log_artifact``, ``log_text``, ``log_image(image, key, step)``,
 ``log_table``, ``close``.
-Rank 0 gets an ``MlflowTracker`` bound to one run id; other ranks get a
-``NullTracker``. Metrics and artifacts are sent by a background thread that
-retries, so a tracking server that goes away mid-run costs log lines, not the
-training job; what is still queued when the run closes is flushed with a
-bounded wait.
+Rank 0 gets an ``MlflowTracker`` bound to one run id; the first rank of every other node a
+``NodeTracker`` (its node's system metrics only); other ranks a ``NullTracker``. System metrics go
+through MLflow's public API (``SystemMetrics``), one sampler per node, named ``system/node_<N>/...``.
+Metrics and artifacts are sent by a background thread that retries, so a tracking server that goes
+away mid-run costs log lines, not the training job; what is still queued when the run closes is
+flushed with a bounded wait.
 
 Where runs go (``TrackingConfig.uri``, else ``MLFLOW_TRACKING_URI``, else a
 SQLite store under ``out/mlflow`` of the working directory). For a SQLite
@@ -23,6 +24,7 @@ working directory (which a Ray job deletes with its session).
 """
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import os
@@ -50,8 +52,11 @@ class TrackingConfig:
     experiment: str = "mvar"
     run_name: str = ""            # '' = the training run's name
     parent_run_id: str = ""       # a training run nested under this run (a sweep's trial under the sweep's run)
-    system_metrics: bool = True   # MLflow's CPU/GPU/memory sampler on rank 0
+    system_metrics: bool = True   # MLflow's CPU/GPU/memory sampler, one per node: system/node_<N>/*
     system_metrics_interval_s: float = 10.0
+    # a registered generator version holds an MLflow pyfunc, a copy of its weights and tokenizer (no optimizer
+    # state): mlflow.pyfunc.load_model("models:/NAME@final"); false: it only names the checkpoint (no copy)
+    register_pyfunc: bool = True
     retry_s: float = 600.0        # how long queued metrics wait for a server that went away
     flush_timeout_s: float = 60.0  # how long close() waits for the queue to drain
 
@@ -333,13 +338,16 @@ class Store:
 
     # -- registered models ---------------------------------------------------------------------
     def register_model(self, name: str, run_id: str, location: str, tags: dict[str, str] | None = None,
-                       step: int = 0, metrics: dict[str, float] | None = None) -> str:
+                       step: int = 0, metrics: dict[str, float] | None = None, loadable: bool = False) -> str:
         """The version of registered model ``name`` (created if missing) for the checkpoint at ``location``
         made by ``run_id``: a new one, or the one that already names this location (a rerun registers
         nothing twice). With it, an MLflow 3 LoggedModel of the run; the version names the checkpoint
-        itself (tag ``mvar.checkpoint``, and its ``source`` where the store takes a path: no copy of the
-        weights), links the run (its metrics) and the LoggedModel, and carries the checkpoint's ``step``
-        and ``metrics`` as tags."""
+        itself (tag ``mvar.checkpoint``), links the run (its metrics) and the LoggedModel, and carries the
+        checkpoint's ``step`` and ``metrics`` as tags. ``loadable`` (a generator checkpoint): the LoggedModel
+        holds the checkpoint as an MLflow pyfunc (`mvar.generator_pyfunc`: a copy of its weights and tokenizer,
+        no optimizer state) and is the version's source, so ``mlflow.pyfunc.load_model("models:/NAME@ALIAS")``
+        samples images; otherwise the source is the checkpoint's location where the store takes a path (no copy
+        of the weights)."""
         c = self.client
         found = c.search_model_versions(f"name = '{name}' and tags.`{CHECKPOINT_TAG}` = '{location}'")
         if found:
@@ -349,24 +357,48 @@ class Store:
         except Exception as err:  # only "exists already" is expected
             if "RESOURCE_ALREADY_EXISTS" not in str(getattr(err, "error_code", "")) + str(err):
                 raise
-        model_id = self._logged_model(name, run_id, location, step, metrics or {})
+        model_id, pyfunc_at = self._logged_model(name, run_id, location, step, metrics or {}, loadable)
         all_tags = {CHECKPOINT_TAG: location, "mvar.step": str(step), "mvar.logged_model": model_id,
                     **{k: f"{v:.6g}" for k, v in (metrics or {}).items()}, **(tags or {})}
         # a tracking server takes no local path as a version's source: it gets the LoggedModel, which it
-        # resolves itself; a store opened in this process (SQLite) takes the checkpoint's location
-        source = f"models:/{model_id}" if self.uri.startswith(("http://", "https://")) else location
+        # resolves itself; a store opened in this process (SQLite) takes the checkpoint's location, or where the
+        # LoggedModel's pyfunc lies (MLflow's SQL registry would resolve models:/<model_id> in the store of the
+        # process-wide tracking URI, not this one)
+        remote = self.uri.startswith(("http://", "https://"))
+        source = f"models:/{model_id}" if remote else pyfunc_at or location
         return str(c.create_model_version(name, source, run_id=run_id, tags=all_tags, model_id=model_id).version)
 
-    def _logged_model(self, name: str, run_id: str, location: str, step: int, metrics: dict[str, float]) -> str:
-        """An MLflow 3 LoggedModel of ``run_id`` (the experiment's Models tab), the checkpoint's metrics as its
-        tags: logged as metrics with the model's id they would enter the run's history a second time."""
+    def _logged_model(self, name: str, run_id: str, location: str, step: int, metrics: dict[str, float],
+                      loadable: bool = False) -> tuple[str, str]:
+        """(id, where its pyfunc lies, '' if none) of an MLflow 3 LoggedModel of ``run_id`` (the experiment's
+        Models tab), the checkpoint's metrics as its tags: logged as metrics with the model's id they would enter the run's
+        history a second time. A pyfunc that cannot be saved costs a warning: the version still names the
+        checkpoint (``mvar sample --model`` and ``mvar eval`` load it from there)."""
         from mlflow.entities import LoggedModelStatus
         c = self.client
         model = c.create_logged_model(self.get(run_id).experiment_id, name=name, source_run_id=run_id,
                                       tags={CHECKPOINT_TAG: location, **{k: f"{v:.6g}" for k, v in metrics.items()}},
-                                      params={"step": str(step)}, model_type="mvar-checkpoint")
+                                      params={"step": str(step)}, model_type="mvar-pyfunc" if loadable
+                                      else "mvar-checkpoint")
+        saved = ""
+        if loadable:
+            try:
+                self._log_pyfunc(model.model_id, location)
+                saved = model.artifact_location
+            except Exception as err:  # noqa: BLE001 - the version is still registered, by its checkpoint
+                log.warning("model registry: '%s' of %s is registered without its pyfunc: %s", name, location, err)
         c.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-        return model.model_id
+        return model.model_id, saved
+
+    def _log_pyfunc(self, model_id: str, location: str) -> None:
+        """The checkpoint at ``location`` saved as a pyfunc model and uploaded as LoggedModel ``model_id``'s
+        artifacts (MLmodel at their root: what ``mlflow.pyfunc.load_model`` reads)."""
+        import tempfile
+
+        from mvar import generator_pyfunc
+        with tempfile.TemporaryDirectory(prefix="mvar-model-") as tmp:
+            out = generator_pyfunc.save(location, Path(tmp) / "model")
+            self.client.log_model_artifacts(model_id, str(out))
 
     def model_version(self, model_uri: str) -> dict[str, str] | None:
         """The tags (and ``version``, ``run_id``, ``source``) of the version ``models:/NAME@ALIAS`` names; None if none."""
@@ -444,6 +476,66 @@ def logged_image_steps(client, run_id: str, key: str) -> set[int]:
     return steps
 
 
+def system_metrics_node(node_rank: int) -> str:
+    """The node id of a node's system metrics: MLflow names them ``system/<node id>/<metric>``."""
+    return f"node_{node_rank}"
+
+
+@contextlib.contextmanager
+def _fluent_uri(uri: str):
+    """MLflow's fluent API (``start_run``, ``end_run``) on ``uri``; the process's own setting (MLflow keeps it
+    in MLFLOW_TRACKING_URI) is put back after, so a run in the calling process changes nothing of it."""
+    import mlflow
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None: unset again
+
+
+class SystemMetrics:
+    """MLflow's sampler of this machine (CPU, memory, disk, network; GPUs with nvidia-ml-py) into run
+    ``run_id``, through MLflow's public API: the run resumed as this thread's active run with
+    ``log_system_metrics=True``, the node id and interval set just for that start (MLflow reads them when it
+    makes the sampler; they are process-wide environment variables, so they are unset again at once). Its
+    steps go on from the run's last system step, so a restarted run or a second node adds no duplicate step.
+    Stopping it ends the active run: MLflow's only public way to stop the sampler, which also marks the run
+    with a status; the status the run has at that moment is given again (the driver sets the final one)."""
+
+    def __init__(self, run_id: str, uri: str, interval_s: float, node_id: str):
+        self.run_id, self.uri, self.interval_s, self.node_id = run_id, uri, interval_s, node_id
+        self._active = False
+
+    def start(self) -> bool:
+        import mlflow
+        try:
+            with _fluent_uri(self.uri):
+                mlflow.set_system_metrics_node_id(self.node_id)
+                mlflow.set_system_metrics_sampling_interval(self.interval_s)
+                try:
+                    mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
+                finally:
+                    mlflow.set_system_metrics_node_id(None)
+                    mlflow.set_system_metrics_sampling_interval(None)
+            self._active = True
+        except Exception as err:  # noqa: BLE001 - system metrics are a convenience, never fatal
+            log.warning("system metrics of %s not started: %s", self.node_id, err)
+        return self._active
+
+    def stop(self, status: str = "") -> None:
+        """Stop sampling (the last samples sent); the run keeps its status, or gets ``status``."""
+        if not self._active:
+            return
+        import mlflow
+        self._active = False
+        try:
+            with _fluent_uri(self.uri):
+                mlflow.end_run(status or mlflow.get_run(self.run_id).info.status)
+        except Exception as err:  # noqa: BLE001
+            log.warning("system metrics of %s did not stop cleanly: %s", self.node_id, err)
+
+
 class NullTracker:
     """What ranks other than 0 (and dry runs) log to."""
 
@@ -458,6 +550,20 @@ class NullTracker:
     def log_table(self, data: dict[str, list], artifact_file: str) -> None: ...
     def flush(self, timeout_s: float | None = None) -> bool: return True
     def close(self, status: str = "FINISHED") -> None: ...
+
+
+class NodeTracker(NullTracker):
+    """What the first rank of each other node logs: that node's system metrics (``tracking.system_metrics``),
+    nothing else. Its ``close`` stops the sampler and leaves the run's status to rank 0 and the driver."""
+
+    def __init__(self, run_id: str, cfg: TrackingConfig, node_id: str):
+        self.run_id = run_id
+        self._monitor = SystemMetrics(run_id, resolve_uri(cfg.uri), cfg.system_metrics_interval_s, node_id)
+        if cfg.system_metrics:
+            self._monitor.start()
+
+    def close(self, status: str = "FINISHED") -> None:
+        self._monitor.stop()
 
 
 class MlflowTracker(NullTracker):
@@ -520,19 +626,12 @@ class MlflowTracker(NullTracker):
             self._client.log_image(self.run_id, image, key=key, step=step)
         self._submit(send)
 
-    def start_system_metrics(self) -> None:
-        """MLflow's sampler of CPU, memory (and GPU with nvidia-ml-py) into this run."""
-        if not self.cfg.system_metrics:
-            return
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import (
-                SystemMetricsMonitor,
-            )
-            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.cfg.system_metrics_interval_s,
-                                                 resume_logging=True, tracking_uri=self.uri)
+    def start_system_metrics(self, node_id: str = "node_0") -> None:
+        """MLflow's sampler of this node into this run (``tracking.system_metrics``), its metrics named
+        ``system/<node_id>/...``, every ``tracking.system_metrics_interval_s``."""
+        if self.cfg.system_metrics:
+            self._monitor = SystemMetrics(self.run_id, self.uri, self.cfg.system_metrics_interval_s, node_id)
             self._monitor.start()
-        except Exception as err:  # noqa: BLE001 - system metrics are a convenience, never fatal
-            log.warning("system metrics not started: %s", err)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until everything queued so far is sent (at most ``timeout_s``, default flush_timeout_s)."""
@@ -546,10 +645,7 @@ class MlflowTracker(NullTracker):
     def close(self, status: str = "FINISHED") -> None:
         """Flush the queue (bounded wait), stop the sampler, and mark the run ``status`` (or leave it)."""
         if self._monitor is not None:
-            try:
-                self._monitor.finish()
-            except Exception as err:  # noqa: BLE001
-                log.warning("system metrics did not stop cleanly: %s", err)
+            self._monitor.stop(status)
         if status:
             self._submit(lambda: self._client.set_terminated(self.run_id, status))
         self._queue.put(None)

@@ -1,6 +1,7 @@
 """The tracking interface against a real MLflow SQLite store (and a server that is not there)."""
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -252,3 +253,114 @@ def test_a_resumed_tracker_logs_no_second_sample_image_for_a_step(cfg):
                   if a.path.endswith(".png"))
     assert pngs == ["10", "20"]
     assert tracking.logged_image_steps(c, run_id, "samples") == {10, 20}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny MVAR checkpoint with seeded random weights, its own sampling settings, and an optimizer state that
+    the registered model leaves out."""
+    import torch
+
+    from mvar.checkpoint import save_checkpoint
+    from mvar.models import NextScaleTransformer, named_model
+    from mvar.tokenizer import MultiScaleVQVAE, TokenizerConfig
+    torch.manual_seed(0)
+    tok_cfg = TokenizerConfig.tiny()
+    model = NextScaleTransformer(named_model("mvar-tiny"), tok_cfg.vocab_size, tok_cfg.z_channels, tok_cfg.patch_nums)
+    out = save_checkpoint(tmp_path_factory.mktemp("pyfunc") / "step_00000002", model, MultiScaleVQVAE(tok_cfg),
+                          tok_cfg, extra={"sampling": {"cfg": 2.0, "top_k": 50, "top_p": 0.9}})
+    torch.save({"optimizer": {}, "scheduler": {}, "step": 2}, out / "train_state.pt")
+    return out
+
+
+def test_a_loadable_version_is_an_mlflow_pyfunc_that_samples_the_checkpoints_images(cfg, tiny_checkpoint):
+    """models:/NAME@final loads with MLflow's own loader; predict takes a table of class ids (settings in optional
+    columns, one value a call) and returns uint8 (N, H, W, 3): the images of the same sampling from the
+    checkpoint (the checkpoint's own cfg / top-k / top-p unless given). Bad input: one line naming the column."""
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from mvar.checkpoint import load_checkpoint
+    from mvar.sampling import make_generator, sample_images
+    store = tracking.Store(cfg.uri)
+    run_id = store.create_run("t", "train")
+    version = store.register_model("mvar-tiny", run_id, str(tiny_checkpoint), step=2, loadable=True)
+    store.set_alias("mvar-tiny", "final", version)
+    assert store.resolve_model("models:/mvar-tiny@final") == str(tiny_checkpoint)  # mvar sample --model: as before
+    mv = store.model_version("models:/mvar-tiny@final")
+    logged = tracking.client(cfg.uri).get_logged_model(mv["mvar.logged_model"])
+    assert mv["source"] == logged.artifact_location and logged.model_type == "mvar-pyfunc"  # the pyfunc
+    files = {a.path for a in tracking.client(cfg.uri).list_logged_model_artifacts(logged.model_id,
+                                                                                  "artifacts/checkpoint")}
+    assert files == {"artifacts/checkpoint/checkpoint.yaml", "artifacts/checkpoint/model.pt",
+                     "artifacts/checkpoint/tokenizer"}  # no train_state.pt
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(cfg.uri)
+    try:
+        model = mlflow.pyfunc.load_model("models:/mvar-tiny@final", model_config={"device": "cpu"})
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert [c.name for c in model.metadata.get_input_schema().inputs][:2] == ["class_id", "num_per_class"]
+    images = model.predict({"class_id": [3, 7], "num_per_class": 2, "seed": 5})
+    assert images.dtype == np.uint8 and images.shape == (4, 64, 64, 3)
+    gen, tok_model = make_generator(5, torch.device("cpu")), load_checkpoint(tiny_checkpoint)
+    expected = sample_images(tok_model[0], tok_model[1], torch.tensor([3, 3, 7, 7]), cfg=2.0, top_k=50, top_p=0.9,
+                             generator=gen)
+    assert np.array_equal(images, expected.mul(255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy())
+    again = model.predict(pd.DataFrame({"class_id": [3, 7], "num_per_class": [2, 2], "seed": [5, 5]}))
+    assert np.array_equal(again, images)  # same input, same images; a DataFrame as a dict
+    assert not np.array_equal(model.predict({"class_id": [3, 7], "num_per_class": 2, "seed": 6}), images)
+    assert model.predict([{"class_id": 1, "cfg": 0.0, "top_k": 0, "top_p": 0.0}]).shape == (1, 64, 64, 3)
+    for bad, message in ((pd.DataFrame({"class_id": [1, 2], "seed": [1, 2]}), "column 'seed' holds \\[1, 2\\]"),
+                         ({"class_id": [10]}, "column 'class_id': ids \\[10\\] are outside \\[0, 9\\]"),
+                         ({"class_id": [1], "top_p": 2.0}, "column 'top_p': 2 must lie in \\[0, 1\\]")):
+        with pytest.raises(UserError, match=message):
+            model.predict(bad)
+
+
+def test_system_metrics_of_two_nodes_reach_one_run_under_their_node_ids(cfg):
+    """MLflow's public API, one sampler per node (here two in threads of one process): each node's metrics
+    under system/<node id>/, one value per step; the run keeps its status; the process-wide settings MLflow
+    takes them from (node id, interval, tracking URI) are as they were; a sampler started again goes on after
+    the last step."""
+    import threading
+    cfg = TrackingConfig(uri=cfg.uri, experiment="t", system_metrics=True, system_metrics_interval_s=0.2)
+    run_id = tracking.start_run(cfg, "nodes")
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_SYSTEM_METRICS_NODE_ID",
+                                          "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")}
+    rank0 = MlflowTracker(run_id, cfg)
+    rank0.start_system_metrics(tracking.system_metrics_node(0))
+    started, done = threading.Event(), threading.Event()
+
+    def other_node() -> None:  # MLflow's active run is per thread: started and stopped in the same one
+        node = tracking.NodeTracker(run_id, cfg, tracking.system_metrics_node(1))
+        started.set()
+        done.wait(30)
+        node.close()
+
+    node1 = threading.Thread(target=other_node)
+    node1.start()
+    started.wait(30)
+    time.sleep(1.5)
+    done.set()
+    node1.join(30)
+    rank0.close(status="")
+    store = tracking.Store(cfg.uri)
+    run = store.get(run_id)
+    assert run.status == "RUNNING"
+    keys = {k for k in run.metrics if k.startswith("system/")}
+    for node in ("node_0", "node_1"):
+        assert f"system/{node}/cpu_utilization_percentage" in keys, keys
+    assert all(k.split("/")[1] in ("node_0", "node_1") for k in keys), keys  # nothing unnamed
+    steps = [s for s, _ in store.history(run_id, "system/node_0/cpu_utilization_percentage")]
+    assert len(steps) >= 2 and len(set(steps)) == len(steps)
+    assert {k: os.environ.get(k) for k in env} == env
+    resumed = MlflowTracker(run_id, cfg)
+    resumed.start_system_metrics("node_0")
+    time.sleep(0.6)
+    resumed.close(status="")
+    more = [s for s, _ in store.history(run_id, "system/node_0/cpu_utilization_percentage")]
+    assert len(more) > len(steps) and min(more[len(steps):]) > max(steps)

@@ -249,16 +249,18 @@ def _beats(value: float, now: dict | None, run_id: str, best_by: str) -> bool:
     return value < theirs if BY_KEY[best_by].lower_is_better else value > theirs
 
 
-def register_checkpoints(store: Store, run_id: str, name: str, result: FitResult, best_by: str = "val/loss") -> None:
+def register_checkpoints(store: Store, run_id: str, name: str, result: FitResult, best_by: str = "val/loss",
+                         loadable: bool = False) -> None:
     """The final checkpoint as a version of model ``name`` (alias ``final``; MLflow reserves ``latest`` for the
     newest version, ``models:/NAME/latest``), and the best by ``best_by`` (val/loss, or a metric of the
     checkpoints' evaluation: eval/fid ...) of the checkpoints the run keeps (``run.keep_checkpoints``) too
     (alias ``best``: moved only to a version better than the one the alias names now, or one of this run).
-    Registry trouble costs the versions, not the run."""
+    ``loadable``: each version holds the checkpoint as an MLflow pyfunc. Registry trouble costs the versions,
+    not the run."""
     kept, final = result.kept, result.checkpoint
     try:
         step, metrics = _checkpoint_metrics(next((m for p, m in kept if p == final), result.metrics))
-        version = store.register_model(name, run_id, final, {"mvar.kind": "final"}, step, metrics)
+        version = store.register_model(name, run_id, final, {"mvar.kind": "final"}, step, metrics, loadable)
         store.set_alias(name, "final", version)
         print(f"model registry: models:/{name}@final is version {version} (step {step})", flush=True)
         best = best_checkpoint(kept, best_by)
@@ -266,7 +268,7 @@ def register_checkpoints(store: Store, run_id: str, name: str, result: FitResult
             return
         value, path, best_metrics = best
         step, metrics = _checkpoint_metrics(best_metrics)
-        version = store.register_model(name, run_id, path, {"mvar.kind": "best"}, step, metrics)
+        version = store.register_model(name, run_id, path, {"mvar.kind": "best"}, step, metrics, loadable)
         if _beats(value, store.model_version(f"models:/{name}@best"), run_id, best_by):
             store.set_alias(name, "best", version)
             print(f"model registry: models:/{name}@best is version {version} (step {step}, {best_by} {value:.4g})",
@@ -275,8 +277,8 @@ def register_checkpoints(store: Store, run_id: str, name: str, result: FitResult
         log.warning("model registry: the checkpoints of run %s were not registered as '%s': %s", run_id, name, err)
 
 
-def finish(store: Store, run_id: str, result: FitResult, register_as: str = "", best_by: str = "val/loss"
-           ) -> TrainOutcome:
+def finish(store: Store, run_id: str, result: FitResult, register_as: str = "", best_by: str = "val/loss",
+           loadable: bool = False) -> TrainOutcome:
     """The run's final tags and status from what the fit left; a run that stopped is a TrainingFailed."""
     ret, checkpoint = result.returned, result.checkpoint
     if checkpoint:
@@ -295,12 +297,13 @@ def finish(store: Store, run_id: str, result: FitResult, register_as: str = "", 
         store.terminate(run_id, "FAILED")
         raise TrainingFailed(stopped[status])
     if checkpoint and register_as:
-        register_checkpoints(store, run_id, register_as, result, best_by)
+        register_checkpoints(store, run_id, register_as, result, best_by, loadable)
     store.terminate(run_id, "FINISHED")
     return TrainOutcome(run_id=run_id, checkpoint=checkpoint, step=step, status=status)
 
 
 def end_run(spec: TaskSpec, cfg: RunConfig, opened: OpenRun, result: FitResult) -> TrainOutcome:
     """``finish`` (registering the checkpoints as ``spec.register_as``), then the spec's ``after_fit``."""
-    outcome = finish(opened.store, opened.run_id, result, spec.register_as(cfg), spec.best_by(cfg))
+    outcome = finish(opened.store, opened.run_id, result, spec.register_as(cfg), spec.best_by(cfg),
+                     spec.loadable and cfg.tracking.register_pyfunc)
     return spec.after_fit(cfg, outcome) if spec.after_fit else outcome

@@ -90,4 +90,5 @@ def train_worker(config: dict) -> dict:
                         f"{spec.config_type.__name__}")
     ctx = ray.train.get_context()
     rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+    config = {**config, "node_rank": ctx.get_node_rank(), "local_rank": ctx.get_local_rank()}  # system metrics per node
     return run_rank(config, spec.build_task, rank, world, device, RayReporter(config))

@@ -41,6 +41,8 @@ class TaskSpec:
     tags: Callable[[Any], dict[str, str]]
     # the model registry name the final (and best) checkpoint is registered as; '' = none
     register_as: Callable[[Any], str] = _no_name
+    # its versions hold an MLflow pyfunc (mvar.generator_pyfunc): mlflow.pyfunc.load_model(models:/NAME@final)
+    loadable: bool = False
     # (cfg, outcome) -> outcome, after the run ended FINISHED (the tokenizer writes its `output`)
     after_fit: Callable[[Any, Any], Any] | None = None
     # (cfg, MLflow run id, run directory) -> what evaluates each checkpoint into the run

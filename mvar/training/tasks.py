@@ -118,7 +118,7 @@ def model_name(cfg: TrainConfig) -> str:
 
 GENERATOR = TaskSpec(name="generator", config_type=TrainConfig, build_task=loop.build_task, check=check_generator,
                      tags=model_tags, register_as=model_name, evaluator=CheckpointEvaluator.of,
-                     best_by=lambda cfg: cfg.checkpoint_eval.best_metric)
+                     best_by=lambda cfg: cfg.checkpoint_eval.best_metric, loadable=True)
 
 # -- the tokenizer -----------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mvar.data import build_train_loader
 from mvar.errors import DiskFull
-from mvar.tracking import MlflowTracker, NullTracker
+from mvar.tracking import MlflowTracker, NodeTracker, NullTracker, system_metrics_node
 from mvar.training import run_dir as rundir
 from mvar.training.config import RunConfig
 from mvar.training.trainer import Hooks, Trainer, TrainTask, batches, enable_tf32
@@ -144,12 +144,18 @@ class RunHooks(Hooks):
         return trainer.save(out, step, meta, overwrite=True)
 
 
-def make_tracker(cfg: RunConfig, rank: int, run_id: str, task: TrainTask, start: int):
-    if rank != 0 or not run_id:
+def make_tracker(cfg: RunConfig, rank: int, run_id: str, task: TrainTask, start: int, node_rank: int = 0,
+                 local_rank: int = 0):
+    """Rank 0 logs the run; the first rank of each other node its node's system metrics (the ranks of one
+    node share its machine: one sampler a node); the other ranks nothing."""
+    if not run_id:
         return NullTracker()
+    node = system_metrics_node(node_rank)
+    if rank != 0:
+        return NodeTracker(run_id, cfg.tracking, node) if local_rank == 0 and node_rank != 0 else NullTracker()
     # a restarted run (also one killed before its first checkpoint) skips, per key, the steps already logged
     tracker = MlflowTracker(run_id, cfg.tracking, skip_logged=True)
-    tracker.start_system_metrics()
+    tracker.start_system_metrics(node)
     if not start:
         tracker.log_metrics(task.first_metrics(), 0)
     return tracker
@@ -185,7 +191,8 @@ def run_rank(config: dict, build_task, rank: int, world: int, device, reporter: 
     """One rank of a run: ``build_task(cfg, device, rank, world)`` trained to ``run.steps`` from the latest
     checkpoint. ``config`` holds ``train`` (the driver's run config, validated there), ``run_id``,
     ``tokenizer_sha256``, and from the driver's check of the run directory ``run_dir``,
-    ``skip_checkpoints``, ``resume_from``. Returns {'status', 'step', 'ranks' ...}."""
+    ``skip_checkpoints``, ``resume_from``; from Ray Train, this rank's ``node_rank`` and ``local_rank``.
+    Returns {'status', 'step', 'ranks' ...}."""
     cfg = config["train"]
     if device.type == "cuda":
         enable_tf32(cfg.train.tf32)
@@ -196,7 +203,8 @@ def run_rank(config: dict, build_task, rank: int, world: int, device, reporter: 
     trainer = Trainer(task, cfg, device, rank, world)
     start = reporter.restore(trainer, rank)
     task.distribute()
-    tracker = make_tracker(cfg, rank, config.get("run_id", ""), task, start)
+    tracker = make_tracker(cfg, rank, config.get("run_id", ""), task, start, config.get("node_rank", 0),
+                           config.get("local_rank", 0))
     if rank == 0:  # the workers' own device (the driver may have none of that kind)
         from mvar.provenance import provenance_tags
         tracker.set_tags(provenance_tags(device, world))

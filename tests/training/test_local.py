@@ -3,6 +3,7 @@ store; its checkpoints resume on Ray Train, and Ray Train's resume locally, to t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,15 @@ os.environ["OMP_NUM_THREADS"] = "1"
 from mvar.cli import main
 rc = main(sys.argv[1:])
 print(json.dumps({"rc": rc, "ray": sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))}))
+"""
+
+
+LOAD_PYFUNC = """
+import json, sys
+import mlflow.pyfunc
+images = mlflow.pyfunc.load_model("models:/mvar-tiny@final").predict({"class_id": [0, 9, 9], "seed": 1})
+print(json.dumps({"shape": list(images.shape), "dtype": str(images.dtype),
+                  "ray": sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))}))
 """
 
 
@@ -95,11 +105,19 @@ def test_a_local_run_trains_tracks_checkpoints_and_resumes_without_ray(tiny_inpu
     assert meta["train"]["step"] == 6 and meta["train"]["mlflow_run_id"] == run_id
     store = tracking.Store(uri)
     assert store.resolve_model("models:/mvar-tiny@final") == tags["mvar.checkpoint"]
+    # the registered version loads with MLflow's own loader, in a process that imports no Ray, and samples
+    loaded = subprocess.run([sys.executable, "-c", LOAD_PYFUNC], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert json.loads(loaded.stdout.strip().splitlines()[-1]) == {"shape": [3, 64, 64, 3], "dtype": "uint8",
+                                                                  "ray": []}, loaded.stdout[-2000:]
 
     longer = train(load_train_config(MVAR, tiny_inputs.overrides(name, **{
         "run.steps": 8, "run.checkpoint_every": 2, "run.log_every": 1, "train.sample_images": 0,
-        "data.eval_shards": tiny_inputs.eval_tokens})), local=True)
+        "data.eval_shards": tiny_inputs.eval_tokens, "tracking.register_pyfunc": "false"})), local=True)
     assert (longer.run_id, longer.step) == (run_id, 8)
+    final = store.model_version("models:/mvar-tiny@final")  # registered without a pyfunc: it names the checkpoint
+    assert final["source"] == final["mvar.checkpoint"] == longer.checkpoint
     run = tracking.client(uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["mvar.resumes"] == "1"
     assert [s for s, _ in history(uri, run_id, "train/loss")] == list(range(1, 9))  # steps 7, 8 added, none twice

@@ -27,12 +27,14 @@ def fit_overrides(tiny_inputs, variant: str, **extra) -> list[str]:
 @pytest.mark.parametrize("variant", ["var", "mvar"])
 def test_tiny_model_trains_and_the_run_holds_everything(tiny_inputs, variant, local_ray, capsys, step_tally,
                                                         tiny_classifier, checkpoint_eval_keys):
-    """For var, each checkpoint evaluated beside the training too (checkpoint_eval). Then, for mvar, a rerun
-    with more steps: it continues the same MLflow run, and passes over its latest checkpoint, damaged
-    (train_state.pt cut in half), for the one before."""
+    """For var, each checkpoint evaluated beside the training too (checkpoint_eval), and system metrics
+    sampled (each second: both workers are on this one node). Then, for mvar, a rerun with more steps: it
+    continues the same MLflow run, and passes over its latest checkpoint, damaged (train_state.pt cut in
+    half), for the one before."""
     evaluated = checkpoint_eval_keys(tiny_inputs, tiny_classifier) if variant == "var" else {}
+    sampled = ["tracking.system_metrics=true", "tracking.system_metrics_interval_s=1"] if variant == "var" else []
     cfg = load_train_config(f"workflows/configs/{variant}_tiny_local.yaml",
-                            fit_overrides(tiny_inputs, variant, **evaluated))
+                            fit_overrides(tiny_inputs, variant, **evaluated) + sampled)
     outcome = train(cfg)
     uri, run_id = cfg.tracking.uri, outcome.run_id
     run = tracking.client(uri).get_run(run_id)
@@ -79,6 +81,8 @@ def test_tiny_model_trains_and_the_run_holds_everything(tiny_inputs, variant, lo
     val = dict(history(uri, run_id, "val/loss"))
     assert float(best["val/loss"]) == pytest.approx(min(val.values()), rel=1e-5)
     assert best["mvar.step"] == str(min(val, key=val.get))
+    if variant == "var":
+        assert_one_system_metrics_sampler_per_node(uri, run_id)
     # 2 workers: rank 0's rendezvous store and both ranks' gloo sockets listen on loopback only
     local_ray.assert_listeners_on("127.0.0.1", expect=("RayTrainWorker", "gcs_server", "raylet"))
     if variant == "var":
@@ -104,6 +108,18 @@ def checkpoints_evaluated_beside_the_training(uri: str, run_id: str, final: str,
     assert {n: reg.metrics[n]["eval/fid"] for n in reg.names} == pytest.approx(
         {"step_00000020": fid[20], "step_00000040": fid[40]})
     assert float(best["eval/fid"]) == pytest.approx(fid[int(best["mvar.step"])], rel=1e-4)
+
+
+def assert_one_system_metrics_sampler_per_node(uri: str, run_id: str) -> None:
+    """Both ranks run on this machine's one Ray node (node rank 0): rank 0 samples it, as system/node_0/*; rank 1
+    (local rank 1 of the same node) samples nothing, so no step of a node's metric is there twice. A second node's
+    first rank would log system/node_1/* (tests/test_tracking.py runs two nodes' samplers into one run)."""
+    metrics = tracking.client(uri).get_run(run_id).data.metrics
+    keys = sorted(k for k in metrics if k.startswith("system/"))
+    assert keys and all(k.startswith("system/node_0/") for k in keys), keys
+    assert {"system/node_0/cpu_utilization_percentage", "system/node_0/system_memory_usage_megabytes"} <= set(keys)
+    steps = [s for s, _ in history(uri, run_id, "system/node_0/cpu_utilization_percentage")]
+    assert len(steps) >= 2 and len(set(steps)) == len(steps), steps
 
 
 def rerun_past_a_damaged_checkpoint(tiny_inputs, first, capsys, step_tally):
