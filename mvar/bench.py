@@ -139,14 +139,16 @@ def train_kinds(model: NextScaleTransformer) -> dict[str, tuple[tuple[int, ...],
     return {**kinds, "packed": (tuple(range(K)), 0)}
 
 
-def measure_training(model, spec: BenchSpec, device: torch.device) -> dict[str, dict]:
+def training_step(model, batch: int, seed: int, device: torch.device):
+    """``step(scales)``: one training step of ``model`` on ``scales`` as training takes it (the loss, backward,
+    clipping, AdamW), on a fixed random batch of ``batch`` images drawn from ``seed``."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    B, L = spec.batch, model.L
-    gen = torch.Generator(device="cpu").manual_seed(spec.seed)
-    teacher = torch.randn(B, L - model.first_l, model.Cvae, generator=gen).to(device)
-    idx = torch.randint(model.V, (B, L), generator=gen).to(device)
-    labels = torch.randint(model.num_classes, (B,), generator=gen).to(device)
+    L = model.L
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    teacher = torch.randn(batch, L - model.first_l, model.Cvae, generator=gen).to(device)
+    idx = torch.randint(model.V, (batch, L), generator=gen).to(device)
+    labels = torch.randint(model.num_classes, (batch,), generator=gen).to(device)
 
     def step(scales):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -155,7 +157,11 @@ def measure_training(model, spec: BenchSpec, device: torch.device) -> dict[str, 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return step
 
+
+def measure_training(model, spec: BenchSpec, device: torch.device) -> dict[str, dict]:
+    step = training_step(model, spec.batch, spec.seed, device)
     out = {}
     for name, (scales, count) in train_kinds(model).items():
         step(scales)  # warm-up; the first one also allocates the optimizer state

@@ -246,9 +246,82 @@ def ab_worker(spec: dict) -> dict:
     return {"times": times, "cpu_times": cpu, "load": os.getloadavg()}
 
 
+def train_contender(impl: str, variant: str, spec: dict) -> tuple[dict, list[int]]:
+    """({kind: (one training step of that kind, its scales, steps of it per cycle)}, patch sides) of one
+    implementation and variant, built with the seed's weights: the kinds of a full pyramid (VAR: the full
+    step; the cycle: its small-scale step and each windowed scale's; the packed schedule, which the authors
+    lack, left out)."""
+    import torch
+
+    from mvar.bench import BenchSpec, build, train_kinds, training_step
+
+    torch.manual_seed(spec["seed"])
+    keys = {k: spec[k] for k in ("size", "batch", "resolution", "seed")}
+    ours, quant = build(BenchSpec(variant=variant, **keys, device="cpu"), torch.device("cpu"))
+    kinds = {k: v for k, v in train_kinds(ours).items() if v[1] > 0}
+    if impl == "ours":
+        step = training_step(ours, spec["batch"], spec["seed"], torch.device("cpu"))
+        return ({k: (lambda s=scales: step(s), scales, n) for k, (scales, n) in kinds.items()},
+                list(ours.patch_nums))
+    forget_authors()
+    directory = spec["var_dir"] if variant == "var" else spec["mvar_dir"]
+    _AUTHORS_DIRS.append(directory)
+    import_authors(directory, variant)
+    model, _ = build_authors({**spec, "variant": variant}, ours, quant)
+    model.train()
+    own = {**spec, "variant": variant,
+           "_opt": torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)}
+    return ({k: (authors_train_fn(model, ours, own, scales), scales, n) for k, (scales, n) in kinds.items()},
+            list(ours.patch_nums))
+
+
+def train_ab_worker(spec: dict) -> dict:
+    """Training per full pyramid of several implementations in ONE process, in turn: each round, each
+    implementation trains every kind of step of its pyramid once (VAR: one full step; the cycle: one
+    of each kind), one implementation after the other, so slow drifts of the machine hit them alike.
+    Per implementation and round: the pyramid's wall seconds (the sum of its kinds' steps), its CPU
+    seconds, and each kind's seconds; tokens per second over the cycle from the kinds' medians."""
+    import torch
+
+    from mvar.bench import pyramid_cost
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    contenders = {f"{impl} {variant}": train_contender(impl, variant, spec)
+                  for impl, variant in spec["train_contenders"]}
+    for kinds, _ in contenders.values():
+        for fn, _, _ in kinds.values():
+            fn()  # warm-up; the first step also allocates the optimizer state
+    pyramid = {name: [] for name in contenders}
+    cpu = {name: [] for name in contenders}
+    kind_s = {name: {k: [] for k in kinds} for name, (kinds, _) in contenders.items()}
+    for _ in range(spec["train_rounds"]):
+        for name, (kinds, _) in contenders.items():
+            c0, wall = time.process_time(), 0.0
+            for kind, (fn, _, _) in kinds.items():
+                t0 = time.perf_counter()
+                fn()
+                kind_s[name][kind].append(time.perf_counter() - t0)
+                wall += kind_s[name][kind][-1]
+            pyramid[name].append(wall)
+            cpu[name].append(time.process_time() - c0)
+    tokens = {}
+    for name, (kinds, patch_nums) in contenders.items():
+        summary = {k: {"scales": list(scales), "per_cycle": n, "step_s": statistics.median(kind_s[name][k])}
+                   for k, (_, scales, n) in kinds.items()}
+        tokens[name] = pyramid_cost(summary, spec["batch"], patch_nums)[1]
+    return {"pyramid_s": pyramid, "pyramid_cpu_s": cpu, "kind_s": kind_s, "tokens_per_s": tokens,
+            "load": os.getloadavg()}
+
+
 # -- the driver ---------------------------------------------------------------------------------------
 
 COLUMNS = [("authors", "var"), ("ours", "var"), ("ours", "scale_markov"), ("authors", "mvar"), ("ours", "mvar")]
+TRAIN_IN_TURN_ROWS = [("training, s per full pyramid (in turn, one process: median)", "pyramid_s", "{:.2f}"),
+                      ("training, CPU s per full pyramid (in turn: median)", "pyramid_cpu_s", "{:.2f}"),
+                      ("training tokens/s (in turn: over the cycle, from each step kind's median)", "tokens_per_s",
+                       "{:.0f}")]
+OWN_PROCESS_TWINS = ("infer_latency_s", "train_pyramid_s", "train_tokens_per_s")  # rows an in-turn row repeats
 ROWS = [("generate a batch, s", "infer_latency_s", "{:.2f}"),
         ("inference peak above baseline, MB", "infer_peak_mb", "{:.0f}"),
         ("training, s per full pyramid (every scale once; MVAR: one step of each kind)", "train_pyramid_s", "{:.2f}"),
@@ -283,21 +356,43 @@ def measure(impl: str, variant: str, args, resolution: int, batch: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure_in_turn(wanted: list[tuple[str, str]], args, resolution: int, batch: int) -> tuple[dict, dict]:
-    """Generate times of every column from one process, the implementations taking turns call by call:
-    (wall seconds, CPU seconds), each {(impl, variant): [per call]}."""
+def in_turn_worker(spec: dict, what: str) -> dict:
+    """Run ``spec`` in a measuring process of this tool (ab_worker or train_ab_worker); its JSON answer."""
     from mvar.measure import MALLOC_ENV
 
-    spec = {"contenders": wanted, "size": args.size, "batch": batch, "resolution": resolution, "cfg": args.cfg,
-            "top_k": args.top_k, "top_p": args.top_p, "seed": 0, "threads": args.threads, "ab_rounds": args.ab_rounds,
-            "var_dir": args.var_dir, "mvar_dir": args.mvar_dir, "tokenizer": tokenizer_keys(args.size, resolution)}
     env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "tools.compare_authors", "--worker", json.dumps(spec)],
                           cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"the in-turn timing at {resolution} px failed:\n{proc.stderr.strip()[-3000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return tuple({tuple(name.split(" ", 1)): t for name, t in out[key].items()} for key in ("times", "cpu_times"))
+        raise SystemExit(f"the in-turn {what} failed:\n{proc.stderr.strip()[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _in_turn_spec(args, resolution: int, batch: int) -> dict:
+    return {"size": args.size, "batch": batch, "resolution": resolution, "cfg": args.cfg, "top_k": args.top_k,
+            "top_p": args.top_p, "seed": 0, "threads": args.threads, "var_dir": args.var_dir,
+            "mvar_dir": args.mvar_dir, "tokenizer": tokenizer_keys(args.size, resolution)}
+
+
+def _by_column(named: dict) -> dict:
+    return {tuple(name.split(" ", 1)): v for name, v in named.items()}
+
+
+def measure_in_turn(wanted: list[tuple[str, str]], args, resolution: int, batch: int) -> tuple[dict, dict]:
+    """Generate times of every column from one process, the implementations taking turns call by call:
+    (wall seconds, CPU seconds), each {(impl, variant): [per call]}."""
+    spec = {**_in_turn_spec(args, resolution, batch), "contenders": wanted, "ab_rounds": args.ab_rounds}
+    out = in_turn_worker(spec, f"timing at {resolution} px")
+    return _by_column(out["times"]), _by_column(out["cpu_times"])
+
+
+def measure_train_in_turn(wanted: list[tuple[str, str]], args, resolution: int, batch: int) -> dict:
+    """Training per full pyramid of every column from one process, in turn pyramid by pyramid:
+    {"pyramid_s", "pyramid_cpu_s": {(impl, variant): [per round]}, "kind_s": {(impl, variant): {kind: [...]}},
+    "tokens_per_s": {(impl, variant): float}}."""
+    spec = {**_in_turn_spec(args, resolution, batch), "train_contenders": wanted, "train_rounds": args.train_rounds}
+    out = in_turn_worker(spec, f"training at {resolution} px")
+    return {key: _by_column(out[key]) for key in ("pyramid_s", "pyramid_cpu_s", "kind_s", "tokens_per_s")}
 
 
 def cell(results: list[dict], key: str, fmt: str) -> str:
@@ -306,8 +401,9 @@ def cell(results: list[dict], key: str, fmt: str) -> str:
 
 
 def markdown_table(resolution: int, batch: int, measured: dict, in_turn: dict | None = None,
-                   in_turn_cpu: dict | None = None) -> str:
-    cols = [c for c in COLUMNS if measured.get(c) or (in_turn and c in in_turn)]
+                   in_turn_cpu: dict | None = None, train_in_turn: dict | None = None) -> str:
+    cols = [c for c in COLUMNS if measured.get(c) or (in_turn and c in in_turn)
+            or (train_in_turn and c in train_in_turn["pyramid_s"])]
     head = [f"{resolution} px, batch {batch}"] + [f"{impl} {'MVAR' if v == 'mvar' else v.replace('var', 'VAR')}"
                                                   for impl, v in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -319,8 +415,13 @@ def markdown_table(resolution: int, batch: int, measured: dict, in_turn: dict | 
         lines.append("| " + " | ".join(["generate a batch, CPU s (in turn: median)"]
                                        + [f"{statistics.median(in_turn_cpu[c]):.2f}" if c in in_turn_cpu else "-"
                                           for c in cols]) + " |")
+    if train_in_turn:
+        for label, key, fmt in TRAIN_IN_TURN_ROWS:
+            values = {c: (v if isinstance(v, float) else statistics.median(v)) for c, v in train_in_turn[key].items()}
+            lines.append("| " + " | ".join([label] + [fmt.format(values[c]) if c in values else "-" for c in cols])
+                         + " |")
     for label, key, fmt in ROWS:
-        label = label + " (own process)" if key == "infer_latency_s" else label
+        label = label + " (own process)" if key in OWN_PROCESS_TWINS else label
         lines.append("| " + " | ".join([label] + [cell(measured[c], key, fmt) for c in cols]) + " |")
     return "\n".join(lines)
 
@@ -330,7 +431,8 @@ def median_of(measured: dict, col: tuple[str, str], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def ratios(resolution: int, measured: dict, in_turn: dict | None = None, in_turn_cpu: dict | None = None) -> list[str]:
+def ratios(resolution: int, measured: dict, in_turn: dict | None = None, in_turn_cpu: dict | None = None,
+           train_in_turn: dict | None = None) -> list[str]:
     """The issue's targets, as measured: ours against the authors', and MVAR against our VAR. Generate
     times come from the in-turn run when there is one (load that changes over minutes cancels out);
     the same ratios in CPU seconds follow when they were measured."""
@@ -364,6 +466,16 @@ def ratios(resolution: int, measured: dict, in_turn: dict | None = None, in_turn
         if ("ours", "mvar") in cpu and ("ours", "scale_markov") in cpu:
             out.append(f"ours mvar / ours scale_markov generate CPU s = "
                        f"{cpu[('ours', 'mvar')] / cpu[('ours', 'scale_markov')]:.3f}")
+    if train_in_turn:
+        pyr = {c: statistics.median(v) for c, v in train_in_turn["pyramid_s"].items()}
+        for v in ("var", "mvar"):
+            if ("authors", v) in pyr and ("ours", v) in pyr:
+                out.append(f"{v}: ours / authors training s per full pyramid (in turn) = "
+                           f"{pyr[('ours', v)] / pyr[('authors', v)]:.3f}")
+        for v in ("scale_markov", "mvar"):
+            if ("ours", v) in pyr and ("ours", "var") in pyr:
+                out.append(f"ours {v} / ours var training s per full pyramid (in turn) = "
+                           f"{pyr[('ours', v)] / pyr[('ours', 'var')]:.3f}")
     return [f"{resolution} px: {line}" for line in out]
 
 
@@ -391,8 +503,12 @@ def run(args) -> int:
         if args.ab_rounds > 0:
             print(f"timing all in turn at {resolution} px ...", file=sys.stderr, flush=True)
             in_turn, in_turn_cpu = measure_in_turn(wanted, args, resolution, batch)
-        table = markdown_table(resolution, batch, measured, in_turn, in_turn_cpu)
-        lines = ratios(resolution, measured, in_turn, in_turn_cpu)
+        train_in_turn = None
+        if args.train_rounds > 0 and not args.no_train:
+            print(f"training all in turn at {resolution} px ...", file=sys.stderr, flush=True)
+            train_in_turn = measure_train_in_turn(wanted, args, resolution, batch)
+        table = markdown_table(resolution, batch, measured, in_turn, in_turn_cpu, train_in_turn)
+        lines = ratios(resolution, measured, in_turn, in_turn_cpu, train_in_turn)
         ours = bench_table([runs[0] for (impl, _), runs in measured.items() if impl == "ours" and runs])
         print(table + "\n\n" + "\n".join(lines) + "\n\nours, as `mvar bench` prints it (first round):\n" + ours
               + "\n", flush=True)
@@ -400,6 +516,8 @@ def run(args) -> int:
                                              "in_turn_s": {f"{i} {v}": t for (i, v), t in (in_turn or {}).items()},
                                              "in_turn_cpu_s": {f"{i} {v}": t for (i, v), t in
                                                                (in_turn_cpu or {}).items()},
+                                             "train_in_turn": {key: {f"{i} {v}": t for (i, v), t in d.items()}
+                                                               for key, d in (train_in_turn or {}).items()},
                                              "results": {f"{i} {v}": r for (i, v), r in measured.items()}}
     report["load_after"] = os.getloadavg()
     if args.plot and not args.in_turn_only:  # ours, every resolution: how each variant's cost grows with the work
@@ -425,7 +543,9 @@ def configure(p) -> None:
 def run_or_work(args) -> int:
     if args.worker:
         spec = json.loads(args.worker)
-        print(json.dumps(ab_worker(spec) if "contenders" in spec else authors_worker(spec)))
+        worker = (ab_worker if "contenders" in spec else train_ab_worker if "train_contenders" in spec
+                  else authors_worker)
+        print(json.dumps(worker(spec)))
         return 0
     return run(args)
 

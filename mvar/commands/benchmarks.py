@@ -38,7 +38,11 @@ def compare_authors(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=1, help="every process again, in turn (interleaved A/B)")
     p.add_argument("--ab-rounds", type=int, default=3,
                    help="then every implementation's generate call in turn in one process, this many rounds (0: off)")
-    p.add_argument("--in-turn-only", action="store_true", help="only the in-turn generate times (no peaks)")
+    p.add_argument("--train-rounds", type=int, default=3,
+                   help="then every implementation's training, a full pyramid each in turn in one process, this many "
+                        "rounds (0: off; --no-train: off)")
+    p.add_argument("--in-turn-only", action="store_true",
+                   help="only the in-turn times, generate and training (no peaks, no own-process runs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="our attention backend")
     p.add_argument("--no-train", action="store_true", help="inference only")

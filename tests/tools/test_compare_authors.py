@@ -24,6 +24,40 @@ def test_a_directory_without_the_authors_models_is_refused_before_measuring(tmp_
     assert "measuring" not in proc.stderr
 
 
+def test_ours_alone_in_turn_generate_and_training_per_full_pyramid(tmp_path):
+    """Without the authors' checkouts the in-turn runs take our three variants: each round trains every
+    kind of step of a variant's pyramid once (VAR: its full step; the cycle: the small scales, then each
+    windowed scale), and the pyramid's time is the sum of its steps'."""
+    out = tmp_path / "cmp.json"
+    proc = run_tool("--size", "tiny", "--resolution", "64", "--batch", "2", "--top-k", "20", "--in-turn-only",
+                    "--ab-rounds", "1", "--train-rounds", "2", "--threads", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads(out.read_text())["tables"]["64"]
+    trained = table["train_in_turn"]
+    names = {"ours var", "ours scale_markov", "ours mvar"}
+    assert set(trained["pyramid_s"]) == set(trained["kind_s"]) == set(trained["tokens_per_s"]) == names
+    assert list(trained["kind_s"]["ours var"]) == ["full"]
+    for name in ("ours scale_markov", "ours mvar"):
+        kinds = list(trained["kind_s"][name])
+        assert kinds[0] == "cycle_small" and len(kinds) >= 2 and all(k.startswith("cycle_s") for k in kinds[1:])
+    for name in names:
+        rounds = trained["pyramid_s"][name]
+        assert len(rounds) == 2 and all(t > 0 for t in rounds), name
+        for r, t in enumerate(rounds):
+            assert t == pytest.approx(sum(steps[r] for steps in trained["kind_s"][name].values())), name
+        assert len(trained["pyramid_cpu_s"][name]) == 2 and trained["tokens_per_s"][name] > 0
+    assert "| training, s per full pyramid (in turn, one process: median) |" in table["markdown"]
+    assert any("ours mvar / ours var training s per full pyramid (in turn) = " in line for line in table["ratios"])
+    assert set(table["in_turn_s"]) == names and not any(table["results"].values())
+    # --no-train: the generate times alone
+    proc = run_tool("--size", "tiny", "--resolution", "64", "--batch", "2", "--top-k", "20", "--in-turn-only",
+                    "--ab-rounds", "1", "--no-train", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads(out.read_text())["tables"]["64"]
+    assert table["train_in_turn"] == {} and "in turn, one process" in table["markdown"]
+    assert "training all in turn" not in proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (VAR_DIR / "models").is_dir() or not (MVAR_DIR / "models").is_dir(),
                     reason="checkouts of FoundationVision/VAR and CVL-UESTC/MVAR not found")
@@ -31,7 +65,7 @@ def test_tiny_comparison_fills_every_column(tmp_path):
     out = tmp_path / "cmp.json"
     proc = run_tool("--var-dir", str(VAR_DIR), "--mvar-dir", str(MVAR_DIR), "--size", "tiny", "--resolution", "64",
                     "--batch", "2", "--repeats", "1", "--top-k", "20", "--ab-rounds", "1",
-                    "--json", str(out))
+                    "--train-rounds", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = json.loads(out.read_text())["tables"]["64"]
     results = table["results"]
@@ -50,3 +84,5 @@ def test_tiny_comparison_fills_every_column(tmp_path):
         assert run["train_pyramid_s"] > run["train_step_s"] > 0 and run["train_tokens_per_s"] > 0, name
     assert results["authors var"][0]["train_pyramid_s"] == results["authors var"][0]["train_step_s"]
     assert "training, s per full pyramid" in table["markdown"]
+    assert set(table["train_in_turn"]["pyramid_s"]) == set(results)
+    assert any("mvar: ours / authors training s per full pyramid (in turn)" in line for line in table["ratios"])
