@@ -110,7 +110,9 @@ def _node2_args(c: TwoNodes) -> list[str]:
     ports = {name: free_port() for name in ("node-manager", "object-manager", "metrics-export", "runtime-env-agent",
                                              "dashboard-agent-grpc", "dashboard-agent-listen")}
     c.node2_ports = set(ports.values())
-    low = free_port() // 100 * 100 % 50000 + 10000  # a block of 100 worker ports for node 2's workers
+    # a block of 100 worker ports for node 2's workers, from 10100 up: the block 10000-10099 would hold 10001,
+    # the Ray client server's default port, which `ray start` refuses to share (failed once in a fresh-clone CI)
+    low = free_port() // 100 * 100 % 50000 + 10100
     c.node2_worker_ports = range(low, low + 100)
     return [f"--address=[::ffff:{HEAD_IP}]:{c.port}", f"--node-ip-address={NODE2_IP}",
             *(f"--{name}-port={port}" for name, port in ports.items()),
