@@ -198,26 +198,40 @@ def forget_authors() -> None:
 _AUTHORS_DIRS: list[str] = []
 
 
+def build_ours(variant: str, spec: dict):
+    """(our model, our quantizer) of ``variant`` with the seed's weights, on the CPU."""
+    import torch
+
+    from mvar.bench import BenchSpec, build
+
+    torch.manual_seed(spec["seed"])
+    keys = {k: spec[k] for k in ("size", "batch", "resolution", "seed")}
+    return build(BenchSpec(variant=variant, **keys, device="cpu"), torch.device("cpu"))
+
+
+def authors_model(variant: str, spec: dict, ours, quant):
+    """(the authors' model, their VAE) of ``variant`` from its checkout, holding our weights (the last
+    checkout's modules forgotten first: both repositories name theirs alike)."""
+    forget_authors()
+    directory = spec["var_dir"] if variant == "var" else spec["mvar_dir"]
+    _AUTHORS_DIRS.append(directory)
+    import_authors(directory, variant)
+    return build_authors({**spec, "variant": variant}, ours, quant)
+
+
 def contender(impl: str, variant: str, spec: dict):
     """A no-argument generate call of one implementation and variant, built with the seed's weights."""
     import torch
 
-    from mvar.bench import BenchSpec, build
     from mvar.sampling import generate, make_generator
 
-    torch.manual_seed(spec["seed"])
-    keys = {k: spec[k] for k in ("size", "batch", "resolution", "seed")}
-    ours, quant = build(BenchSpec(variant=variant, **keys, device="cpu"), torch.device("cpu"))
+    ours, quant = build_ours(variant, spec)
     ours.eval()
     if impl == "ours":
         labels = torch.arange(spec["batch"]) % ours.num_classes
         return lambda: generate(ours, quant, labels, cfg=spec["cfg"], top_k=spec["top_k"], top_p=spec["top_p"],
                                 generator=make_generator(spec["seed"], torch.device("cpu")))
-    forget_authors()
-    directory = spec["var_dir"] if variant == "var" else spec["mvar_dir"]
-    _AUTHORS_DIRS.append(directory)
-    import_authors(directory, variant)
-    model, vae = build_authors({**spec, "variant": variant}, ours, quant)
+    model, vae = authors_model(variant, spec, ours, quant)
     model.eval()
     return authors_infer_fn(model, vae, {**spec, "variant": variant})
 
@@ -253,21 +267,15 @@ def train_contender(impl: str, variant: str, spec: dict) -> tuple[dict, list[int
     lack, left out)."""
     import torch
 
-    from mvar.bench import BenchSpec, build, train_kinds, training_step
+    from mvar.bench import train_kinds, training_step
 
-    torch.manual_seed(spec["seed"])
-    keys = {k: spec[k] for k in ("size", "batch", "resolution", "seed")}
-    ours, quant = build(BenchSpec(variant=variant, **keys, device="cpu"), torch.device("cpu"))
+    ours, quant = build_ours(variant, spec)
     kinds = {k: v for k, v in train_kinds(ours).items() if v[1] > 0}
     if impl == "ours":
         step = training_step(ours, spec["batch"], spec["seed"], torch.device("cpu"))
         return ({k: (lambda s=scales: step(s), scales, n) for k, (scales, n) in kinds.items()},
                 list(ours.patch_nums))
-    forget_authors()
-    directory = spec["var_dir"] if variant == "var" else spec["mvar_dir"]
-    _AUTHORS_DIRS.append(directory)
-    import_authors(directory, variant)
-    model, _ = build_authors({**spec, "variant": variant}, ours, quant)
+    model, _ = authors_model(variant, spec, ours, quant)
     model.train()
     own = {**spec, "variant": variant,
            "_opt": torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)}
